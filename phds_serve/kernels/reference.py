@@ -1,0 +1,124 @@
+"""Torch references for the declared-k kernels: the specification the tests check.
+
+Routing: :func:`phds_serve.routing.declared_k_topk` is the engine's rule. It uses
+``torch.topk``, whose order among exactly tied scores is unspecified (it differs
+between CPU and CUDA and between k). The kernels break ties by the lower expert
+index, the convention of a stable sort (and of ``torch.topk`` in deterministic
+mode); :func:`declared_k_topk_stable` is that rule and equals
+``declared_k_topk`` whenever the top k_max scores are untied.
+
+Experts: two independent formulations of the same sum, a per-expert masked loop
+and a dense gate matrix over all experts, so a kernel bug cannot hide behind a
+bug shared with its one reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from phds_serve.routing import declared_k_topk, slot_mask
+
+SCORINGS = ("softmax", "topk_softmax")
+ACTIVATIONS = ("silu", "gelu")
+
+__all__ = [
+    "ACTIVATIONS",
+    "SCORINGS",
+    "declared_k_topk",
+    "declared_k_topk_stable",
+    "gated_activation",
+    "moe_dense_reference",
+    "moe_loop_reference",
+]
+
+
+def _stable_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k, highest first, ties to the lower index."""
+    values, ids = torch.sort(scores, dim=-1, descending=True, stable=True)
+    return values[:, :k], ids[:, :k]
+
+
+def declared_k_topk_stable(
+    router_logits: torch.Tensor,
+    token_k: torch.Tensor,
+    k_max: int,
+    renormalize: bool,
+    scoring: str = "softmax",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Declared-k routing with deterministic ties; the router kernel's exact spec.
+
+    ``scoring="softmax"``: softmax over all experts in float32, top-k, keep the
+    first k_i slots, renormalise over them if ``renormalize`` (OLMoE, Qwen, Mixtral
+    in vLLM). ``scoring="topk_softmax"``: top-k of the logits, then softmax over
+    the k_i kept logits (Mixtral's original form). That is algebraically
+    softmax -> top-k -> renormalise, so ``renormalize`` is implied and ignored.
+    """
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring={scoring!r}; expected one of {SCORINGS}")
+    logits = router_logits.float()
+    valid = slot_mask(token_k, k_max)
+    if scoring == "softmax":
+        weights, ids = _stable_topk(torch.softmax(logits, dim=-1), k_max)
+        weights = weights.masked_fill(~valid, 0.0)
+        if renormalize:
+            denom = weights.sum(dim=-1, keepdim=True)
+            weights = weights / torch.where(denom > 0, denom, torch.ones_like(denom))
+    else:
+        top, ids = _stable_topk(logits, k_max)
+        top = top.masked_fill(~valid, float("-inf"))
+        weights = torch.softmax(top, dim=-1).nan_to_num(0.0)  # k_i = 0: all -inf -> 0
+        weights = weights.masked_fill(~valid, 0.0)
+    return weights, ids.to(torch.int32).masked_fill(~valid, -1)
+
+
+def gated_activation(h: torch.Tensor, inter: int, activation: str = "silu") -> torch.Tensor:
+    """act(gate) * up for the [.., 2I] output of w13 (gate columns first)."""
+    gate, up = h[..., :inter], h[..., inter:]
+    if activation == "silu":
+        return torch.nn.functional.silu(gate) * up
+    if activation == "gelu":
+        return torch.nn.functional.gelu(gate) * up
+    raise ValueError(f"activation={activation!r}; expected one of {ACTIVATIONS}")
+
+
+def moe_loop_reference(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    activation: str = "silu",
+) -> torch.Tensor:
+    """Per-expert masked loop in float32: each expert sees only the pairs routed to it."""
+    out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
+    inter = w2.shape[2]
+    for expert in range(w13.shape[0]):
+        token_idx, slot_idx = torch.nonzero(topk_ids == expert, as_tuple=True)
+        if token_idx.numel() == 0:
+            continue
+        h = x[token_idx].float() @ w13[expert].float().t()
+        y = gated_activation(h, inter, activation) @ w2[expert].float().t()
+        out.index_add_(0, token_idx, y * topk_weights[token_idx, slot_idx, None].float())
+    return out.to(x.dtype)
+
+
+def moe_dense_reference(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    activation: str = "silu",
+) -> torch.Tensor:
+    """Every expert on every token, mixed by a dense [T, E] gate matrix (0 off-route)."""
+    num_experts, inter = w13.shape[0], w2.shape[2]
+    valid = topk_ids >= 0
+    gates = torch.zeros(x.shape[0], num_experts, dtype=torch.float32, device=x.device)
+    gates.scatter_add_(
+        1,
+        torch.where(valid, topk_ids, 0).long(),
+        torch.where(valid, topk_weights.float(), 0.0),
+    )
+    h = torch.einsum("th,enh->ten", x.float(), w13.float())
+    y = torch.einsum("tei,ehi->teh", gated_activation(h, inter, activation), w2.float())
+    return torch.einsum("te,teh->th", gates, y).to(x.dtype)
