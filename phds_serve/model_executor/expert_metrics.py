@@ -1,0 +1,50 @@
+"""Active-expert metrics, counted where the expert compute happens (the worker).
+
+prometheus_client writes them to its multiprocess directory when
+``PROMETHEUS_MULTIPROC_DIR`` is set (phds-serve sets it), so the API server's
+``/metrics`` shows what the engine process computed.
+``PHDS_EXPERT_METRICS=0`` turns the counting off.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import torch
+from prometheus_client import Counter, Histogram
+
+if TYPE_CHECKING:
+    from phds_serve.model_executor.step_k import StepPlan
+
+ENABLED = os.environ.get("PHDS_EXPERT_METRICS", "1") != "0"
+
+EXPERT_ACTIVATIONS = Counter(
+    "phds_expert_activations",
+    "Routed (token, expert) pairs computed, summed over MoE layers, by declared k.",
+    ["k"],
+)
+MOE_TOKENS = Counter(
+    "phds_moe_tokens",
+    "Tokens through routed-expert layers, summed over MoE layers, by declared k.",
+    ["k"],
+)
+DISTINCT_EXPERTS = Histogram(
+    "phds_distinct_experts_per_step",
+    "Distinct routed experts touched by one MoE layer in one engine step "
+    "(the expert weights that step has to read).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
+
+
+def record_layer_step(plan: "StepPlan", topk_ids: torch.Tensor) -> None:
+    """Count one MoE layer's work for one step (CPU path: cheap, host-side)."""
+    if not ENABLED or not plan.real:
+        return
+    total = plan.token_k.shape[0]
+    for k, rows in plan.groups:
+        n = total if rows is None else rows.numel()
+        EXPERT_ACTIVATIONS.labels(k=str(k)).inc(n * k)
+        MOE_TOKENS.labels(k=str(k)).inc(n)
+    valid = topk_ids[topk_ids >= 0]
+    DISTINCT_EXPERTS.observe(int(torch.unique(valid).numel()))

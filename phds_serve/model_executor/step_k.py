@@ -1,0 +1,195 @@
+"""Per-step declared k: which k each token of the current forward pass runs at.
+
+vLLM's V1 model runner (the CPU runner) tells logits processors about every
+change of the persistent batch (rows added, removed, moved) *before* each
+forward pass. :class:`DeclaredKLogitsProcessor` uses that to keep ``row -> k``;
+it never changes logits. At the start of each forward the declared-k model
+expands ``row -> k`` to ``token -> k`` with the attention metadata's
+``query_start_loc`` (rows are laid out in persistent-batch order), and plans
+the grouping of tokens by k once for all MoE layers of that step.
+
+The V2 runner (GPU) feeds the same :class:`StepK` from its model-state hook
+(:mod:`phds_serve.model_executor.v2_state`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from vllm.v1.sample.logits_processor import (
+    BatchUpdate,
+    LogitsProcessor,
+    MoveDirectionality,
+)
+
+from phds_serve.declared_k import K_FIELD, InvalidK, KPolicy, parse_k
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepPlan:
+    """How the tokens of one forward pass split by declared k."""
+
+    token_k: torch.Tensor  # [T] int64, on the model's device
+    # (k, token indices) per distinct k, ascending k; indices None = every token.
+    groups: list[tuple[int, torch.Tensor | None]] = field(default_factory=list)
+    # False for dummy/profiling forwards (no scheduled requests): not counted in metrics.
+    real: bool = True
+
+    @property
+    def k_max(self) -> int:
+        return self.groups[-1][0] if self.groups else 0
+
+
+class StepK:
+    """Process-global declared-k state of one model worker."""
+
+    def __init__(self) -> None:
+        self.policy: KPolicy | None = None
+        self.row_k: list[int] = []
+        self.plan: StepPlan | None = None
+
+    # -- batch bookkeeping (V1: from the logits processor) -------------------
+    def configure(self, policy: KPolicy) -> None:
+        self.policy = policy
+        self.row_k = []
+        self.plan = None
+
+    def set_row(self, row: int, k: int) -> None:
+        if row >= len(self.row_k):
+            self.row_k.extend([0] * (row + 1 - len(self.row_k)))
+        self.row_k[row] = k
+
+    def move_row(self, src: int, dst: int, swap: bool) -> None:
+        hi = max(src, dst)
+        if hi >= len(self.row_k):
+            self.row_k.extend([0] * (hi + 1 - len(self.row_k)))
+        if swap:
+            self.row_k[src], self.row_k[dst] = self.row_k[dst], self.row_k[src]
+        else:
+            self.row_k[dst] = self.row_k[src]
+
+    # -- per forward ---------------------------------------------------------
+    def plan_forward(
+        self,
+        num_tokens: int,
+        tokens_per_row: list[int] | None,
+        device: torch.device,
+    ) -> StepPlan:
+        """Plan this step; rows beyond the known ones (or a dummy run) use native k."""
+        assert self.policy is not None, "declared-k model not configured"
+        native = self.policy.native_k
+        if tokens_per_row is None:
+            per_token = [native] * num_tokens
+        else:
+            per_token = []
+            for row, n in enumerate(tokens_per_row):
+                k = self.row_k[row] if row < len(self.row_k) and self.row_k[row] else native
+                per_token.extend([k] * n)
+            # Padding tokens (if any) are never read back: run them at the cheapest k.
+            per_token.extend([1] * (num_tokens - len(per_token)))
+        token_k = torch.tensor(per_token[:num_tokens], dtype=torch.int64)
+        distinct = sorted(set(per_token[:num_tokens]))
+        if len(distinct) <= 1:
+            groups = [(distinct[0], None)] if distinct else [(native, None)]
+        else:
+            groups = [(k, torch.nonzero(token_k == k).flatten().to(device)) for k in distinct]
+        self.plan = StepPlan(
+            token_k=token_k.to(device), groups=groups, real=tokens_per_row is not None
+        )
+        return self.plan
+
+
+STEP = StepK()
+
+
+def tokens_per_row_from_forward_context() -> list[int] | None:
+    """Tokens scheduled per batch row this step, from the attention metadata."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available():
+        return None
+    attn_metadata = get_forward_context().attn_metadata
+    if isinstance(attn_metadata, list):  # micro-batching: first micro-batch layout
+        attn_metadata = attn_metadata[0] if attn_metadata else None
+    if isinstance(attn_metadata, dict):
+        attn_metadata = next(iter(attn_metadata.values()), None)
+    qsl = getattr(attn_metadata, "query_start_loc", None)
+    if qsl is None:
+        return None
+    bounds = qsl.tolist()
+    return [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+# ---------------------------------------------------------------------------
+# Frontend validation: the policy of the model being served in this process.
+_FRONTEND_POLICY: KPolicy | None = None
+
+
+def set_frontend_policy(policy: KPolicy) -> None:
+    global _FRONTEND_POLICY
+    _FRONTEND_POLICY = policy
+
+
+def frontend_policy() -> KPolicy | None:
+    return _FRONTEND_POLICY
+
+
+def validate_declared_k(extra_args: dict | None) -> None:
+    """Reject a bad k when the request is added (raised as HTTP 400 by vLLM)."""
+    if not extra_args or K_FIELD not in extra_args:
+        return
+    policy = frontend_policy()
+    if policy is not None:
+        policy.validate(extra_args[K_FIELD])
+        return
+    k = parse_k(extra_args[K_FIELD])
+    if k < 1:
+        raise InvalidK(f"k={k} is not allowed; k must be an integer >= 1")
+
+
+class DeclaredKLogitsProcessor(LogitsProcessor):
+    """Keeps row -> declared k for the declared-k MoE layers; logits untouched."""
+
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        validate_declared_k(sampling_params.extra_args)
+
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
+        self.native_k = int(vllm_config.model_config.hf_config.num_experts_per_tok)
+
+    def is_argmax_invariant(self) -> bool:
+        return True
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if batch_update is None:
+            return
+        for row in batch_update.removed:
+            STEP.set_row(row, 0)
+        for row, params, _, _ in batch_update.added:
+            STEP.set_row(row, _row_k(params, self.native_k))
+        for src, dst, direction in batch_update.moved:
+            STEP.move_row(src, dst, swap=direction == MoveDirectionality.SWAP)
+        del STEP.row_k[batch_update.batch_size :]
+
+
+def _row_k(params, native_k: int) -> int:
+    extra = getattr(params, "extra_args", None)
+    if not extra or K_FIELD not in extra:
+        return native_k
+    try:
+        policy = STEP.policy
+        return policy.validate(extra[K_FIELD]) if policy else parse_k(extra[K_FIELD])
+    except InvalidK as exc:  # unreachable when the frontend validated; never crash the engine
+        logger.error("declared k rejected in the worker (%s); running at native k", exc)
+        return native_k
+
+
+LOGITS_PROCESSOR_FQCN = f"{__name__}:DeclaredKLogitsProcessor"
