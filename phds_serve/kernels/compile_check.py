@@ -1,0 +1,163 @@
+"""Ahead-of-time GPU compile of every declared-k kernel, no GPU needed.
+
+``python -m phds_serve.kernels.compile_check --arch 90 --dtype bf16`` lowers each
+kernel through Triton's CUDA backend (TTIR -> TTGIR -> LLVM -> PTX -> cubin with
+the bundled ptxas) for the given compute capability, with real low-precision
+dots (no interpreter upcast). Run it without TRITON_INTERPRET: interpreted
+kernels cannot be compiled. Prints one line per kernel and exits non-zero on any
+failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    name: str
+    fn: Any
+    signature: dict[str, str]
+    constexprs: dict[str, Any]
+    options: dict[str, Any]
+
+
+def _specs(dtype: str) -> list[KernelSpec]:
+    """Every kernel at the tiles :func:`fused_moe.default_config` launches on a GPU."""
+    from phds_serve.kernels import decode, grouped_gemm, reduce, router
+    from phds_serve.kernels.fused_moe import LARGE_BATCH_CONFIG, SMALL_BATCH_CONFIG
+
+    act = f"*{dtype}"
+    i32, ptr_i32, ptr_f32 = "i32", "*i32", "*fp32"
+    precision = "ieee" if dtype == "fp32" else "tf32"
+    ints = {n: i32 for n in ("num_pairs", "hidden", "inter", "stride_xt", "stride_we", "stride_wn",
+                             "stride_wk", "stride_at", "stride_yt", "stride_ot")}
+
+    def spec(tag: str, fn, types: dict[str, str], constexprs: dict[str, Any], **options) -> KernelSpec:
+        signature = {name: types.get(name, "constexpr") for name in fn.arg_names}
+        missing = [n for n, t in signature.items() if t == "constexpr" and n not in constexprs]
+        if missing:
+            raise ValueError(f"{fn.__name__}: no type or constexpr for {missing}")
+        return KernelSpec(f"{fn.__name__}{tag}", fn, signature, constexprs, options)
+
+    specs = [
+        spec(
+            "", router.declared_k_router_kernel,
+            {"logits_ptr": act, "token_k_ptr": ptr_i32, "weights_ptr": ptr_f32, "ids_ptr": ptr_i32,
+             "num_tokens": i32, "num_experts": i32, "stride_logits": i32},
+            dict(K_MAX=8, BLOCK_T=router.router_block_t(128), BLOCK_E=128, BLOCK_K=8,
+                 RENORMALIZE=True, TOPK_FIRST=False),
+        ),
+    ]
+    for tag, cfg in (("[small]", SMALL_BATCH_CONFIG), ("[large]", LARGE_BATCH_CONFIG)):
+        tiles = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                     UPCAST=False, DOT_PRECISION=precision, COUNT_WORK=False)
+        launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        specs += [
+            spec(
+                tag, grouped_gemm.grouped_w13_act_kernel,
+                {"x_ptr": act, "w13_ptr": act, "act_ptr": act, "sorted_pair_ptr": ptr_i32,
+                 "block_expert_ptr": ptr_i32, "work_ptr": ptr_i32, **ints},
+                dict(TOPK=8, ACT=0, **tiles), **launch,
+            ),
+            spec(
+                tag, grouped_gemm.grouped_w2_kernel,
+                {"act_ptr": act, "w2_ptr": act, "y_ptr": act, "topk_weights_ptr": ptr_f32,
+                 "sorted_pair_ptr": ptr_i32, "block_expert_ptr": ptr_i32, "work_ptr": ptr_i32, **ints},
+                tiles, **launch,
+            ),
+        ]
+    cfg = SMALL_BATCH_CONFIG
+    gemv = dict(BLOCK_N=cfg.decode_block_n, BLOCK_K=cfg.decode_block_k, COUNT_WORK=False)
+    launch = dict(num_warps=cfg.decode_num_warps, num_stages=cfg.num_stages)
+    specs += [
+        spec(
+            "", decode.decode_w13_act_kernel,
+            {"x_ptr": act, "w13_ptr": act, "act_ptr": act, "topk_ids_ptr": ptr_i32, "work_ptr": ptr_i32, **ints},
+            dict(TOPK=8, ACT=0, **gemv), **launch,
+        ),
+        spec(
+            "", decode.decode_w2_sum_kernel,
+            {"act_ptr": act, "w2_ptr": act, "out_ptr": act, "topk_weights_ptr": ptr_f32,
+             "topk_ids_ptr": ptr_i32, "work_ptr": ptr_i32, **ints},
+            dict(TOPK=8, **gemv), **launch,
+        ),
+        spec(
+            "", reduce.masked_slot_sum_kernel,
+            {"y_ptr": act, "topk_ids_ptr": ptr_i32, "out_ptr": act, **ints},
+            dict(TOPK=8, BLOCK_N=cfg.reduce_block_n), num_warps=4,
+        ),
+    ]
+    return specs
+
+
+def _resource_usage(cubin: bytes) -> dict[str, int]:
+    """Registers and stack per thread from ptxas's cubin (stack > 0 means spills)."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", text)
+    return {"regs": int(found[1]), "stack": int(found[2])} if found else {}
+
+
+def compile_all(arch: int, dtype: str = "bf16") -> dict[str, dict[str, Any]]:
+    """Compile every kernel for ``cuda:arch``; returns per-kernel facts from the cubin/PTX."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("compile_check needs TRITON_INTERPRET unset (interpreted kernels do not compile)")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", arch, 32)
+    results: dict[str, dict[str, Any]] = {}
+    for spec in _specs(DTYPES[dtype]):
+        src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
+        compiled = triton.compile(src, target=target, options=spec.options)
+        ptx = compiled.asm["ptx"]
+        results[spec.name] = {
+            "cubin_bytes": len(compiled.asm["cubin"]),
+            "ptx_target": next((ln.split()[1] for ln in ptx.splitlines() if ln.startswith(".target")), "?"),
+            "mma": "mma" in ptx or "wgmma" in ptx,
+            "wgmma": "wgmma" in ptx,
+            "shared_bytes": compiled.metadata.shared,
+            **_resource_usage(compiled.asm["cubin"]),
+        }
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100) or 80 (A100)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
+    args = parser.parse_args(argv)
+    try:
+        results = compile_all(args.arch, args.dtype)
+    except Exception as exc:  # report which stage failed, then fail the process
+        print(f"compile failed for sm_{args.arch} {args.dtype}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(results))
+    else:
+        for name, facts in results.items():
+            print(f"sm_{args.arch} {args.dtype} {name}: {facts}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
