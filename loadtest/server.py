@@ -1,0 +1,116 @@
+"""Start and stop a local phds-serve for load tests and the ops tests.
+
+The server runs in its own process group on 127.0.0.1 so that stop() ends it together with vLLM's
+engine-core and worker processes, and nothing is left behind when a test or `make loadtest` ends.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+BUNDLED_MODEL = REPO / "phds_serve" / "assets" / "tiny-olmoe"
+# vLLM on CPU: small KV-cache budget, no compile/graph capture (fast start, and declared k needs
+# eager mode on CPU), short context. Overridable by the caller's extra arguments (last flag wins).
+CPU_ARGS = ["--gpu-memory-utilization", "0.2", "--enforce-eager", "--max-model-len", "512"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def have_phds_serve() -> bool:
+    try:
+        return importlib.util.find_spec("phds_serve.server.cli") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def command(port: int, model: str | None = None, extra: list[str] = ()) -> list[str]:
+    """phds-serve if it is installed, else plain vLLM (k via vllm_xargs only, no phds metrics)."""
+    where = ["--host", "127.0.0.1", "--port", str(port)]
+    if have_phds_serve():
+        model_args = ["--model", model] if model else []  # no --model: phds-serve's bundled model
+        return [sys.executable, "-m", "phds_serve.server.cli", *model_args, *where, *CPU_ARGS, *extra]
+    model = model or str(BUNDLED_MODEL)
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *where,
+            *CPU_ARGS, *extra]
+
+
+class Server:
+    def __init__(self, cmd: list[str], port: int, log: Path):
+        self.cmd, self.port, self.log = cmd, port, log
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 300.0) -> "Server":
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)  # own process group, see stop()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; log: {self.log}\n"
+                                   + self.tail())
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise TimeoutError(f"server not healthy after {timeout:.0f} s; log: {self.log}\n" + self.tail())
+
+    def tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self, grace: float = 20.0) -> None:
+        if self.proc is None or self.proc.poll() is not None and not _group_alive(self.proc.pid):
+            return
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                return
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and _group_alive(self.proc.pid):
+                self.proc.poll()  # reap the leader so it does not linger as a zombie
+                time.sleep(0.2)
+            if not _group_alive(self.proc.pid):
+                return
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    # Only zombies left (the leader, reaped by poll()) also answer signal 0: check for live members.
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
