@@ -31,9 +31,10 @@ class DeclaredKModelMixin:
         *args,
         **kwargs,
     ):
-        STEP.plan_forward(
-            positions.shape[-1], tokens_per_row_from_forward_context(), positions.device
-        )
+        if not STEP.planned_by_runner:
+            STEP.plan_forward(
+                positions.shape[-1], tokens_per_row_from_forward_context(), positions.device
+            )
         return super().forward(input_ids, positions, *args, **kwargs)
 
     @classmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from prometheus_client import Counter, Histogram
 
@@ -48,3 +49,16 @@ def record_layer_step(plan: "StepPlan", topk_ids: torch.Tensor) -> None:
         MOE_TOKENS.labels(k=str(k)).inc(n)
     valid = topk_ids[topk_ids >= 0]
     DISTINCT_EXPERTS.observe(int(torch.unique(valid).numel()))
+
+
+def record_step_from_host(token_k, num_moe_layers: int) -> None:
+    """GPU path: count a step's routed work from the host-side plan (no device sync).
+
+    Distinct experts per step would need a sync, so it is measured on CPU only.
+    """
+    if not ENABLED or len(token_k) == 0:
+        return
+    ks, counts = np.unique(token_k, return_counts=True)
+    for k, n in zip(ks.tolist(), counts.tolist()):
+        EXPERT_ACTIVATIONS.labels(k=str(k)).inc(n * k * num_moe_layers)
+        MOE_TOKENS.labels(k=str(k)).inc(n * num_moe_layers)

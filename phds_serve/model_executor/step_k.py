@@ -26,6 +26,7 @@ from vllm.v1.sample.logits_processor import (
 )
 
 from phds_serve.declared_k import K_FIELD, InvalidK, KPolicy, parse_k
+from phds_serve.model_executor.admission import validate_declared_k
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +38,11 @@ class StepPlan:
     token_k: torch.Tensor  # [T] int64, on the model's device
     # (k, token indices) per distinct k, ascending k; indices None = every token.
     groups: list[tuple[int, torch.Tensor | None]] = field(default_factory=list)
+    # Width of the routing tensors: the largest k this step (CPU) or the policy's
+    # max k (GPU, so that shapes stay static for CUDA graphs).
+    k_max: int = 0
     # False for dummy/profiling forwards (no scheduled requests): not counted in metrics.
     real: bool = True
-
-    @property
-    def k_max(self) -> int:
-        return self.groups[-1][0] if self.groups else 0
 
 
 class StepK:
@@ -52,6 +52,8 @@ class StepK:
         self.policy: KPolicy | None = None
         self.row_k: list[int] = []
         self.plan: StepPlan | None = None
+        # True when a V2 model state plans each step (the model forward must not).
+        self.planned_by_runner = False
 
     # -- batch bookkeeping (V1: from the logits processor) -------------------
     def configure(self, policy: KPolicy) -> None:
@@ -99,7 +101,10 @@ class StepK:
         else:
             groups = [(k, torch.nonzero(token_k == k).flatten().to(device)) for k in distinct]
         self.plan = StepPlan(
-            token_k=token_k.to(device), groups=groups, real=tokens_per_row is not None
+            token_k=token_k.to(device),
+            groups=groups,
+            k_max=groups[-1][0],
+            real=tokens_per_row is not None,
         )
         return self.plan
 
@@ -123,33 +128,6 @@ def tokens_per_row_from_forward_context() -> list[int] | None:
         return None
     bounds = qsl.tolist()
     return [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-# ---------------------------------------------------------------------------
-# Frontend validation: the policy of the model being served in this process.
-_FRONTEND_POLICY: KPolicy | None = None
-
-
-def set_frontend_policy(policy: KPolicy) -> None:
-    global _FRONTEND_POLICY
-    _FRONTEND_POLICY = policy
-
-
-def frontend_policy() -> KPolicy | None:
-    return _FRONTEND_POLICY
-
-
-def validate_declared_k(extra_args: dict | None) -> None:
-    """Reject a bad k when the request is added (raised as HTTP 400 by vLLM)."""
-    if not extra_args or K_FIELD not in extra_args:
-        return
-    policy = frontend_policy()
-    if policy is not None:
-        policy.validate(extra_args[K_FIELD])
-        return
-    k = parse_k(extra_args[K_FIELD])
-    if k < 1:
-        raise InvalidK(f"k={k} is not allowed; k must be an integer >= 1")
 
 
 class DeclaredKLogitsProcessor(LogitsProcessor):

@@ -1,0 +1,132 @@
+"""Unit tests of declared-k semantics and bookkeeping (no engine started)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+
+from phds_serve.declared_k import InvalidK, KPolicy, parse_k
+from phds_serve.routing import declared_k_topk, moe_reference
+from phds_serve.tiny import ARCHS, tiny_config
+
+
+# -- the policy ---------------------------------------------------------------
+@pytest.mark.parametrize("bad", [True, False, 2.0, 2.5, "2", None, [2]])
+def test_parse_k_accepts_only_integers(bad):
+    with pytest.raises(InvalidK, match="k must be an integer"):
+        parse_k(bad)
+
+
+def test_policy_range_and_messages():
+    policy = KPolicy(native_k=4, num_experts=8)
+    assert list(policy.allowed) == [1, 2, 3, 4]
+    assert policy.resolve(None) == 4 and policy.resolve({}) == 4
+    assert policy.resolve({"k": 2}) == 2
+    for bad in (0, -1, 5):
+        with pytest.raises(InvalidK, match=r"from 1 to 4 \(native k 4, 8 experts\)"):
+            policy.validate(bad)
+    with pytest.raises(InvalidK):
+        policy.resolve({"k": None})
+    wide = KPolicy(native_k=4, num_experts=8, max_k=8)
+    assert wide.validate(8) == 8
+    with pytest.raises(ValueError, match="number of experts"):
+        KPolicy(native_k=4, num_experts=8, max_k=9)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_policy_from_each_architecture_config(arch):
+    config = tiny_config(arch, num_experts=8, native_k=4)
+    assert KPolicy.from_hf_config(config) == KPolicy(native_k=4, num_experts=8, max_k=4)
+    config.phds_max_k = 6  # what vLLM's hf_overrides={"phds_max_k": 6} sets
+    assert KPolicy.from_hf_config(config).max_k == 6
+
+
+# -- the routing reference against each architecture's own router -------------
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 6])
+def test_routing_matches_transformers_router(arch, k):
+    torch.manual_seed(0)
+    config = tiny_config(arch, num_experts=8, native_k=4)
+    config.num_experts_per_tok = k
+    layer = tf.AutoModelForCausalLM.from_config(config).model.layers[0]
+    router = layer.mlp.gate
+    renormalize = getattr(config, "norm_topk_prob", True)  # Mixtral always renormalises
+    hidden = torch.randn(33, config.hidden_size)
+    with torch.no_grad():
+        logits, ref_weights, ref_ids = router(hidden)
+    weights, ids = declared_k_topk(logits, torch.full((33,), k), k_max=6, renormalize=renormalize)
+    assert torch.equal(ids[:, :k].long(), ref_ids)
+    torch.testing.assert_close(weights[:, :k], ref_weights.float(), rtol=1e-6, atol=1e-7)
+    assert (ids[:, k:] == -1).all() and (weights[:, k:] == 0).all()
+
+
+def test_per_token_k_is_the_uniform_k_row_by_row():
+    torch.manual_seed(1)
+    logits = torch.randn(20, 8)
+    token_k = torch.randint(0, 5, (20,))
+    for renormalize in (False, True):
+        weights, ids = declared_k_topk(logits, token_k, 4, renormalize)
+        for k in range(5):
+            rows = token_k == k
+            uw, ui = declared_k_topk(logits[rows], torch.full((int(rows.sum()),), k), 4, renormalize)
+            assert torch.equal(ids[rows], ui) and torch.equal(weights[rows], uw)
+        assert (weights[token_k == 0] == 0).all()
+
+
+def test_moe_reference_ignores_unused_slots():
+    torch.manual_seed(2)
+    x, w13, w2 = torch.randn(6, 16), torch.randn(4, 2 * 8, 16), torch.randn(4, 16, 8)
+    weights, ids = declared_k_topk(torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 1, 2]), 3, True)
+    full = moe_reference(x, w13, w2, weights, ids.clamp(min=0))  # -1 -> expert 0, weight 0
+    torch.testing.assert_close(moe_reference(x, w13, w2, weights, ids), full)
+    assert (moe_reference(x, w13, w2, weights, ids)[0] == 0).all()
+
+
+# -- V1 bookkeeping ------------------------------------------------------------
+def test_step_plan_groups_tokens_by_row_k():
+    from phds_serve.model_executor.step_k import StepK
+
+    step = StepK()
+    step.configure(KPolicy(native_k=4, num_experts=8))
+    for row, k in enumerate([1, 4, 2]):
+        step.set_row(row, k)
+    step.move_row(0, 2, swap=True)  # rows now declare 2, 4, 1
+    plan = step.plan_forward(7, [3, 2, 1], torch.device("cpu"))  # one padding token
+    assert plan.token_k.tolist() == [2, 2, 2, 4, 4, 1, 1]
+    assert [(k, rows.tolist()) for k, rows in plan.groups] == [(1, [5, 6]), (2, [0, 1, 2]), (4, [3, 4])]
+    assert plan.k_max == 4 and plan.real
+    dummy = step.plan_forward(5, None, torch.device("cpu"))
+    assert dummy.groups[0][0] == 4 and dummy.groups[0][1] is None and not dummy.real
+
+
+# -- V2 (GPU runner) wiring, checked without a GPU -----------------------------
+def test_v2_token_k_expansion():
+    from phds_serve.model_executor.v2_state import expand_slot_k
+
+    slot_k = np.array([4, 1, 2, 3])
+    out = expand_slot_k(slot_k, np.array([2, 0, 1]), np.array([3, 1, 2]), 6, 8)
+    assert out.tolist() == [2, 2, 2, 4, 1, 1, 1, 1]
+
+
+def test_v2_runner_picks_our_model_state_and_admission():
+    from vllm.exceptions import VLLMValidationError
+    from vllm.v1.worker.gpu.model_states import resolve_model_state_cls
+    from vllm.v1.worker.gpu.sample.logits_processor import (
+        build_custom_logits_processors_params_validator,
+    )
+    from vllm import SamplingParams
+
+    from phds_serve.model_executor import admission
+    from phds_serve.model_executor.models.olmoe import DeclaredKOlmoeForCausalLM
+    from phds_serve.model_executor.v2_state import DeclaredKModelState
+
+    model = DeclaredKOlmoeForCausalLM.__new__(DeclaredKOlmoeForCausalLM)
+    assert resolve_model_state_cls(None, model) is DeclaredKModelState
+
+    validate = build_custom_logits_processors_params_validator([admission.V2_ADMISSION_FQCN])
+    admission.set_frontend_policy(KPolicy(native_k=4, num_experts=8))
+    validate(SamplingParams(extra_args={"k": 3}))
+    with pytest.raises(VLLMValidationError, match="from 1 to 4"):
+        validate(SamplingParams(extra_args={"k": 5}))
