@@ -29,5 +29,9 @@ test-all: install
 bench: install
 	$(PY) benchmarks/k_scaling.py
 
+# Rebuild the bundled tiny OLMoE from scratch (tokenizer, pretrain at k=4, PHDS), seeded; ~15-40 min on 2 cores.
+tiny-model: install
+	$(PY) -m phds_serve.train.tiny --work runs/tiny-olmoe --out phds_serve/assets/tiny-olmoe $(ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
