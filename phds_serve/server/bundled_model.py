@@ -1,0 +1,103 @@
+"""The model ``phds-serve`` serves when no ``--model`` is given.
+
+Preferred: the trained tiny OLMoE committed under ``phds_serve/assets/tiny-olmoe``.
+Without it (a checkout before the asset landed) a tiny random OLMoE with an
+offline-trained tokenizer and a chat template is built once into the user's
+cache, so ``phds-serve`` answers on a fresh install with no model hub.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-olmoe"
+SERVED_NAME = "phds-tiny-olmoe"
+FALLBACK_NAME = "tiny-olmoe-random-v1"
+
+# Settings that fit the tiny model on a 2-core CPU box (applied only to flags
+# the user did not set).
+CPU_DEFAULTS = dict(
+    gpu_memory_utilization=0.2,
+    max_model_len=512,
+    enforce_eager=True,
+    dtype="float32",
+    served_model_name=[SERVED_NAME],
+)
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+_SPECIALS = ["<|startoftext|>", "<|endoftext|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|system|>"]
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "phds-serve"
+
+
+def bundled_model_path() -> Path:
+    """The asset if present, else the cached random fallback (built on first use)."""
+    if (ASSET_DIR / "config.json").is_file():
+        return ASSET_DIR
+    path = cache_root() / FALLBACK_NAME
+    if not (path / "tokenizer.json").is_file():
+        build_random_model(path)
+    return path
+
+
+def _corpus() -> list[str]:
+    import phds_serve.declared_k as dk
+    import phds_serve.tiers as tiers
+
+    texts = [Path(m.__file__).read_text(encoding="utf-8") for m in (dk, tiers)]
+    return texts + ["Hello! How are you today? Tell me a story about experts and tokens."] * 4
+
+
+def build_tokenizer(vocab_size: int = 512):
+    """Byte-level BPE trained offline on a few package sources, with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=_SPECIALS[0],
+        eos_token=_SPECIALS[1],
+        pad_token=_SPECIALS[2],
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def build_random_model(path: Path) -> Path:
+    """Tiny random OLMoE (8 experts, native k 4) plus tokenizer, written atomically."""
+    from phds_serve.tiny import build_tiny_checkpoint
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        build_tiny_checkpoint("olmoe", tmp, seed=0)
+        build_tokenizer().save_pretrained(str(tmp))
+        try:
+            tmp.rename(path)
+        except OSError:  # another process won the race
+            if not (path / "tokenizer.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path

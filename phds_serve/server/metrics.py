@@ -1,0 +1,94 @@
+"""Per-k request metrics of the API server (prometheus_client).
+
+They live beside vLLM's ``vllm:*`` series on ``/metrics``: phds-serve runs
+prometheus_client in multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``), so
+these API-server series, vLLM's own, and the engine process's active-expert
+series (:mod:`phds_serve.model_executor.expert_metrics`) are all collected
+by vLLM's ``/metrics`` route. Never name them ``vllm:*``: vLLM's stat logger
+unregisters every such collector.
+
+Label values: ``k`` is the k the request ran at ("" when it was rejected
+before a k was resolved); ``tier`` is the applied tier ("" when none, or the
+header named no configured tier); ``outcome`` is one of OUTCOMES.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+OUTCOMES = ("success", "rejected", "error", "aborted")
+
+_LATENCY_BUCKETS = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0, 160.0, 320.0, 640.0,
+)
+_TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+)
+
+REQUESTS = Counter(
+    "phds_requests",
+    "Generation requests by the k they ran at, their tier and outcome "
+    "(success, rejected = HTTP 4xx, error = HTTP 5xx or an error inside a stream, "
+    "aborted = client went away).",
+    ["k", "tier", "outcome"],
+)
+LATENCY = Histogram(
+    "phds_request_latency_seconds",
+    "End-to-end latency of successful generation requests (request received to last "
+    "byte sent), by k.",
+    ["k"],
+    buckets=_LATENCY_BUCKETS,
+)
+TTFT = Histogram(
+    "phds_time_to_first_token_seconds",
+    "Streaming requests only: request received to the first chunk carrying generated "
+    "output, by k.",
+    ["k"],
+    buckets=_TTFT_BUCKETS,
+)
+GENERATION_TOKENS = Counter(
+    "phds_generation_tokens",
+    "Generated tokens (from the response's usage), by k.",
+    ["k"],
+)
+PROMPT_TOKENS = Counter(
+    "phds_prompt_tokens",
+    "Prompt tokens (from the response's usage), by k.",
+    ["k"],
+)
+
+
+def outcome_of(status: int | None, stream_error: bool, disconnected: bool) -> str:
+    if disconnected:
+        return "aborted"
+    if status is None or status >= 500 or stream_error:
+        return "error"
+    if status >= 400:
+        return "rejected"
+    return "success"
+
+
+def record(
+    k: int | None,
+    tier: str,
+    outcome: str,
+    latency_s: float | None = None,
+    ttft_s: float | None = None,
+    prompt_tokens: int | None = None,
+    generation_tokens: int | None = None,
+) -> None:
+    """Record one finished request."""
+    k_label = "" if k is None else str(k)
+    REQUESTS.labels(k=k_label, tier=tier, outcome=outcome).inc()
+    if k is None or outcome != "success":
+        return
+    if latency_s is not None:
+        LATENCY.labels(k=k_label).observe(latency_s)
+    if ttft_s is not None:
+        TTFT.labels(k=k_label).observe(ttft_s)
+    if prompt_tokens:
+        PROMPT_TOKENS.labels(k=k_label).inc(prompt_tokens)
+    if generation_tokens:
+        GENERATION_TOKENS.labels(k=k_label).inc(generation_tokens)
