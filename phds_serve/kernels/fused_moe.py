@@ -129,7 +129,7 @@ def fused_declared_k_moe(
     weights = topk_weights.to(torch.float32).contiguous()
     cfg = config or default_config(num_tokens, hidden, inter, k_max)
     count = work_counter is not None
-    work = work_counter if count else torch.zeros(1, dtype=torch.int32, device=device)
+    work = work_counter if count else ids  # never touched unless COUNT_WORK
     act_code = ACTIVATION_CODES[activation]
     # Interpreter dots are wrong below fp32; on GPU fp32 inputs must not drop to tf32.
     upcast = interpret_mode()
