@@ -28,8 +28,15 @@ _COMMON = dict(
 )
 
 
-def tiny_config(arch: str, num_experts: int = 8, native_k: int = 4):
-    """transformers config of a toy model of ``arch``."""
+def tiny_config(arch: str, num_experts: int = 8, native_k: int = 4, **overrides):
+    """transformers config of a toy model of ``arch`` (``overrides`` set any field)."""
+    config = _base_config(arch, num_experts, native_k)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def _base_config(arch: str, num_experts: int, native_k: int):
     import transformers as tf
 
     if arch == "olmoe":
@@ -65,12 +72,13 @@ def build_tiny_checkpoint(
     router_scale: float = 8.0,
     num_experts: int = 8,
     native_k: int = 4,
+    **overrides,
 ) -> Path:
     """Save a random float32 checkpoint of ``arch`` to ``path``; returns the path."""
     import transformers as tf
 
     path = Path(path)
-    config = tiny_config(arch, num_experts, native_k)
+    config = tiny_config(arch, num_experts, native_k, **overrides)
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():

@@ -21,11 +21,16 @@ import os
 from collections.abc import Iterator
 
 import torch
-from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+from torch.library import Library
+from vllm.model_executor.layers.fused_moe.runner.moe_runner import (
+    MoERunner,
+    get_layer_from_name,
+)
 from vllm.model_executor.layers.fused_moe.runner.shared_experts import (
     SharedExpertsOrder,
 )
 from vllm.platforms import current_platform
+from vllm.utils.torch_utils import direct_register_custom_op
 
 from phds_serve.declared_k import KPolicy
 from phds_serve.model_executor import expert_metrics
@@ -95,34 +100,13 @@ class DeclaredKMoERunner(MoERunner):
                 input_ids,
                 shared_experts_overlapping,
             )
+        self._check_shared_experts_order(hidden_states)
         self._maybe_apply_shared_experts(shared_experts_input, SharedExpertsOrder.NO_OVERLAP)
-        plan = STEP.plan
-        if plan is None or plan.token_k.shape[0] != hidden_states.shape[0]:
-            # A forward outside the declared-k model's forward (e.g. a warm-up):
-            # every token at native k.
-            plan = STEP.plan_forward(hidden_states.shape[0], None, hidden_states.device)
-        weights, ids = declared_k_topk(
-            router_logits, plan.token_k, plan.k_max, self.renormalize
-        )
         if self.backend == "cpu-grouped":
-            fused_out = self._grouped_experts(
-                hidden_states, weights, ids, plan, shared_experts_input
-            )
-        elif self.backend == "triton":
-            from phds_serve.kernels import fused_declared_k_moe
-
-            fused_out = fused_declared_k_moe(
-                hidden_states,
-                self.routed_experts.w13_weight,
-                self.routed_experts.w2_weight,
-                weights,
-                ids,
-                activation="silu",
-            )
+            # Opaque to torch.compile: the grouping is data-dependent.
+            fused_out = torch.ops.phds.declared_k_moe(hidden_states, router_logits, self.layer_name)
         else:
-            fused_out = self._full_width_experts(
-                hidden_states, router_logits, weights, ids, shared_experts_input
-            )
+            fused_out = self.declared_k_forward(hidden_states, router_logits)
         if shared_experts_overlapping:
             assert self._shared_experts is not None
             self._shared_experts.wait()
@@ -131,62 +115,83 @@ class DeclaredKMoERunner(MoERunner):
             fused_out,
         )
 
-    def _run_experts(
-        self,
-        x: torch.Tensor,
-        weights: torch.Tensor,
-        ids: torch.Tensor,
-        shared_experts_input: torch.Tensor | None,
-        with_shared: bool,
-    ) -> torch.Tensor:
+    def _check_shared_experts_order(self, hidden_states: torch.Tensor) -> None:
+        """Shared experts run outside the expert kernel here; an expert kernel that
+        runs them inside (all2all expert parallel) would need them per group."""
+        shared = self._shared_experts
+        if shared is not None and (
+            shared._determine_shared_experts_order(hidden_states)
+            == SharedExpertsOrder.MK_INTERNAL_OVERLAPPED
+        ):
+            raise NotImplementedError("declared k with all2all expert-parallel kernels")
+
+    def declared_k_forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        """Routed-expert output of this step, every token at its declared k."""
+        plan = STEP.plan
+        if plan is None or plan.token_k.shape[0] != x.shape[0]:
+            # A forward outside the declared-k model's forward (e.g. a warm-up):
+            # every token at native k.
+            plan = STEP.plan_forward(x.shape[0], None, x.device)
+        weights, ids = declared_k_topk(router_logits, plan.token_k, plan.k_max, self.renormalize)
+        if self.backend == "cpu-grouped":
+            return self._grouped_experts(x, weights, ids, plan)
+        if self.backend == "triton":
+            from phds_serve.kernels import fused_declared_k_moe
+
+            return fused_declared_k_moe(
+                x,
+                self.routed_experts.w13_weight,
+                self.routed_experts.w2_weight,
+                weights,
+                ids,
+                activation="silu",
+            )
+        return self._full_width_experts(x, router_logits, weights, ids)
+
+    def _run_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         ids = ids.to(self._quant_method.topk_indices_dtype or torch.int32)
         out = self.routed_experts.forward_modular(
-            x=x,
-            topk_weights=weights.contiguous(),
-            topk_ids=ids.contiguous(),
-            shared_experts=self._shared_experts if with_shared else None,
-            shared_experts_input=shared_experts_input if with_shared else None,
+            x=x, topk_weights=weights.contiguous(), topk_ids=ids.contiguous()
         )
         assert isinstance(out, torch.Tensor), "deferred-finalize MoE output unsupported"
         return out
 
     def _grouped_experts(
-        self,
-        x: torch.Tensor,
-        weights: torch.Tensor,
-        ids: torch.Tensor,
-        plan: StepPlan,
-        shared_experts_input: torch.Tensor | None,
+        self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, plan: StepPlan
     ) -> torch.Tensor:
         """One expert-kernel call per distinct k, each with exactly k valid slots."""
         expert_metrics.record_layer_step(plan, ids)
         if len(plan.groups) == 1:
             k = plan.groups[0][0]
-            return self._run_experts(
-                x, weights[:, :k], ids[:, :k], shared_experts_input, with_shared=True
-            )
+            return self._run_experts(x, weights[:, :k], ids[:, :k])
         out = torch.empty_like(x)
-        for n, (k, rows) in enumerate(plan.groups):
+        for k, rows in plan.groups:
             assert rows is not None
-            out[rows] = self._run_experts(
-                x[rows],
-                weights[rows, :k],
-                ids[rows, :k],
-                shared_experts_input,
-                with_shared=n == 0,
-            )
+            out[rows] = self._run_experts(x[rows], weights[rows, :k], ids[rows, :k])
         return out
 
     def _full_width_experts(
-        self,
-        x: torch.Tensor,
-        router_logits: torch.Tensor,
-        weights: torch.Tensor,
-        ids: torch.Tensor,
-        shared_experts_input: torch.Tensor | None,
+        self, x: torch.Tensor, router_logits: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
     ) -> torch.Tensor:
         """Reference GPU path: every slot a real expert, unused slots weighted 0."""
         full_ids = torch.topk(router_logits, ids.shape[1], dim=-1, sorted=True).indices
-        return self._run_experts(
-            x, weights, full_ids, shared_experts_input, with_shared=True
-        )
+        return self._run_experts(x, weights, full_ids)
+
+
+def _declared_k_moe(hidden_states: torch.Tensor, router_logits: torch.Tensor, layer_name: str) -> torch.Tensor:
+    layer = get_layer_from_name(layer_name)
+    assert isinstance(layer, DeclaredKMoERunner)
+    return layer.declared_k_forward(hidden_states, router_logits)
+
+
+def _declared_k_moe_fake(hidden_states: torch.Tensor, router_logits: torch.Tensor, layer_name: str) -> torch.Tensor:
+    return torch.empty_like(hidden_states)
+
+
+_PHDS_LIB = Library("phds", "FRAGMENT")
+direct_register_custom_op(
+    op_name="declared_k_moe",
+    op_func=_declared_k_moe,
+    fake_impl=_declared_k_moe_fake,
+    target_lib=_PHDS_LIB,
+)
