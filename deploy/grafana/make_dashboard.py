@@ -18,13 +18,21 @@ SEL = 'k=~"$k", instance=~"$instance"'
 RATE = "$__rate_interval"
 
 
+def vllm(name: str, sel: str = 'instance=~"$instance"') -> str:
+    """Selector of a vLLM metric under either spelling. vLLM names them vllm:*, but prometheus_client's
+    OpenMetrics output (which Prometheus negotiates) turns the colon into "_" in sample lines
+    (prometheus/client_python#1177), so Prometheus may store vllm_*. A name regex matches both."""
+    return f'{{__name__=~"vllm[:_]{name}", {sel}}}'
+
+
 def q(expr: str, legend: str) -> dict:
     return {"expr": expr, "legendFormat": legend}
 
 
-def quantiles(metric: str, by: str = "k", sel: str = SEL) -> list[dict]:
+def quantiles(metric: str, by: str = "k", sel: str = SEL, series: str | None = None) -> list[dict]:
     group = f"le, {by}" if by else "le"
-    return [q(f"histogram_quantile({p}, sum by ({group}) (rate({metric}_bucket{{{sel}}}[{RATE}])))",
+    series = series or f"{metric}_bucket{{{sel}}}"
+    return [q(f"histogram_quantile({p}, sum by ({group}) (rate({series}[{RATE}])))",
               f"p{int(p * 100)} {{{{{by}}}}}" if by else f"p{int(p * 100)}")
             for p in (0.5, 0.95)]
 
@@ -37,8 +45,8 @@ ROWS = [
          [q(f'sum by (k, tier) (rate(phds_requests_total{{{SEL}, tier=~"$tier"}}[{RATE}]))',
             "k={{k}} tier={{tier}}")]),
         ("Error ratio by k", "percentunit",
-         "Share of requests whose outcome is not ok (0 when there are none).",
-         [q(f'(sum by (k) (rate(phds_requests_total{{{SEL}, outcome!="ok"}}[{RATE}]))'
+         "Share of requests whose outcome is not success (rejected, error, aborted; 0 when none).",
+         [q(f'(sum by (k) (rate(phds_requests_total{{{SEL}, outcome!="success"}}[{RATE}]))'
             f' or sum by (k) (rate(phds_requests_total{{{SEL}}}[{RATE}])) * 0)'
             f' / sum by (k) (rate(phds_requests_total{{{SEL}}}[{RATE}]))', "k={{k}}")]),
         ("Generated tokens/s by k", "tps", "Output tokens per second, the throughput each k gets.",
@@ -56,7 +64,7 @@ ROWS = [
             f" / sum by (k) (rate(phds_request_latency_seconds_count{{{SEL}}}[{RATE}]))", "k={{k}}")]),
         ("Inter-token latency (all k, vLLM)", "s",
          "vLLM's own decode-step latency; it has no k label (mixed-k batches share a step).",
-         quantiles("vllm:inter_token_latency_seconds", by="", sel='instance=~"$instance"')),
+         quantiles("", by="", series=vllm("inter_token_latency_seconds_bucket"))),
     ]),
     ("Experts", [
         ("Active experts per token by k", "none",
@@ -72,10 +80,10 @@ ROWS = [
     ]),
     ("Engine (vLLM)", [
         ("Running and waiting requests", "none", "Requests in the batch and queued. Waiting > 0 for long: saturated.",
-         [q('sum(vllm:num_requests_running{instance=~"$instance"})', "running"),
-          q('sum(vllm:num_requests_waiting{instance=~"$instance"})', "waiting")]),
+         [q(f'sum({vllm("num_requests_running")})', "running"),
+          q(f'sum({vllm("num_requests_waiting")})', "waiting")]),
         ("KV cache usage", "percentunit", "Fraction of KV-cache blocks in use.",
-         [q('avg by (instance) (vllm:kv_cache_usage_perc{instance=~"$instance"})', "{{instance}}")]),
+         [q(f'avg by (instance) ({vllm("kv_cache_usage_perc")})', "{{instance}}")]),
     ]),
 ]
 

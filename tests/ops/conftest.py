@@ -1,0 +1,56 @@
+"""Fixtures of the operations tests: one real phds-serve for the whole session, external tools.
+
+The server is started once (about 40 s on CPU) and shared by the load-test, Prometheus, dashboard and
+gateway tests. It listens on 127.0.0.1 on a free port and is killed with its process group at the end.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # `loadtest` is a top-level folder of the repo, not an installed package
+    sys.path.insert(0, str(REPO))
+
+from loadtest import server  # noqa: E402
+
+DEPLOY = REPO / "deploy"
+TIERS = {"fast": 1, "balanced": 2, "quality": 4}  # the server's --tiers in these tests
+KS = (1, 2, 4)
+
+
+def need_tool(name: str) -> str:
+    """Path of an external tool. Missing: fail, unless this machine cannot install it at all."""
+    path = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if path:
+        return path
+    if shutil.which("apt-get") is None:
+        pytest.skip(f"{name} is not installed and apt-get is unavailable to install it")
+    pytest.fail(f"{name} is missing: run `make install` (its ops-deps step installs it)")
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> str | None:
+    """None: phds-serve's bundled model. Before phds-serve lands, a tiny random OLMoE for plain vLLM."""
+    if server.have_phds_serve():
+        return None
+    if (server.BUNDLED_MODEL / "config.json").exists():
+        return str(server.BUNDLED_MODEL)
+    from .tiny_model import build
+    return str(build(tmp_path_factory.mktemp("tiny-olmoe")))
+
+
+@pytest.fixture(scope="session")
+def phds_server(model_dir, tmp_path_factory):
+    port = server.free_port()
+    extra = []
+    if server.have_phds_serve():
+        extra = ["--tiers", ",".join(f"{t}={k}" for t, k in TIERS.items())]
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    srv = server.Server(server.command(port, model_dir, extra), port, log)
+    srv.start(timeout=300)
+    yield srv
+    srv.stop()
