@@ -121,6 +121,8 @@ def _tier(name: Any, spec: Any) -> Tier:
 
 
 def _table(items: list[Tier]) -> TierTable:
+    if not items:
+        raise TierConfigError("the tier table is empty")
     table: dict[str, Tier] = {}
     for tier in items:
         if tier.name in table:
@@ -146,8 +148,6 @@ def parse_tier_spec(spec: str) -> TierTable:
                 raise TierConfigError(f"tier {name!r}: bad option {opt!r} (only priority=P)")
             entry["priority"] = val
         items.append(_tier(name, entry))
-    if not items:
-        raise TierConfigError(f"no tiers in {spec!r}")
     return _table(items)
 
 

@@ -15,7 +15,10 @@ from pathlib import Path
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-olmoe"
 SERVED_NAME = "phds-tiny-olmoe"
-FALLBACK_NAME = "tiny-olmoe-random-v1"
+FALLBACK_NAME = "tiny-olmoe-random-v2"
+# Random weights give near-uniform next-token logits, where greedy decoding
+# flips on float noise; a sharper output layer makes greedy text stable.
+LM_HEAD_SCALE = 40.0
 
 # Settings that fit the tiny model on a 2-core CPU box (applied only to flags
 # the user did not set).
@@ -84,6 +87,14 @@ def build_tokenizer(vocab_size: int = 512):
     )
 
 
+def _sharpen_lm_head(weights: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(weights))
+    tensors["lm_head.weight"] = tensors["lm_head.weight"] * LM_HEAD_SCALE
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+
+
 def build_random_model(path: Path) -> Path:
     """Tiny random OLMoE (8 experts, native k 4) plus tokenizer, written atomically."""
     from phds_serve.tiny import build_tiny_checkpoint
@@ -92,6 +103,7 @@ def build_random_model(path: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:
         build_tiny_checkpoint("olmoe", tmp, seed=0)
+        _sharpen_lm_head(tmp / "model.safetensors")
         build_tokenizer().save_pretrained(str(tmp))
         try:
             tmp.rename(path)

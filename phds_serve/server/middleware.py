@@ -15,6 +15,7 @@ an unauthenticated request gets 401, never a k error.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -242,6 +243,9 @@ class PhdsMiddleware:
 
         try:
             await self.app(scope, _replay(body, receive, disconnected), send_tapped)
+        except asyncio.CancelledError:
+            metrics.record(prep.k, prep.tier_name, "aborted")
+            raise
         except BaseException:
             metrics.record(prep.k, prep.tier_name, "error")
             raise
