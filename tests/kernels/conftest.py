@@ -1,9 +1,11 @@
 """Kernel tests run the Triton kernels in the CPU interpreter.
 
-Triton decides at decoration time whether a kernel is interpreted, so
-TRITON_INTERPRET=1 is set here, at import, before any kernel module is
-imported; kernel modules that something imported earlier (without the
-variable) are reloaded so that they are interpreted too.
+Triton decides at decoration time whether a kernel is interpreted, so the
+kernel modules are imported here with TRITON_INTERPRET=1 (reloaded if something
+imported them earlier without it). The variable is then restored, so the rest
+of a whole-repo pytest session (and the processes it spawns) does not inherit
+it, and set again around each kernel test module, where launches and the
+wrappers' interpreter checks read it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import importlib
 import os
 import sys
 
-os.environ["TRITON_INTERPRET"] = "1"
+import pytest
 
 # Dependency order: fused_moe binds the kernels of the modules before it.
 _KERNEL_MODULES = (
@@ -25,16 +27,35 @@ _KERNEL_MODULES = (
 )
 
 
-def _interpret_loaded_kernels() -> None:
+def _import_interpreted_kernels() -> None:
     from triton.runtime.interpreter import InterpretedFunction
 
-    stale = "phds_serve.kernels.router" in sys.modules and not isinstance(
-        sys.modules["phds_serve.kernels.router"].declared_k_router_kernel, InterpretedFunction
-    )
-    if stale:
-        for name in _KERNEL_MODULES:
-            if name in sys.modules:
-                importlib.reload(sys.modules[name])
+    router = sys.modules.get("phds_serve.kernels.router")
+    stale = router is not None and not isinstance(router.declared_k_router_kernel, InterpretedFunction)
+    for name in _KERNEL_MODULES:
+        module = importlib.import_module(name)
+        if stale:
+            importlib.reload(module)
 
 
-_interpret_loaded_kernels()
+_previous = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+try:
+    _import_interpreted_kernels()
+finally:
+    if _previous is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _previous
+
+
+@pytest.fixture(autouse=True, scope="module")
+def triton_interpreter():
+    """TRITON_INTERPRET=1 while this directory's tests run, restored after each module."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    yield
+    if previous is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = previous
