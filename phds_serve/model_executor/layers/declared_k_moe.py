@@ -17,7 +17,6 @@ exactly like the stock runner unless it was built inside a declared-k model
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 
 import torch
@@ -52,17 +51,13 @@ def building_declared_k_model(policy: KPolicy) -> Iterator[None]:
 
 
 def moe_backend() -> str:
-    """``cpu-grouped`` | ``triton`` | ``reference`` (env PHDS_MOE_BACKEND overrides auto)."""
-    choice = os.environ.get("PHDS_MOE_BACKEND", "auto")
-    if choice not in ("auto", "triton", "reference"):
-        raise ValueError(f"PHDS_MOE_BACKEND must be auto, triton or reference, got {choice!r}")
+    """``cpu-grouped`` on CPU; else the kernels' choice, ``triton`` or ``reference``
+    (``PHDS_MOE_BACKEND`` forces one)."""
     if current_platform.is_cpu():
         return "cpu-grouped"
-    if choice == "auto":
-        from phds_serve import kernels
+    from phds_serve.kernels import select_moe_backend
 
-        return "triton" if kernels.kernels_available() else "reference"
-    return choice
+    return select_moe_backend()
 
 
 @MoERunner.register_oot
