@@ -15,10 +15,12 @@ from pathlib import Path
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-olmoe"
 SERVED_NAME = "phds-tiny-olmoe"
-FALLBACK_NAME = "tiny-olmoe-random-v2"
-# Random weights give near-uniform next-token logits, where greedy decoding
-# flips on float noise; a sharper output layer makes greedy text stable.
+FALLBACK_NAME = "tiny-olmoe-random-v3"
+# Random init gives near-uniform next-token logits (greedy text flips on float
+# noise) and experts too weak to change the output: sharpen the output layer
+# and strengthen the experts so greedy text is stable and depends on k.
 LM_HEAD_SCALE = 40.0
+EXPERT_SCALE = 8.0
 
 # Settings that fit the tiny model on a 2-core CPU box (applied only to flags
 # the user did not set).
@@ -87,11 +89,15 @@ def build_tokenizer(vocab_size: int = 512):
     )
 
 
-def _sharpen_lm_head(weights: Path) -> None:
+def _sharpen(weights: Path) -> None:
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(str(weights))
-    tensors["lm_head.weight"] = tensors["lm_head.weight"] * LM_HEAD_SCALE
+    for name, tensor in tensors.items():
+        if name == "lm_head.weight":
+            tensors[name] = tensor * LM_HEAD_SCALE
+        elif ".experts." in name:
+            tensors[name] = tensor * EXPERT_SCALE
     save_file(tensors, str(weights), metadata={"format": "pt"})
 
 
@@ -103,7 +109,7 @@ def build_random_model(path: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:
         build_tiny_checkpoint("olmoe", tmp, seed=0)
-        _sharpen_lm_head(tmp / "model.safetensors")
+        _sharpen(tmp / "model.safetensors")
         build_tokenizer().save_pretrained(str(tmp))
         try:
             tmp.rename(path)

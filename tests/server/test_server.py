@@ -1,0 +1,296 @@
+"""A real ``phds-serve`` (no model arguments: the bundled tiny model on CPU) on loopback.
+
+One server for the module, started from the installed console script with a
+fresh cache dir (a fresh install). References come from vLLM's offline
+``LLM`` with ``SamplingParams(extra_args={"k": K})``, greedy, run in a
+subprocess against the very checkpoint the server reports in ``/v1/models``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+openai = pytest.importorskip("openai")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+TIERS = "fast=1:priority=-10,balanced=2,quality=4"
+MAX_TOKENS = 16
+START_TIMEOUT_S = 300
+SHORT = ["def read_config(path):", "Hello, how are", "import os\nimport sys\n", "The experts said"]
+# Longer than a KV block, so a repeat of it is served from the prefix cache.
+LONG = " ".join(f"token{i} value{i * 7 % 13}" for i in range(40))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _kill_group(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace_s)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group (engine core)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
+
+
+class Server:
+    def __init__(self, base: str, log: Path, proc: subprocess.Popen) -> None:
+        self.base, self.log, self.proc = base, log, proc
+        self.client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
+        models = requests.get(base + "/v1/models", timeout=10).json()["data"]
+        self.model_info = models[0]
+        self.model = models[0]["id"]
+
+    def completion(self, prompt: str, headers: dict | None = None, **body):
+        raw = self.client.completions.with_raw_response.create(
+            model=self.model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0,
+            extra_body=body or None, extra_headers=headers,
+        )
+        return raw.parse().choices[0].text, raw.headers
+
+    def post(self, path: str, body: dict, headers: dict | None = None) -> requests.Response:
+        return requests.post(self.base + path, json=body, headers=headers or {}, timeout=120)
+
+    def metrics(self) -> dict[tuple, float]:
+        text = requests.get(self.base + "/metrics", timeout=30).text
+        out = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return out
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("phds-serve")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env.update(XDG_CACHE_HOME=str(tmp / "cache"), PYTHONUNBUFFERED="1")
+    exe = Path(sys.executable).with_name("phds-serve")
+    cmd = [str(exe), "--host", "127.0.0.1", "--port", str(port), "--tiers", TIERS,
+           "--scheduling-policy", "priority"]
+    log = tmp / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"phds-serve exited {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if requests.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"phds-serve not healthy after {START_TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
+            time.sleep(1)
+        yield Server(base, log, proc)
+    finally:
+        _kill_group(proc)
+
+
+@pytest.fixture(scope="module")
+def native_k(server) -> int:
+    return server.model_info["native_k"]
+
+
+@pytest.fixture(scope="module")
+def reference(server, native_k, tmp_path_factory):
+    """(prompt, k) -> offline greedy text, from vLLM's LLM on the served checkpoint."""
+    jobs = [[p, k] for p in SHORT for k in range(1, native_k + 1)] + [[LONG, 1], [LONG, native_k]]
+    spec = tmp_path_factory.mktemp("ref") / "jobs.json"
+    spec.write_text(json.dumps({"max_tokens": MAX_TOKENS, "jobs": jobs}))
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "offline_reference.py"), server.model_info["root"], str(spec)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True, text=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        _kill_group(proc, grace_s=5)
+    lines = [ln for ln in out.splitlines() if ln.startswith("PHDS-RESULT ")]
+    assert proc.returncode == 0 and lines, out[-4000:]
+    return {(p, k): t for (p, k), t in zip(jobs, json.loads(lines[-1][len("PHDS-RESULT "):]))}
+
+
+def assert_serves(server: Server) -> None:
+    text, headers = server.completion(SHORT[0], k=1)
+    assert text and headers["x-phds-k"] == "1"
+
+
+# -- the model list ---------------------------------------------------------------------
+def test_models_show_k_range_native_k_and_tiers(server, native_k):
+    m = server.model_info
+    assert m["id"] == "phds-tiny-olmoe"
+    assert m["allowed_k"] == list(range(1, native_k + 1))
+    assert m["k_range"] == {"min": 1, "max": native_k} and m["default_k"] == native_k
+    assert m["tiers"] == {"fast": {"k": 1, "priority": -10}, "balanced": {"k": 2}, "quality": {"k": 4}}
+    assert m["tier_header"] == "x-phds-tier" and m["binding_tiers"] is False
+
+
+# -- k reaches the engine -----------------------------------------------------------------
+def test_k_changes_the_reference_output(reference, native_k):
+    """Sanity: the tests below can only pass if the server really runs each k."""
+    assert any(reference[(p, 1)] != reference[(p, native_k)] for p in SHORT)
+
+
+@pytest.mark.parametrize("how", ["top_level", "vllm_xargs", "none"])
+def test_text_matches_offline_at_each_k(server, reference, native_k, how):
+    for prompt in SHORT:
+        for k in ([1, native_k] if how != "none" else [native_k]):
+            body = {"top_level": {"k": k}, "vllm_xargs": {"vllm_xargs": {"k": k}}, "none": {}}[how]
+            text, headers = server.completion(prompt, **body)
+            assert headers["x-phds-k"] == str(k)
+            assert text == reference[(prompt, k)], (prompt, k, how)
+
+
+def test_prefix_cache_never_crosses_k(server, reference, native_k):
+    hits = ("vllm:prefix_cache_hits_total",)
+    before = sum(v for (n, _), v in server.metrics().items() if n in hits)
+    for k in (1, native_k, 1, native_k):
+        text, _ = server.completion(LONG, k=k)
+        assert text == reference[(LONG, k)], k
+    after = sum(v for (n, _), v in server.metrics().items() if n in hits)
+    assert after > before, "the repeats should have been prefix-cache hits (same k, same salt)"
+
+
+def test_tiers_map_to_their_k(server, reference):
+    for tier, k in (("fast", 1), ("balanced", 2), ("quality", 4), ("FAST", 1)):
+        text, headers = server.completion(SHORT[1], headers={"x-phds-tier": tier})
+        assert headers["x-phds-k"] == str(k) and headers["x-phds-tier"] == tier.lower()
+        assert text == reference[(SHORT[1], k)]
+    # explicit k beats the tier (tiers are not binding on this server)
+    text, headers = server.completion(SHORT[1], headers={"x-phds-tier": "fast"}, k=2)
+    assert headers["x-phds-k"] == "2" and headers["x-phds-tier"] == "fast"
+    assert text == reference[(SHORT[1], 2)]
+
+
+# -- errors -------------------------------------------------------------------------------
+BAD = [
+    ('{"k": 0}', "k"), ('{"k": 99}', "k"), ('{"k": -1}', "k"), ('{"k": 2.5}', "k"),
+    ('{"k": 2.0}', "k"), ('{"k": true}', "k"), ('{"k": "2"}', "k"), ('{"k": null}', "k"),
+    ('{"vllm_xargs": {"k": 0}}', "k"), ('{"k": 1, "vllm_xargs": {"k": 2}}', "k"),
+]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_bad_k_is_an_openai_400_and_the_server_keeps_serving(server, native_k, path):
+    for extra, param in BAD:
+        body = {"model": server.model, "max_tokens": 4, **json.loads(extra)}
+        body.update({"prompt": "hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]})
+        r = server.post(path, body)
+        assert r.status_code == 400, (extra, r.text)
+        err = r.json()["error"]
+        assert err["param"] == param and err["code"] == 400 and err["type"] == "BadRequestError", err
+        assert f"from 1 to {native_k}" in err["message"], err
+    r = server.post(path.replace("", ""), {"model": server.model, "prompt": "hi", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+                    headers={"x-phds-tier": "turbo"})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == "x-phds-tier" and "unknown tier 'turbo'" in err["message"] and "fast (k=1)" in err["message"]
+    with pytest.raises(openai.BadRequestError, match="from 1 to"):
+        server.client.completions.create(model=server.model, prompt="hi", max_tokens=2, extra_body={"k": 0})
+    assert_serves(server)
+
+
+# -- streaming and concurrency --------------------------------------------------------------
+def test_streaming_chat_with_k_matches_non_streaming(server):
+    messages = [{"role": "user", "content": "Tell me about experts."}]
+    for k in (1, 3):
+        full = server.client.chat.completions.create(
+            model=server.model, messages=messages, max_tokens=MAX_TOKENS, temperature=0.0, extra_body={"k": k}
+        )
+        with server.client.chat.completions.with_streaming_response.create(
+            model=server.model, messages=messages, max_tokens=MAX_TOKENS, temperature=0.0,
+            stream=True, extra_body={"k": k},
+        ) as raw:
+            assert raw.headers["x-phds-k"] == str(k)
+            chunks = list(raw.parse())
+        assert all(c.usage is None for c in chunks), "no usage chunk unless the client asks"
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == full.choices[0].message.content
+    chunks = list(server.client.completions.create(
+        model=server.model, prompt=SHORT[0], max_tokens=MAX_TOKENS, temperature=0.0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"k": 1},
+    ))
+    assert chunks[-1].usage.completion_tokens == MAX_TOKENS
+
+
+def test_concurrent_mixed_k(server, reference, native_k):
+    jobs = [(p, k) for p in SHORT for k in range(1, native_k + 1)]
+
+    def run(job):
+        prompt, k = job
+        return server.completion(prompt, k=k)
+
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        results = list(pool.map(run, jobs))
+    for (prompt, k), (text, headers) in zip(jobs, results):
+        assert headers["x-phds-k"] == str(k)
+        assert text == reference[(prompt, k)], (prompt, k)
+
+
+# -- metrics ---------------------------------------------------------------------------------
+def _delta(after: dict, before: dict, name: str, **labels) -> float:
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def test_metrics_per_k_beside_vllm(server, native_k):
+    before = server.metrics()
+    usage_tokens = 0
+    for _ in range(2):
+        r = server.post("/v1/completions", {"model": server.model, "prompt": SHORT[2], "max_tokens": 5, "k": 1})
+        usage_tokens += r.json()["usage"]["completion_tokens"]
+    r = server.post("/v1/completions", {"model": server.model, "prompt": SHORT[3], "max_tokens": 3},
+                    headers={"x-phds-tier": "balanced"})
+    assert r.status_code == 200
+    with server.client.chat.completions.create(
+        model=server.model, messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True,
+        extra_body={"k": 3},
+    ) as stream:
+        list(stream)
+    server.post("/v1/completions", {"model": server.model, "prompt": "x", "k": 0})
+    after = server.metrics()
+
+    d = lambda name, **lb: _delta(after, before, name, **lb)  # noqa: E731
+    assert d("phds_requests_total", k="1", tier="", outcome="success") == 2
+    assert d("phds_requests_total", k="2", tier="balanced", outcome="success") == 1
+    assert d("phds_requests_total", k="3", tier="", outcome="success") == 1
+    assert d("phds_requests_total", k="", tier="", outcome="rejected") == 1
+    assert d("phds_generation_tokens_total", k="1") == usage_tokens == 10
+    assert d("phds_generation_tokens_total", k="3") == 4
+    assert d("phds_prompt_tokens_total", k="1") > 0
+    assert d("phds_request_latency_seconds_count", k="1") == 2
+    assert d("phds_request_latency_seconds_count", k="3") == 1
+    assert d("phds_time_to_first_token_seconds_count", k="3") == 1  # streaming only
+    assert d("phds_time_to_first_token_seconds_count", k="1") == 0
+    # Engine-side (engine-core process) series, visible through multiprocess mode:
+    for k in (1, 2, 3):
+        tokens = d("phds_moe_tokens_total", k=str(k))
+        assert tokens > 0 and d("phds_expert_activations_total", k=str(k)) == k * tokens
+    assert d("phds_distinct_experts_per_step_count") > 0
+    assert any(name.startswith("vllm:") for name, _ in after), "vLLM's own series must stay"
