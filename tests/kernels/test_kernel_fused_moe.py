@@ -151,3 +151,20 @@ def test_empty_batch_and_bad_arguments():
         fused_declared_k_moe(case.x, case.w13, case.w2[:, :, :-1], case.weights, case.ids)
     with pytest.raises(ValueError, match="topk"):
         fused_declared_k_moe(case.x, case.w13, case.w2, case.weights[:, :1], case.ids)
+
+
+@pytest.mark.slow
+def test_real_layer_shape_decode_with_gpu_tiles():
+    """Qwen3-30B-A3B layer (H 2048, I 768, E 128), k 8 and 3, the GPU tiles of the decode
+    path (32 K steps of 64): int64 offsets and long loops at full size. ~1 min."""
+    from phds_serve.kernels import declared_k_topk_triton
+    from phds_serve.kernels.fused_moe import SMALL_BATCH_CONFIG
+
+    gen = torch.Generator().manual_seed(0)
+    hidden, inter, experts = 2048, 768, 128
+    x = torch.randn(2, hidden, generator=gen).bfloat16()
+    w13 = (torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden**0.5).bfloat16()
+    w2 = (torch.randn(experts, hidden, inter, generator=gen) / inter**0.5).bfloat16()
+    weights, ids = declared_k_topk_triton(torch.randn(2, experts, generator=gen), torch.tensor([8, 3]), 8, True)
+    out = fused_declared_k_moe(x, w13, w2, weights, ids, config=SMALL_BATCH_CONFIG, alloc=nan_alloc)
+    assert rel_err(out, moe_loop_reference(x, w13, w2, weights, ids)) <= TOLERANCE[torch.bfloat16]
