@@ -37,6 +37,11 @@ class LayerConfig:
     default_k: int | None = None
     binding: bool = False
     force_usage: bool = False  # vLLM's --enable-force-include-usage: keep its usage chunk
+    declared: bool = True  # False: the engine runs only the native k (PHDS_DISABLE, other archs)
+
+    @property
+    def allowed(self) -> list[int]:
+        return list(self.policy.allowed) if self.declared else [self.policy.native_k]
 
 
 @dataclass
@@ -108,6 +113,12 @@ def prepare(
     except TierRequestError as exc:
         param = "k" if isinstance(exc, TierBindingError) else config.tier_header
         raise RequestRejected(str(exc), param) from None
+
+    if not config.declared and res.k != config.policy.native_k:
+        raise RequestRejected(
+            f"k={res.k} is not available: declared k is off on this server, "
+            f"which runs only the native k {config.policy.native_k}"
+        )
 
     out = dict(body)
     out.pop(K_FIELD, None)

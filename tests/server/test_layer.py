@@ -103,6 +103,13 @@ def test_streaming_requests_ask_for_usage_and_remember_who_asked():
     assert "stream_options" not in prepare({"stream": True}, None, CONFIG, stream_options=False).body
 
 
+def test_without_declared_k_only_the_native_k_runs():
+    config = LayerConfig(policy=POLICY, declared=False)
+    assert config.allowed == [4] and prepare({"k": 4}, None, config).k == 4 and prepare({}, None, config).k == 4
+    with pytest.raises(RequestRejected, match="only the native k 4"):
+        prepare({"k": 2}, None, config)
+
+
 def test_non_object_bodies_are_rejected():
     for body in ([1], "x", 3):
         with pytest.raises(RequestRejected):

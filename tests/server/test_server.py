@@ -81,18 +81,51 @@ class Server:
         return out
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("phds-serve")
-    port = free_port()
+def _env(cache: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    env.update(XDG_CACHE_HOME=str(tmp / "cache"), PYTHONUNBUFFERED="1")
+    env.update(XDG_CACHE_HOME=str(cache), PYTHONUNBUFFERED="1")
+    return env
+
+
+def _model_dir(cache: Path) -> Path:
+    """The checkpoint a model-less phds-serve picks with this cache dir (built if needed)."""
+    from phds_serve.server import bundled_model
+
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(cache)
+    try:
+        return bundled_model.bundled_model_path()
+    finally:
+        os.environ.pop("XDG_CACHE_HOME") if old is None else os.environ.__setitem__("XDG_CACHE_HOME", old)
+
+
+def _reference_jobs(native_k: int) -> list[list]:
+    return [[p, k] for p in SHORT for k in range(1, native_k + 1)] + [[LONG, 1], [LONG, native_k]]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """Start phds-serve and, at the same time, the offline reference (2 busy cores)."""
+    tmp = tmp_path_factory.mktemp("phds-serve")
+    cache = tmp / "cache"  # fresh: no bundled model cached yet
+    model_dir = _model_dir(cache)
+    from transformers import AutoConfig
+
+    native_k = AutoConfig.from_pretrained(model_dir).num_experts_per_tok
+    jobs = _reference_jobs(native_k)
+    (tmp / "jobs.json").write_text(json.dumps({"max_tokens": MAX_TOKENS, "jobs": jobs}))
+
+    port = free_port()
     exe = Path(sys.executable).with_name("phds-serve")
     cmd = [str(exe), "--host", "127.0.0.1", "--port", str(port), "--tiers", TIERS,
            "--scheduling-policy", "priority"]
     log = tmp / "server.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(cache), start_new_session=True)
+    ref = subprocess.Popen(
+        [sys.executable, str(HERE / "offline_reference.py"), str(model_dir), str(tmp / "jobs.json")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(cache), start_new_session=True, text=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -107,34 +140,32 @@ def server(tmp_path_factory):
             if time.monotonic() > deadline:
                 pytest.fail(f"phds-serve not healthy after {START_TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
             time.sleep(1)
-        yield Server(base, log, proc)
+        out, _ = ref.communicate(timeout=max(10.0, deadline - time.monotonic()))
+        lines = [ln for ln in out.splitlines() if ln.startswith("PHDS-RESULT ")]
+        assert ref.returncode == 0 and lines, out[-4000:]
+        texts = json.loads(lines[-1][len("PHDS-RESULT "):])
+        server = Server(base, log, proc)
+        assert server.model_info["root"] == str(model_dir)
+        yield server, {(p, k): t for (p, k), t in zip(jobs, texts)}
     finally:
+        _kill_group(ref, grace_s=5)
         _kill_group(proc)
+
+
+@pytest.fixture(scope="module")
+def server(stack) -> Server:
+    return stack[0]
+
+
+@pytest.fixture(scope="module")
+def reference(stack) -> dict[tuple, str]:
+    """(prompt, k) -> offline greedy text, from vLLM's LLM on the served checkpoint."""
+    return stack[1]
 
 
 @pytest.fixture(scope="module")
 def native_k(server) -> int:
     return server.model_info["native_k"]
-
-
-@pytest.fixture(scope="module")
-def reference(server, native_k, tmp_path_factory):
-    """(prompt, k) -> offline greedy text, from vLLM's LLM on the served checkpoint."""
-    jobs = [[p, k] for p in SHORT for k in range(1, native_k + 1)] + [[LONG, 1], [LONG, native_k]]
-    spec = tmp_path_factory.mktemp("ref") / "jobs.json"
-    spec.write_text(json.dumps({"max_tokens": MAX_TOKENS, "jobs": jobs}))
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    proc = subprocess.Popen(
-        [sys.executable, str(HERE / "offline_reference.py"), server.model_info["root"], str(spec)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True, text=True,
-    )
-    try:
-        out, _ = proc.communicate(timeout=240)
-    finally:
-        _kill_group(proc, grace_s=5)
-    lines = [ln for ln in out.splitlines() if ln.startswith("PHDS-RESULT ")]
-    assert proc.returncode == 0 and lines, out[-4000:]
-    return {(p, k): t for (p, k), t in zip(jobs, json.loads(lines[-1][len("PHDS-RESULT "):]))}
 
 
 def assert_serves(server: Server) -> None:
@@ -149,7 +180,7 @@ def test_models_show_k_range_native_k_and_tiers(server, native_k):
     assert m["allowed_k"] == list(range(1, native_k + 1))
     assert m["k_range"] == {"min": 1, "max": native_k} and m["default_k"] == native_k
     assert m["tiers"] == {"fast": {"k": 1, "priority": -10}, "balanced": {"k": 2}, "quality": {"k": 4}}
-    assert m["tier_header"] == "x-phds-tier" and m["binding_tiers"] is False
+    assert m["tier_header"] == "x-phds-tier" and m["binding_tiers"] is False and m["declared_k"] is True
 
 
 # -- k reaches the engine -----------------------------------------------------------------
@@ -199,16 +230,15 @@ BAD = [
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_bad_k_is_an_openai_400_and_the_server_keeps_serving(server, native_k, path):
+    base = {"model": server.model, "max_tokens": 4}
+    base.update({"prompt": "hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]})
     for extra, param in BAD:
-        body = {"model": server.model, "max_tokens": 4, **json.loads(extra)}
-        body.update({"prompt": "hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]})
-        r = server.post(path, body)
+        r = server.post(path, {**base, **json.loads(extra)})
         assert r.status_code == 400, (extra, r.text)
         err = r.json()["error"]
         assert err["param"] == param and err["code"] == 400 and err["type"] == "BadRequestError", err
         assert f"from 1 to {native_k}" in err["message"], err
-    r = server.post(path.replace("", ""), {"model": server.model, "prompt": "hi", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
-                    headers={"x-phds-tier": "turbo"})
+    r = server.post(path, base, headers={"x-phds-tier": "turbo"})
     assert r.status_code == 400
     err = r.json()["error"]
     assert err["param"] == "x-phds-tier" and "unknown tier 'turbo'" in err["message"] and "fast (k=1)" in err["message"]

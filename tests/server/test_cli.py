@@ -1,0 +1,79 @@
+"""CLI wiring: vLLM's parser with our flags, bundled-model defaults, startup checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from phds_serve.server import bundled_model, cli
+from phds_serve.server.cli import MIDDLEWARE, finalize, parse_args
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A config-only OLMoE checkpoint dir: 8 experts, native k 4."""
+    from phds_serve.tiny import tiny_config
+
+    path = tmp_path_factory.mktemp("olmoe")
+    config = tiny_config("olmoe", num_experts=8, native_k=4)
+    config.architectures = ["OlmoeForCausalLM"]
+    config.save_pretrained(path)
+    return str(path)
+
+
+def test_vllm_flags_pass_through_and_ours_are_added(model_dir):
+    args = parse_args([model_dir, "--max-num-seqs", "7", "--tiers", "fast=1", "--binding-tiers",
+                       "--tier-header", "X-Tier", "--default-k", "2", "--max-k", "6",
+                       "--hf-overrides", '{"foo": 1}'])
+    assert args.model == model_dir and args.max_num_seqs == 7
+    assert (args.phds_tiers, args.phds_binding_tiers, args.phds_default_k) == ("fast=1", True, 2)
+    finalize(args)
+    assert args.hf_overrides == {"foo": 1, "phds_max_k": 6}  # engine and server agree on the range
+    assert args.middleware[-1] == MIDDLEWARE
+    finalize(args)
+    assert args.middleware.count(MIDDLEWARE) == 1
+
+
+def test_no_model_serves_the_bundled_one_with_cpu_defaults(monkeypatch, tmp_path):
+    monkeypatch.setattr(bundled_model, "bundled_model_path", lambda: tmp_path)
+    args = parse_args(["--max-model-len", "256"])
+    assert args.model == str(tmp_path)
+    assert args.gpu_memory_utilization == 0.2 and args.enforce_eager and args.dtype == "float32"
+    assert args.served_model_name == ["phds-tiny-olmoe"]
+    assert args.max_model_len == 256  # a flag the user gave wins over our defaults
+    assert args.port == 8000
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--tiers", "quality=5"], "outside the model's allowed k"),
+        (["--tiers", "quality=5", "--max-k", "9"], "must be between 1 and the number of experts"),
+        (["--default-k", "0"], "--default-k 0"),
+        (["--tiers", "fast=1:priority=-1"], "--scheduling-policy priority"),
+        (["--tiers", "fast"], "name=k"),
+    ],
+)
+def test_startup_checks(model_dir, flags, message):
+    args = parse_args([model_dir, *flags])
+    with pytest.raises(ValueError, match=message):
+        finalize(args)
+
+
+def test_max_k_widens_the_range(model_dir):
+    finalize(parse_args([model_dir, "--tiers", "wide=6", "--max-k", "6"]))
+
+
+def test_plugin_disabled_allows_only_the_native_k(model_dir, monkeypatch):
+    monkeypatch.setenv("PHDS_DISABLE", "1")
+    finalize(parse_args([model_dir, "--tiers", "native=4"]))
+    for flags in (["--tiers", "fast=1"], ["--default-k", "2"], ["--max-k", "6"]):
+        with pytest.raises(ValueError, match="need"):
+            finalize(parse_args([model_dir, *flags]))
+
+
+def test_multiproc_dir_is_created_once(monkeypatch):
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    path = cli.ensure_multiproc_dir()
+    assert cli.os.environ["PROMETHEUS_MULTIPROC_DIR"] == path and cli.os.path.isdir(path)
+    assert cli.ensure_multiproc_dir() == path
+    cli.os.rmdir(path)
