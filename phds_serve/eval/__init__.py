@@ -1,0 +1,1 @@
+"""Per-k evaluation of MoE checkpoints: quality, cross-sparsity agreement, latency."""

@@ -1,0 +1,113 @@
+"""Training/evaluation text: load documents, split held-out by document, pack into blocks.
+
+Sources: a text file, a directory (``*.py`` by default, any glob), or JSONL
+(``text``, ``messages`` rendered with the chat template, or ``prompt`` +
+``completion``). The held-out split is decided per document by a hash of its
+name, so it is deterministic, independent of file order, and the same for
+``phds-train`` and ``phds-eval``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class Document:
+    name: str
+    text: str
+
+
+def _jsonl_text(record: dict[str, Any], tokenizer: Any) -> str:
+    if "text" in record:
+        return str(record["text"])
+    if "messages" in record:
+        return tokenizer.apply_chat_template(record["messages"], tokenize=False)
+    if "prompt" in record and "completion" in record:
+        return str(record["prompt"]) + str(record["completion"])
+    raise ValueError(f"JSONL record has no text/messages/prompt+completion: {sorted(record)}")
+
+
+def load_documents(
+    paths: Sequence[str | Path], glob: str = "*.py", tokenizer: Any = None
+) -> list[Document]:
+    """Documents from files, directories (non-recursive ``glob``) and JSONL, sorted by name."""
+    docs: list[Document] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            files = sorted(p for p in path.glob(glob) if p.is_file())
+            if not files:
+                raise FileNotFoundError(f"no {glob} files in {path}")
+            docs += [Document(f.name, f.read_text(encoding="utf-8", errors="replace")) for f in files]
+        elif path.suffix in (".jsonl", ".json"):
+            with path.open(encoding="utf-8") as fh:
+                for i, line in enumerate(fh):
+                    if line.strip():
+                        docs.append(Document(f"{path.name}:{i}", _jsonl_text(json.loads(line), tokenizer)))
+        elif path.is_file():
+            docs.append(Document(path.name, path.read_text(encoding="utf-8", errors="replace")))
+        else:
+            raise FileNotFoundError(path)
+    return sorted(docs, key=lambda d: d.name)
+
+
+def is_heldout(name: str, heldout_frac: float) -> bool:
+    """Deterministic document-level split by a hash of the document name."""
+    bucket = int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) % 10_000
+    return bucket < heldout_frac * 10_000
+
+
+def split_documents(
+    docs: Sequence[Document], heldout_frac: float
+) -> tuple[list[Document], list[Document]]:
+    """(train, held-out) documents; a held-out fraction of 0 gives no held-out set."""
+    train = [d for d in docs if not is_heldout(d.name, heldout_frac)]
+    held = [d for d in docs if is_heldout(d.name, heldout_frac)]
+    return train, held
+
+
+def pack_blocks(
+    docs: Iterable[Document], tokenizer: Any, block_size: int
+) -> torch.Tensor:
+    """Concatenate documents (each ended by EOS) and cut into [N, block_size] token blocks.
+
+    Packing wastes no compute on padding; the ragged tail is dropped.
+    """
+    ids: list[int] = []
+    eos = tokenizer.eos_token_id
+    for doc in docs:
+        ids += tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+        if eos is not None:
+            ids.append(eos)
+    n = len(ids) // block_size
+    if n == 0:
+        raise ValueError(f"only {len(ids)} tokens: fewer than one block of {block_size}")
+    return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
+
+
+class BlockDataset(torch.utils.data.Dataset):
+    """Packed causal-LM blocks as the dicts transformers' Trainer expects."""
+
+    def __init__(self, blocks: torch.Tensor) -> None:
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        block = self.blocks[i]
+        return {"input_ids": block, "labels": block.clone(), "attention_mask": torch.ones_like(block)}
+
+
+def stdlib_dir() -> Path:
+    """The running Python's standard library sources (present on every machine)."""
+    import sysconfig
+
+    return Path(sysconfig.get_paths()["stdlib"])

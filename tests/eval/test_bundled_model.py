@@ -1,0 +1,71 @@
+"""The bundled tiny model: phds-eval on it, k=1 quality, and Python-looking completions."""
+
+import csv
+import io
+import json
+import keyword
+import tokenize
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from phds_serve.eval.cli import main as eval_main
+
+ASSET = Path(__file__).resolve().parents[2] / "phds_serve" / "assets" / "tiny-olmoe"
+
+pytestmark = pytest.mark.skipif(not (ASSET / "config.json").exists(), reason="bundled model not built")
+
+
+@pytest.fixture(scope="module")
+def eval_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    assert eval_main(["--checkpoint", str(ASSET), "--ks", "1,2,4", "--max-blocks", "24",
+                      "--out", str(out)]) == 0
+    return out
+
+
+def test_phds_eval_writes_per_k_results(eval_out, capsys):
+    payload = json.loads((eval_out / "results.json").read_text())
+    assert payload["ks"] == [1, 2, 4] and payload["reference_k"] == 4
+    rows = {r["k"]: r for r in payload["rows"]}
+    assert rows[4]["agreement_with_reference"] == 1.0
+    assert all(payload["agreement"]["matrix"][i][i] == 1.0 for i in range(3))
+    assert rows[1]["agreement_with_reference"] < 1.0
+    with (eval_out / "results.csv").open() as fh:
+        assert [int(r["k"]) for r in csv.DictReader(fh)] == [1, 2, 4]
+    assert (eval_out / "results.png").stat().st_size > 1000
+
+
+def test_k1_loss_within_15_percent_of_native(eval_out):
+    rows = {r["k"]: r for r in json.loads((eval_out / "results.json").read_text())["rows"]}
+    assert rows[1]["loss"] <= 1.15 * rows[4]["loss"], rows
+    assert rows[4]["loss"] < 4.0  # it learned something (uniform over 4096 tokens is 8.3)
+
+
+def _python_tokens(text: str) -> list[tokenize.TokenInfo]:
+    toks = []
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+            toks.append(tok)
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        pass  # a cut-off completion may end mid-statement
+    return toks
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_greedy_completion_looks_like_python(k):
+    config_kwargs = {"num_experts_per_tok": k}
+    model = AutoModelForCausalLM.from_pretrained(ASSET, dtype=torch.float32, **config_kwargs).eval()
+    tok = AutoTokenizer.from_pretrained(ASSET)
+    prompt = "import os\n\n\ndef main(args):\n    "
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=tok.pad_token_id)
+    text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    toks = _python_tokens(prompt + text)
+    names = [t.string for t in toks if t.type == tokenize.NAME]
+    assert not [t for t in toks if t.type == tokenize.ERRORTOKEN and not t.string.isspace()], text
+    assert len(names) >= 5, text
+    assert any(keyword.iskeyword(n) for n in names[3:]) or "(" in text, text
