@@ -6,10 +6,19 @@ Pairs with id -1 are never placed, so no program reads weights for them, and
 experts nobody chose get no block at all: the launched work shrinks with the
 k_i of the tokens, not with k_max.
 
-Built from device-side torch ops with shapes fixed by (T, k_max, E, block_m):
-no host synchronisation, so it stays legal inside a CUDA graph. The grid is
-sized for the worst case; blocks past the real work carry expert -1 and exit at
-their first instruction.
+Two implementations with the same contract, both with shapes fixed by
+(T, k_max, E, block_m) and no host synchronisation (legal inside a CUDA graph):
+
+* :func:`align_pairs_by_expert`: three small Triton kernels (count pairs per
+  expert with atomics, lay out the padded blocks, scatter pairs to their slots),
+  five launches in all. Pair order inside an expert's group is whatever order
+  the atomics hand out; each pair's GEMM row is independent of its neighbours,
+  so the MoE output does not depend on it.
+* :func:`align_pairs_by_expert_torch`: the same from torch ops (stable order), the
+  reference the kernels are tested against.
+
+The grid of the grouped GEMMs is sized for the worst case; blocks past the real
+work carry expert -1 and exit at their first instruction.
 """
 
 from __future__ import annotations
@@ -17,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 
 
 @dataclass(frozen=True)
@@ -43,8 +54,8 @@ def max_padded_pairs(num_pairs: int, num_experts: int, block_m: int) -> int:
     return -(-bound // block_m) * block_m
 
 
-def align_pairs_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
-    """Sort valid (token, slot) pairs by expert into blocks of ``block_m``."""
+def align_pairs_by_expert_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
+    """Sort valid (token, slot) pairs by expert into blocks of ``block_m`` (torch ops)."""
     device = topk_ids.device
     num_pairs = topk_ids.numel()
     flat = topk_ids.reshape(-1).long()
@@ -82,3 +93,75 @@ def align_pairs_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int
         num_pairs=num_pairs,
         block_m=block_m,
     )
+
+
+@triton.jit
+def count_pairs_kernel(ids_ptr, counts_ptr, num_pairs, BLOCK: tl.constexpr):
+    """counts[e] += number of pairs routed to e; -1 pairs are not counted."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    expert = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1)
+    valid = expert >= 0
+    tl.atomic_add(counts_ptr + tl.where(valid, expert, 0), 1, mask=valid)
+
+
+@triton.jit
+def block_layout_kernel(
+    counts_ptr,
+    padded_start_ptr,
+    block_expert_ptr,
+    num_experts,
+    max_blocks,
+    BLOCK_M: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    """One program: each expert's padded start, and the expert owning each block (-1: none)."""
+    experts = tl.arange(0, BLOCK_E)
+    counts = tl.load(counts_ptr + experts, mask=experts < num_experts, other=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    end = tl.cumsum(padded, axis=0)  # padding experts add 0, so their end is the total
+    tl.store(padded_start_ptr + experts, end - padded, mask=experts < num_experts)
+    for first in range(0, max_blocks, BLOCK_B):
+        blocks = first + tl.arange(0, BLOCK_B)
+        # The owner of a block is the number of experts that end at or before its start.
+        owner = tl.sum((end[None, :] <= blocks[:, None] * BLOCK_M).to(tl.int32), axis=1)
+        owner = tl.where(owner < num_experts, owner, -1)
+        tl.store(block_expert_ptr + blocks, owner, mask=blocks < max_blocks)
+
+
+@triton.jit
+def scatter_pairs_kernel(ids_ptr, padded_start_ptr, cursor_ptr, sorted_pair_ptr, num_pairs, BLOCK: tl.constexpr):
+    """Each valid pair takes the next free slot of its expert's group."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    expert = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1)
+    valid = expert >= 0
+    expert = tl.where(valid, expert, 0)
+    rank = tl.atomic_add(cursor_ptr + expert, 1, mask=valid)
+    dest = tl.load(padded_start_ptr + expert, mask=valid, other=0) + rank
+    tl.store(sorted_pair_ptr + dest, offs, mask=valid)
+
+
+ALIGN_BLOCK = 1024  # pairs per program of the count and scatter kernels
+LAYOUT_BLOCK_B = 64  # blocks per step of the layout loop ([64, E] compare tile)
+
+
+def align_pairs_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
+    """Sort valid (token, slot) pairs by expert into blocks of ``block_m`` (Triton)."""
+    device = topk_ids.device
+    ids = topk_ids.reshape(-1).to(torch.int32)
+    num_pairs = ids.numel()
+    max_padded = max_padded_pairs(num_pairs, num_experts, block_m)
+    sorted_pair_ids = torch.full((max_padded,), num_pairs, dtype=torch.int32, device=device)
+    block_expert_ids = torch.empty(max_padded // block_m, dtype=torch.int32, device=device)
+    if num_pairs == 0:
+        return Alignment(sorted_pair_ids, block_expert_ids, num_pairs, block_m)
+    counters = torch.zeros(3 * num_experts, dtype=torch.int32, device=device)
+    counts, cursor, padded_start = counters.split(num_experts)
+    grid = (triton.cdiv(num_pairs, ALIGN_BLOCK),)
+    count_pairs_kernel[grid](ids, counts, num_pairs, BLOCK=ALIGN_BLOCK)
+    block_layout_kernel[(1,)](
+        counts, padded_start, block_expert_ids, num_experts, block_expert_ids.numel(),
+        BLOCK_M=block_m, BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_B=LAYOUT_BLOCK_B,
+    )
+    scatter_pairs_kernel[grid](ids, padded_start, cursor, sorted_pair_ids, num_pairs, BLOCK=ALIGN_BLOCK)
+    return Alignment(sorted_pair_ids, block_expert_ids, num_pairs, block_m)

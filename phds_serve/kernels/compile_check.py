@@ -31,7 +31,7 @@ class KernelSpec:
 
 def _specs(dtype: str) -> list[KernelSpec]:
     """Every kernel at the tiles :func:`fused_moe.default_config` launches on a GPU."""
-    from phds_serve.kernels import decode, grouped_gemm, reduce, router
+    from phds_serve.kernels import align, decode, grouped_gemm, reduce, router
     from phds_serve.kernels.fused_moe import LARGE_BATCH_CONFIG, SMALL_BATCH_CONFIG
 
     act = f"*{dtype}"
@@ -54,6 +54,22 @@ def _specs(dtype: str) -> list[KernelSpec]:
              "num_tokens": i32, "num_experts": i32, "stride_logits": i32},
             dict(K_MAX=8, BLOCK_T=router.router_block_t(128), BLOCK_E=128, BLOCK_K=8,
                  RENORMALIZE=True, TOPK_FIRST=False),
+        ),
+    ]
+    specs += [
+        spec("", align.count_pairs_kernel, {"ids_ptr": ptr_i32, "counts_ptr": ptr_i32, "num_pairs": i32},
+             dict(BLOCK=align.ALIGN_BLOCK)),
+        spec(
+            "", align.block_layout_kernel,
+            {"counts_ptr": ptr_i32, "padded_start_ptr": ptr_i32, "block_expert_ptr": ptr_i32,
+             "num_experts": i32, "max_blocks": i32},
+            dict(BLOCK_M=LARGE_BATCH_CONFIG.block_m, BLOCK_E=128, BLOCK_B=align.LAYOUT_BLOCK_B),
+        ),
+        spec(
+            "", align.scatter_pairs_kernel,
+            {"ids_ptr": ptr_i32, "padded_start_ptr": ptr_i32, "cursor_ptr": ptr_i32, "sorted_pair_ptr": ptr_i32,
+             "num_pairs": i32},
+            dict(BLOCK=align.ALIGN_BLOCK),
         ),
     ]
     for tag, cfg in (("[small]", SMALL_BATCH_CONFIG), ("[large]", LARGE_BATCH_CONFIG)):

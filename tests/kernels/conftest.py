@@ -19,6 +19,7 @@ import pytest
 # Dependency order: fused_moe binds the kernels of the modules before it.
 _KERNEL_MODULES = (
     "phds_serve.kernels.activation",
+    "phds_serve.kernels.align",
     "phds_serve.kernels.router",
     "phds_serve.kernels.grouped_gemm",
     "phds_serve.kernels.decode",

@@ -47,6 +47,9 @@ def test_all_kernels_compile(compiled, arch):
     names = {name.split("[")[0] for name in kernels}
     assert names == {
         "declared_k_router_kernel",
+        "count_pairs_kernel",
+        "block_layout_kernel",
+        "scatter_pairs_kernel",
         "grouped_w13_act_kernel",
         "grouped_w2_kernel",
         "decode_w13_act_kernel",

@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from phds_serve.kernels import fused_moe, router
-from phds_serve.kernels.align import align_pairs_by_expert
+from phds_serve.kernels import align, fused_moe, router
 from phds_serve.kernels.fused_moe import MoEKernelConfig
 
+ALIGN_KERNELS = ("count_pairs_kernel", "block_layout_kernel", "scatter_pairs_kernel")
 KERNELS = (
     "decode_w13_act_kernel",
     "decode_w2_sum_kernel",
@@ -41,6 +41,8 @@ def launches(monkeypatch) -> list:
     recorded: list = []
     for name in KERNELS:
         monkeypatch.setattr(fused_moe, name, LaunchRecorder(name, recorded))
+    for name in ALIGN_KERNELS:
+        monkeypatch.setattr(align, name, LaunchRecorder(name, recorded))
     monkeypatch.setattr(router, "declared_k_router_kernel", LaunchRecorder("router", recorded))
     return recorded
 
@@ -49,9 +51,12 @@ def meta(*shape, dtype=torch.bfloat16) -> torch.Tensor:
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
-def test_align_step_needs_no_data():
-    aligned = align_pairs_by_expert(meta(70, 8, dtype=torch.int32), 33, 16)
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_align_step_needs_no_data(launches, impl):
+    fn = align.align_pairs_by_expert if impl == "triton" else align.align_pairs_by_expert_torch
+    aligned = fn(meta(70, 8, dtype=torch.int32), 33, 16)
     assert aligned.sorted_pair_ids.shape == (1056,) and aligned.block_expert_ids.shape == (66,)
+    assert [name for name, _ in launches] == (list(ALIGN_KERNELS) if impl == "triton" else [])
 
 
 @pytest.mark.parametrize("path", ["decode", "aligned"])
@@ -67,7 +72,7 @@ def test_expert_wrapper_launches_without_host_reads(launches, path):
     if path == "decode":
         assert names == ["decode_w13_act_kernel", "decode_w2_sum_kernel"]
     else:
-        assert names == ["grouped_w13_act_kernel", "grouped_w2_kernel", "masked_slot_sum_kernel"]
+        assert names == [*ALIGN_KERNELS, "grouped_w13_act_kernel", "grouped_w2_kernel", "masked_slot_sum_kernel"]
 
 
 def test_router_wrapper_launches_without_host_reads(launches):
