@@ -18,6 +18,7 @@ loadtest/summarize.py turns the CSV into a per-k table.
 Options (all also settable as LOCUST_* environment variables):
   --k-mix 1:0.3,2:0.3,4:0.4   --tier-mix fast:1,quality:1   --api-mix chat:1,completions:1
   --stream-ratio 0.5  --max-tokens 32  --prompt-words 24  --k-field body|xargs  --model NAME
+  --api-key KEY  --require-k-header
 """
 from __future__ import annotations
 
@@ -49,6 +50,10 @@ def _add_options(parser):
     parser.add_argument("--model", env_var="LOCUST_MODEL", default="",
                         help="model name in requests (default: the first of /v1/models)")
     parser.add_argument("--request-timeout", env_var="LOCUST_REQUEST_TIMEOUT", type=float, default=120.0)
+    parser.add_argument("--api-key", env_var="LOCUST_API_KEY", default="",
+                        help="sent as 'Authorization: Bearer KEY' (a gateway's key, or vLLM's --api-key)")
+    parser.add_argument("--require-k-header", env_var="LOCUST_REQUIRE_K_HEADER", action="store_true",
+                        help="fail responses without x-phds-k (catches a plain vLLM silently ignoring \"k\")")
 
 
 def parse_mix(text: str) -> list[tuple[str, float]]:
@@ -104,9 +109,13 @@ class OpenAIUser(HttpUser):
 
     def _first_model(self) -> str:
         # Plain requests, not self.client: model discovery is setup and stays out of the statistics.
-        resp = requests.get(self.host.rstrip("/") + "/v1/models", timeout=30)
+        resp = requests.get(self.host.rstrip("/") + "/v1/models", headers=self._auth(), timeout=30)
         resp.raise_for_status()
         return resp.json()["data"][0]["id"]
+
+    def _auth(self) -> dict:
+        key = self.environment.parsed_options.api_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
 
     def _prompt(self) -> str:
         words = "the quick brown fox jumps over the lazy dog while the model routes every token".split()
@@ -130,7 +139,7 @@ class OpenAIUser(HttpUser):
             path, body["prompt"] = "/v1/completions", self._prompt()
         if stream:
             body["stream_options"] = {"include_usage": True}  # exact token count in the last chunk
-        headers = {}
+        headers = self._auth()
         if kind == "k":
             if opts.k_field == "body":
                 body["k"] = int(value)
@@ -144,20 +153,25 @@ class OpenAIUser(HttpUser):
             # Report under E2E whatever happens; the name is refined once the server's k is known.
             resp.request_meta["request_type"] = "E2E"
             try:
-                self._finish(resp, kind, value, stream, opts.max_tokens)
+                self._finish(resp, kind, value, stream, opts)
             except _Failure as e:
                 resp.failure(str(e))
             except Exception as e:  # broken stream, bad JSON: a failure, never a silent drop
                 resp.failure(f"{type(e).__name__}: {e}")
 
-    def _finish(self, resp, kind, value, stream, max_tokens):
+    def _finish(self, resp, kind, value, stream, opts):
+        max_tokens = opts.max_tokens
         start = time.perf_counter() - resp.request_meta["response_time"] / 1000.0
         if resp.status_code != 200:
             raise _Failure(f"HTTP {resp.status_code}: {resp.text[:200]}")
         server_k = resp.headers.get(K_HEADER)
+        if server_k is None and opts.require_k_header:
+            raise _Failure(f"no {K_HEADER} response header: not phds-serve? (plain vLLM: --k-field xargs)")
         if kind == "k" and server_k is not None and server_k != value:
             raise _Failure(f"asked k={value}, server used k={server_k}")
-        label = f"k={value}" if kind == "k" else f"tier={value} k={server_k or '?'}"
+        # A tier request is labelled with what the server applied (a gateway may replace the tier).
+        tier = resp.headers.get(TIER_HEADER) or value
+        label = f"k={value}" if kind == "k" else f"tier={tier} k={server_k or '?'}"
         resp.request_meta["name"] = f"e2e {label}"
 
         if stream:

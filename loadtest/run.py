@@ -42,7 +42,10 @@ def locust_cmd(args, url: str, prefix: Path, k_field: str) -> list[str]:
             "--k-mix", args.k_mix, "--tier-mix", args.tier_mix, "--api-mix", args.api_mix,
             "--stream-ratio", str(args.stream_ratio), "--max-tokens", str(args.max_tokens),
             "--prompt-words", str(args.prompt_words), "--k-field", k_field,
-            *(["--model", args.model_name] if args.model_name else [])]
+            *(["--model", args.model_name] if args.model_name else []),
+            *(["--api-key", args.api_key] if args.api_key else []),
+            # "k" in the body is phds-serve's contract; plain vLLM would ignore it without a word.
+            *(["--require-k-header"] if k_field == "body" else [])]
 
 
 def run_locust(cmd: list[str], timeout: float) -> int:
@@ -78,6 +81,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="model directory for the started server "
                     "(default: phds-serve's bundled model)")
     ap.add_argument("--model-name", default="", help="model name in requests (default: from /v1/models)")
+    ap.add_argument("--api-key", default=os.environ.get("API_KEY", ""),
+                    help="Bearer key for every request (e.g. a gateway key)")
     ap.add_argument("--serve-args", default="", help="extra server flags, e.g. '--tiers fast=1,quality=4'")
     ap.add_argument("--expect-k", default=None,
                     help="k values that must succeed (default: those of --k-mix)")

@@ -140,3 +140,13 @@ def test_gateway_assigns_tiers_and_ignores_client_tier(gateway, phds_server):
     assert r.status_code == 401
     r = complete(gateway, model, headers={"Authorization": "Bearer wrong", "x-phds-tier": "fast"})
     assert r.status_code == 401
+
+
+def test_loadtest_through_gateway_with_a_key(gateway, tmp_path):
+    """The load test's --api-key path, streaming through nginx: every request gets the key's tier."""
+    from .test_loadtest import loadtest
+    r = loadtest(gateway, tmp_path / "lt", "--run-time", "6s", "--users", "2", "--k-mix", "",
+                 "--tier-mix", "quality:1", "--api-key", "demo-key-fast")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    labels = {row["label"] for row in json.loads((tmp_path / "lt" / "report_per_k.json").read_text())}
+    assert labels == {f"tier=fast k={TIERS['fast']}"}  # asked quality, the key's tier (fast) won

@@ -77,8 +77,11 @@ def prometheus(phds_server, tmp_path_factory):
     try:
         wait_for(lambda: query(base, 'up{job="phds-serve"} == 1'), 60, "Prometheus scraping phds-serve",
                  work / "prometheus.log")
-        # Counters must move after Prometheus's first scrape for rate() and the recording rules.
-        send_traffic(phds_server.url)
+        # Two rounds: a labelled counter series is born at its first increment, and rate() only counts
+        # increases between two scrapes of an existing series; the second round is that increase.
+        for _ in range(2):
+            send_traffic(phds_server.url)
+            wait_until_scraped(base, phds_server.url, work / "prometheus.log")
         yield base
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -87,6 +90,15 @@ def prometheus(phds_server, tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def wait_until_scraped(base: str, server_url: str, log) -> None:
+    """Wait until Prometheus holds every request the server has counted so far."""
+    text = requests.get(server_url + "/metrics", timeout=10).text
+    served = sum(smp.value for fam in text_string_to_metric_families(text) for smp in fam.samples
+                 if smp.name == "phds_requests_total")
+    wait_for(lambda: [r for r in query(base, "sum(phds_requests_total)") if float(r["value"][1]) >= served],
+             30, f"Prometheus to see all {served:.0f} requests", log)
 
 
 def query(base: str, promql: str) -> list[dict]:
