@@ -324,3 +324,18 @@ def test_metrics_per_k_beside_vllm(server, native_k):
         assert tokens > 0 and d("phds_expert_activations_total", k=str(k)) == k * tokens
     assert d("phds_distinct_experts_per_step_count") > 0
     assert any(name.startswith("vllm:") for name, _ in after), "vLLM's own series must stay"
+
+
+def test_client_leaving_a_stream_is_counted_and_harmless(server):
+    key = ("phds_requests_total", (("k", "2"), ("outcome", "aborted"), ("tier", "")))
+    before = server.metrics().get(key, 0.0)
+    body = {"model": server.model, "prompt": SHORT[0], "max_tokens": 400, "stream": True, "k": 2,
+            "ignore_eos": True}
+    with requests.post(server.base + "/v1/completions", json=body, stream=True, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["x-phds-k"] == "2"
+        next(r.iter_lines())  # one event, then hang up
+    deadline = time.monotonic() + 60
+    while server.metrics().get(key, 0.0) < before + 1:
+        assert time.monotonic() < deadline, "the aborted stream was never counted"
+        time.sleep(0.5)
+    assert_serves(server)
