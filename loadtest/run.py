@@ -76,8 +76,8 @@ def main(argv=None) -> int:
     ap.add_argument("--stream-ratio", type=float, default=0.5)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--prompt-words", type=int, default=24)
-    ap.add_argument("--k-field", choices=["body", "xargs", "auto"], default="auto",
-                    help='auto: "k" in the body for phds-serve and --url, vllm_xargs for plain vLLM')
+    ap.add_argument("--k-field", choices=["body", "xargs"], default="body",
+                    help='"k" in the body (phds-serve) or in vllm_xargs (plain vLLM behind --url)')
     ap.add_argument("--model", default=None, help="model directory for the started server "
                     "(default: phds-serve's bundled model)")
     ap.add_argument("--model-name", default="", help="model name in requests (default: from /v1/models)")
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     srv = None
     try:
         if args.url:
-            url, k_field = args.url.rstrip("/"), "body"
+            url = args.url.rstrip("/")
         else:
             port = server.free_port()
             srv = server.Server(server.command(port, args.model, args.serve_args.split()), port,
@@ -106,10 +106,8 @@ def main(argv=None) -> int:
             t0 = time.monotonic()
             srv.start()
             print(f"server healthy at {srv.url} after {time.monotonic() - t0:.0f} s", flush=True)
-            url, k_field = srv.url, "body" if server.have_phds_serve() else "xargs"
-        if args.k_field != "auto":
-            k_field = args.k_field
-        rc = run_locust(locust_cmd(args, url, prefix, k_field), timeout=seconds(args.run_time) + 180)
+            url = srv.url
+        rc = run_locust(locust_cmd(args, url, prefix, args.k_field), timeout=seconds(args.run_time) + 180)
     finally:
         if srv is not None:
             srv.stop()

@@ -5,7 +5,6 @@ engine-core and worker processes, and nothing is left behind when a test or `mak
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import socket
@@ -16,8 +15,6 @@ from pathlib import Path
 
 import requests
 
-REPO = Path(__file__).resolve().parent.parent
-BUNDLED_MODEL = REPO / "phds_serve" / "assets" / "tiny-olmoe"
 # vLLM on CPU: small KV-cache budget, no compile/graph capture (fast start, and declared k needs
 # eager mode on CPU), short context. Overridable by the caller's extra arguments (last flag wins).
 CPU_ARGS = ["--gpu-memory-utilization", "0.2", "--enforce-eager", "--max-model-len", "512"]
@@ -29,22 +26,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def have_phds_serve() -> bool:
-    try:
-        return importlib.util.find_spec("phds_serve.server.cli") is not None
-    except ModuleNotFoundError:
-        return False
-
-
 def command(port: int, model: str | None = None, extra: list[str] = ()) -> list[str]:
-    """phds-serve if it is installed, else plain vLLM (k via vllm_xargs only, no phds metrics)."""
-    where = ["--host", "127.0.0.1", "--port", str(port)]
-    if have_phds_serve():
-        model_args = ["--model", model] if model else []  # no --model: phds-serve's bundled model
-        return [sys.executable, "-m", "phds_serve.server.cli", *model_args, *where, *CPU_ARGS, *extra]
-    model = model or str(BUNDLED_MODEL)
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *where,
-            *CPU_ARGS, *extra]
+    """phds-serve on 127.0.0.1:port; no model: its bundled tiny model."""
+    model_args = ["--model", model] if model else []
+    return [sys.executable, "-m", "phds_serve.server.cli", *model_args, "--host", "127.0.0.1",
+            "--port", str(port), *CPU_ARGS, *extra]
 
 
 class Server:

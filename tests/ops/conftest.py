@@ -33,24 +33,12 @@ def need_tool(name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def model_dir(tmp_path_factory) -> str | None:
-    """None: phds-serve's bundled model. Before phds-serve lands, a tiny random OLMoE for plain vLLM."""
-    if server.have_phds_serve():
-        return None
-    if (server.BUNDLED_MODEL / "config.json").exists():
-        return str(server.BUNDLED_MODEL)
-    from .tiny_model import build
-    return str(build(tmp_path_factory.mktemp("tiny-olmoe")))
-
-
-@pytest.fixture(scope="session")
-def phds_server(model_dir, tmp_path_factory):
+def phds_server(tmp_path_factory):
+    """phds-serve on its bundled model with the test tiers."""
     port = server.free_port()
-    extra = []
-    if server.have_phds_serve():
-        extra = ["--tiers", ",".join(f"{t}={k}" for t, k in TIERS.items())]
+    tiers = ["--tiers", ",".join(f"{t}={k}" for t, k in TIERS.items())]
     log = tmp_path_factory.mktemp("server") / "server.log"
-    srv = server.Server(server.command(port, model_dir, extra), port, log)
+    srv = server.Server(server.command(port, None, tiers), port, log)
     srv.start(timeout=300)
     yield srv
     srv.stop()

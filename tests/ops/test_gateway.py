@@ -113,8 +113,6 @@ def test_gateway_rewrites_headers(tmp_path):
 
 @pytest.fixture
 def gateway(request, tmp_path):
-    if not server.have_phds_serve():
-        pytest.skip("phds-serve (phds_serve/server) is not installed yet: no tier header handling")
     phds_server = request.getfixturevalue("phds_server")
     with running_nginx(phds_server.port, tmp_path) as url:
         yield url

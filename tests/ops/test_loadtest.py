@@ -7,7 +7,7 @@ import sys
 
 from loadtest import summarize
 
-from .conftest import KS, REPO, TIERS, server
+from .conftest import KS, REPO, TIERS
 
 HEADER = ("Type,Name,Request Count,Failure Count,Median Response Time,Average Response Time,"
           "Min Response Time,Max Response Time,Average Content Size,Requests/s,Failures/s,"
@@ -20,12 +20,8 @@ def loadtest(url: str, out, *args: str, timeout: float = 150) -> subprocess.Comp
 
 
 def test_locust_reports_every_k_without_failures(phds_server, tmp_path):
-    args = ["--run-time", "30s", "--users", "4", "--k-mix", ",".join(f"{k}:1" for k in KS)]
-    if server.have_phds_serve():
-        args += ["--tier-mix", "fast:1"]  # also exercise the tier header
-    else:
-        args += ["--k-field", "xargs"]  # plain vLLM before phds-serve: k only via vllm_xargs
-    r = loadtest(phds_server.url, tmp_path, *args)
+    r = loadtest(phds_server.url, tmp_path, "--run-time", "30s", "--users", "4",
+                 "--k-mix", ",".join(f"{k}:1" for k in KS), "--tier-mix", "fast:1")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
     rows = {row["label"]: row for row in json.loads((tmp_path / "report_per_k.json").read_text())}
@@ -34,8 +30,7 @@ def test_locust_reports_every_k_without_failures(phds_server, tmp_path):
         assert row["requests"] >= 3 and row["failures"] == 0, row
         assert row["e2e_p50_ms"] > 0 and row["throughput_tok_s"] > 0
         assert row["ttft_p50_ms"] is not None and row["itl_mean_ms"] is not None  # streams happened
-    if server.have_phds_serve():
-        assert rows[f"tier=fast k={TIERS['fast']}"]["failures"] == 0
+    assert rows[f"tier=fast k={TIERS['fast']}"]["failures"] == 0
     stats = (tmp_path / "report_stats.csv").read_text()
     for metric in ("e2e", "ttft", "itl", "tok/s"):
         for k in KS:

@@ -19,9 +19,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import DEPLOY, KS, TIERS, need_tool, server
 
-pytestmark = pytest.mark.skipif(not server.have_phds_serve(),
-                                reason="phds-serve (phds_serve/server) is not installed yet: no phds metrics")
-
 DASHBOARD = json.loads((DEPLOY / "grafana" / "dashboards" / "phds-serve.json").read_text())
 # Dashboard variables -> what "All" selects; the rate window spans many 1 s scrapes.
 VARIABLES = {"$__rate_interval": "1m", "$k": ".*", "$tier": ".*", "$instance": ".*"}
