@@ -57,7 +57,7 @@ ROWS = [
     ("Latency per k", [
         ("End-to-end latency by k", "s", "p50 and p95 of request latency, from phds-serve's histogram.",
          quantiles("phds_request_latency_seconds")),
-        ("Time to first token by k", "s", "p50 and p95 of TTFT (streaming and non-streaming).",
+        ("Time to first token by k", "s", "p50 and p95 of TTFT (streaming requests only; the server does not observe it otherwise).",
          quantiles("phds_time_to_first_token_seconds")),
         ("Mean latency by k", "s", "Mean end-to-end latency: histogram sum over count.",
          [q(f"sum by (k) (rate(phds_request_latency_seconds_sum{{{SEL}}}[{RATE}]))"
