@@ -77,3 +77,19 @@ def test_multiproc_dir_is_created_once(monkeypatch):
     assert cli.os.environ["PROMETHEUS_MULTIPROC_DIR"] == path and cli.os.path.isdir(path)
     assert cli.ensure_multiproc_dir() == path
     cli.os.rmdir(path)
+
+
+def test_bundled_model_prefers_the_asset_else_builds_a_random_one(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    if (bundled_model.ASSET_DIR / "config.json").is_file():
+        assert bundled_model.bundled_model_path() == bundled_model.ASSET_DIR
+    monkeypatch.setattr(bundled_model, "ASSET_DIR", tmp_path / "no-asset")
+    path = bundled_model.bundled_model_path()
+    assert path == tmp_path / "cache" / "phds-serve" / bundled_model.FALLBACK_NAME
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    assert config.architectures == ["OlmoeForCausalLM"] and len(tok) <= config.vocab_size
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert bundled_model.bundled_model_path() == path  # cached: built once
