@@ -1,4 +1,4 @@
-"""Fixtures of the operations tests: one real phds-serve for the whole session, external tools.
+"""Fixtures of the operations tests: one real phds-serve for all of tests/ops, external tools.
 
 The server is started once (about 40 s on CPU) and shared by the load-test, Prometheus, dashboard and
 gateway tests. It listens on 127.0.0.1 on a free port and is killed with its process group at the end.
@@ -32,7 +32,9 @@ def need_tool(name: str) -> str:
     pytest.fail(f"{name} is missing: run `make install` (its ops-deps step installs it)")
 
 
-@pytest.fixture(scope="session")
+# Package scope: the server goes away when tests/ops is done instead of idling (an idle vLLM engine
+# still holds memory and polls) through the rest of the suite.
+@pytest.fixture(scope="package")
 def phds_server(tmp_path_factory):
     """phds-serve on its bundled model with the test tiers."""
     port = server.free_port()
