@@ -41,6 +41,7 @@ GENERATION_PATHS: dict[str, tuple[bool, bool]] = {
 }
 MODELS_PATH = "/v1/models"
 K_HEADER = "x-phds-k"
+TIER_HEADER = "x-phds-tier"  # response header, whatever request header names the tier
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 
@@ -218,7 +219,7 @@ class PhdsMiddleware:
         scope["headers"] = _with_headers(scope["headers"], {b"content-length": str(len(body)).encode()})
         k_headers = [(K_HEADER.encode(), str(prep.k).encode())]
         if prep.tier_name:
-            k_headers.append((config.tier_header.encode(), prep.tier_name.encode()))
+            k_headers.append((TIER_HEADER.encode(), prep.tier_name.encode()))
         tap = ResponseTap(prep.stream, prep.drop_usage_chunk)
         state: dict[str, Any] = {"status": None, "done": False, "disconnected": False}
 

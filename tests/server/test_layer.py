@@ -224,7 +224,7 @@ def test_http_k_reaches_vllm_xargs_with_headers(client):
 def test_http_tier_header_and_custom_header_name():
     with TestClient(make_app(phds_tier_header="X-Gateway-Tier")) as c:
         r = c.post("/v1/chat/completions", json={"messages": []}, headers={"x-gateway-tier": "balanced"})
-        assert r.headers["x-phds-k"] == "2" and r.headers["x-gateway-tier"] == "balanced"
+        assert r.headers["x-phds-k"] == "2" and r.headers["x-phds-tier"] == "balanced"
         r = c.post("/v1/chat/completions", json={"messages": []}, headers={"x-phds-tier": "fast"})
         assert r.headers["x-phds-k"] == "4"  # the default header is not consulted any more
 
