@@ -19,7 +19,8 @@ SCRIPT = textwrap.dedent(
     from phds_serve.declared_k import KPolicy
     from phds_serve.model_executor.layers.declared_k_moe import DeclaredKMoERunner
     from phds_serve.model_executor.step_k import STEP
-    from phds_serve.routing import declared_k_topk, moe_reference
+    from phds_serve.kernels.reference import moe_loop_reference as moe_reference
+    from phds_serve.routing import declared_k_topk
 
     torch.manual_seed(0)
     T, H, I, E = 9, 32, 16, 8

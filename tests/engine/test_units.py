@@ -8,7 +8,8 @@ import torch
 import transformers as tf
 
 from phds_serve.declared_k import InvalidK, KPolicy, parse_k
-from phds_serve.routing import declared_k_topk, moe_reference
+from phds_serve.kernels.reference import moe_loop_reference as moe_reference
+from phds_serve.routing import declared_k_topk
 from phds_serve.tiny import ARCHS, tiny_config
 
 
