@@ -30,8 +30,6 @@ def engine(tiny_checkpoints, metrics_dir):
     mp.setenv("PROMETHEUS_MULTIPROC_DIR", str(metrics_dir))
     mp.setenv("MALLOC_CHECK_", "3")
     mp.setenv("MALLOC_PERTURB_", "165")
-    # Decode steps (<= 8 tokens) take the padded single call, prefill chunks (64) the grouped one.
-    mp.setenv("PHDS_CPU_PAD_MAX_TOKENS", "32")
     try:
         with vllm_engine(
             tiny_checkpoints["olmoe"],

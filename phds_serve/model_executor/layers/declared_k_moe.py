@@ -17,7 +17,6 @@ exactly like the stock runner unless it was built inside a declared-k model
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 
 import torch
@@ -38,22 +37,6 @@ from phds_serve.model_executor.step_k import STEP, StepPlan
 from phds_serve.routing import declared_k_topk
 
 _BUILDING: KPolicy | None = None
-
-# CPU, steps that mix several k: "group" runs one expert-kernel call per k (each
-# token pays exactly its k); "pad" runs one call k_max wide where a token's unused
-# slots repeat its top expert at weight 0 (no new expert weights read: cheaper
-# for small, memory-bound decode steps). "auto" pads steps of at most
-# PHDS_CPU_PAD_MAX_TOKENS tokens. See docs/BENCHMARKS.md for the measurements.
-MIXED_K_STRATEGY = os.environ.get("PHDS_CPU_MIXED_K", "auto")
-PAD_MAX_TOKENS = int(os.environ.get("PHDS_CPU_PAD_MAX_TOKENS", "64"))
-if MIXED_K_STRATEGY not in ("auto", "group", "pad"):
-    raise ValueError(f"PHDS_CPU_MIXED_K must be auto, group or pad, got {MIXED_K_STRATEGY!r}")
-
-
-def pad_mixed_step(num_tokens: int) -> bool:
-    return MIXED_K_STRATEGY == "pad" or (
-        MIXED_K_STRATEGY == "auto" and num_tokens <= PAD_MAX_TOKENS
-    )
 
 
 @contextlib.contextmanager
@@ -171,13 +154,11 @@ class DeclaredKMoERunner(MoERunner):
     def _grouped_experts(
         self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, plan: StepPlan
     ) -> torch.Tensor:
-        """Expert compute that scales with each token's k; never an id of -1."""
+        """One expert-kernel call per distinct k, each with exactly k valid slots."""
         expert_metrics.record_layer_step(plan, ids)
         if len(plan.groups) == 1:
             k = plan.groups[0][0]
             return self._run_experts(x, weights[:, :k], ids[:, :k])
-        if pad_mixed_step(x.shape[0]):
-            return self._run_experts(x, weights, torch.where(ids >= 0, ids, ids[:, :1]))
         out = torch.empty_like(x)
         for k, rows in plan.groups:
             assert rows is not None
