@@ -127,20 +127,18 @@ class DeclaredKMoERunner(MoERunner):
             # A forward outside the declared-k model's forward (e.g. a warm-up):
             # every token at native k.
             plan = STEP.plan_forward(x.shape[0], None, x.device)
+        if self.backend == "triton":
+            from phds_serve.kernels import declared_k_topk_triton, fused_declared_k_moe
+
+            weights, ids = declared_k_topk_triton(
+                router_logits, plan.token_k, plan.k_max, self.renormalize
+            )
+            return fused_declared_k_moe(
+                x, self.routed_experts.w13_weight, self.routed_experts.w2_weight, weights, ids
+            )
         weights, ids = declared_k_topk(router_logits, plan.token_k, plan.k_max, self.renormalize)
         if self.backend == "cpu-grouped":
             return self._grouped_experts(x, weights, ids, plan)
-        if self.backend == "triton":
-            from phds_serve.kernels import fused_declared_k_moe
-
-            return fused_declared_k_moe(
-                x,
-                self.routed_experts.w13_weight,
-                self.routed_experts.w2_weight,
-                weights,
-                ids,
-                activation="silu",
-            )
         return self._full_width_experts(x, router_logits, weights, ids)
 
     def _run_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
