@@ -32,15 +32,6 @@ CPU_DEFAULTS = dict(
     served_model_name=[SERVED_NAME],
 )
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-)
-_SPECIALS = ["<|startoftext|>", "<|endoftext|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|system|>"]
-
-
 def cache_root() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
     return Path(base) / "phds-serve"
@@ -65,28 +56,11 @@ def _corpus() -> list[str]:
 
 
 def build_tokenizer(vocab_size: int = 512):
-    """Byte-level BPE trained offline on a few package sources, with a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """Byte-level BPE trained offline on a few package sources, with a chat template
+    (the same recipe as the bundled model's tokenizer)."""
+    from phds_serve.train.tokenizer import train_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=_SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=_SPECIALS[0],
-        eos_token=_SPECIALS[1],
-        pad_token=_SPECIALS[2],
-        chat_template=CHAT_TEMPLATE,
-        clean_up_tokenization_spaces=False,
-    )
+    return train_tokenizer(_corpus(), vocab_size)
 
 
 def _sharpen(weights: Path) -> None:
