@@ -15,11 +15,6 @@ from pathlib import Path
 
 import requests
 
-# vLLM on CPU: small KV-cache budget, no compile/graph capture (fast start, and declared k needs
-# eager mode on CPU), short context. Overridable by the caller's extra arguments (last flag wins).
-CPU_ARGS = ["--gpu-memory-utilization", "0.2", "--enforce-eager", "--max-model-len", "512"]
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -27,10 +22,11 @@ def free_port() -> int:
 
 
 def command(port: int, model: str | None = None, extra: list[str] = ()) -> list[str]:
-    """phds-serve on 127.0.0.1:port; no model: its bundled tiny model."""
+    """phds-serve on 127.0.0.1:port. No model: its bundled tiny model with phds-serve's own CPU
+    defaults (small KV cache, eager, short context); with a model, size it through `extra`."""
     model_args = ["--model", model] if model else []
     return [sys.executable, "-m", "phds_serve.server.cli", *model_args, "--host", "127.0.0.1",
-            "--port", str(port), *CPU_ARGS, *extra]
+            "--port", str(port), *extra]
 
 
 class Server:
