@@ -5,9 +5,12 @@ PIP := $(PY) -m pip
 # PyPI's torchvision/torchaudio/torchcodec break `import transformers` beside the CPU torch.
 BROKEN_BESIDE_CPU_TORCH := torchvision torchaudio torchcodec
 
-.PHONY: install serve test test-all bench tiny-model loadtest clean
+.PHONY: install test-tools serve test test-all bench tiny-model loadtest clean
 
-install: $(VENV)/.installed $(VENV)/.ops-deps
+install: $(VENV)/.installed
+
+# What the test suite needs beyond the package (tests/ops runs Prometheus, nginx, linters).
+test-tools: $(VENV)/.ops-deps
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,10 +33,10 @@ $(VENV)/.ops-deps: $(VENV)/.installed
 serve: install
 	$(VENV)/bin/phds-serve $(ARGS)
 
-test: install
+test: install test-tools
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-test-all: install
+test-all: install test-tools
 	$(PY) -m pytest -q -m "" $(PYTEST_ARGS)
 
 bench: install
