@@ -107,8 +107,33 @@ def main(argv: list[str] | None = None) -> int:
     write_json(out / "replication.json", summary)
     write_csv(out / "replication.csv", rows)
     plot_replication(out / "replication.png", summary)
+    (out / "replication.md").write_text(markdown(summary))
     log(f"wrote {out}/replication.json, .csv, .png")
     return 0
+
+
+def markdown(s: dict) -> str:
+    """Tables for docs/RESULTS.md: loss/accuracy per model and k, agreement with k_pre."""
+    ks, k_pre = s["ks"], s["k_pre"]
+    cell = {(r["model"], r["k"]): r for r in s["rows"]}
+    names = ["base"] + [f"oracle{k}" for k in ks] + ["phds"]
+    label = {"base": "(a) base, no SFT", "phds": f"(c) {s['phds_recipe']}",
+             **{f"oracle{k}": f"(b) Oracle{k} SFT" for k in ks}}
+    head = "| model | " + " | ".join(f"k={k}" for k in ks) + " |\n|---|" + "---|" * len(ks) + "\n"
+    loss = head + "".join(
+        f"| {label[n]} | " + " | ".join(
+            (f"**{cell[(n, k)]['loss']:.3f}**" if n == f"oracle{k}" else f"{cell[(n, k)]['loss']:.3f}")
+            for k in ks) + " |\n" for n in names)
+    acc = head + "".join(
+        f"| {label[n]} | " + " | ".join(f"{cell[(n, k)]['accuracy']:.4f}" for k in ks) + " |\n" for n in names)
+    i = ks.index(k_pre)
+    agree = head.replace("model", f"agreement with k={k_pre}") + "".join(
+        f"| {lab} | " + " | ".join(f"{s['agreement'][key][j][i]:.4f}" for j in range(len(ks))) + " |\n"
+        for key, lab in (("base", "(a) base: same checkpoint at k and k_pre"),
+                         ("oracles", f"(b) Oracle_k at k vs Oracle{k_pre} at {k_pre}"),
+                         ("phds", "(c) PHDS: same checkpoint at k and k_pre")))
+    return (f"Held-out loss (nats/token; bold = oracle at its own k):\n\n{loss}\n"
+            f"Next-token accuracy:\n\n{acc}\nCross-sparsity agreement (argmax next token):\n\n{agree}")
 
 
 def plot_replication(path: Path, s: dict) -> None:

@@ -22,15 +22,15 @@ from .phds_tiny_models import ARCHS, tiny_model
 PROBE = Path(__file__).with_name("vllm_load_probe.py")
 
 
-def _hf_greedy(model, prompt, k, n=8):
+def _hf_logprobs(model, prompt, k):
+    """log p(prompt[i] | prompt[:i]) for i >= 1 from transformers at k (the declared-k definition)."""
     from phds_serve.train.routing import set_k
 
     set_k(model, k)
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
-                             pad_token_id=0, eos_token_id=None)
+        logits = model(torch.tensor([prompt])).logits[0, :-1].float()
     set_k(model, model.config.num_experts_per_tok)
-    return out[0, len(prompt):].tolist()
+    return torch.log_softmax(logits, -1).gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
 
 
 def _check(arch, corpus_dir, tokenizer, tmp_path):
@@ -42,16 +42,19 @@ def _check(arch, corpus_dir, tokenizer, tmp_path):
     ckpt = save_checkpoint(model, tokenizer, tmp_path / arch, sched.to_dict(), "# card\n")
     model.eval()
     prompt = blocks[0, :12].tolist()
-    expected = {k: _hf_greedy(model, prompt, k) for k in (1, 4)}
+    expected = {k: _hf_logprobs(model, prompt, k) for k in (1, 4)}
     env = dict(os.environ, VLLM_WORKER_MULTIPROC_METHOD="spawn", OMP_NUM_THREADS="2")
     proc = subprocess.run([sys.executable, str(PROBE), str(ckpt), json.dumps(prompt), "1", "4"],
                           capture_output=True, text=True, timeout=600, env=env)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("PROBE ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    got = {int(k): v for k, v in json.loads(lines[-1][6:]).items()}
-    assert got[4] == expected[4], (got, expected)  # loads unchanged: native k matches transformers
-    assert expected[1] != expected[4], "test model too weak: k=1 and k=4 agree, k is not observable"
-    assert got[1] == expected[1], f"declared k=1 not applied (plugin missing?): {got} vs {expected}"
+    got = {int(k): torch.tensor(v["logprobs"]) for k, v in json.loads(lines[-1][6:]).items()}
+    # loads unchanged: at native k vLLM scores the prompt as transformers does
+    torch.testing.assert_close(got[4], expected[4], atol=2e-4, rtol=1e-4)
+    assert (expected[1] - expected[4]).abs().max() > 1e-3, "k=1 and k=4 indistinguishable in this model"
+    # declared k reaches the MoE layers (needs the phds-serve plugin; stock vLLM ignores extra_args k)
+    torch.testing.assert_close(got[1], expected[1], atol=2e-4, rtol=1e-4,
+                               msg=lambda m: f"declared k=1 not applied (plugin missing?): {m}")
 
 
 def test_checkpoint_loads_in_vllm_with_declared_k(corpus_dir, tokenizer, tmp_path):
