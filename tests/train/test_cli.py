@@ -46,7 +46,7 @@ def test_train_from_config_then_eval(corpus_dir, tokenizer, tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["num_experts_per_tok"] == 4
 
     ev = tmp_path / "eval"
-    assert eval_main(["--checkpoint", str(out), "--data", str(corpus_dir), "--heldout-frac", "0.2",
+    assert eval_main(["--checkpoint", str(out), "--data", str(corpus_dir), "--heldout-frac", "0",
                       "--block-size", "64", "--out", str(ev)]) == 0
     res = json.loads((ev / "results.json").read_text())
     assert res["ks"] == [1, 2, 3, 4] and res["rows"][-1]["agreement_with_reference"] == 1.0

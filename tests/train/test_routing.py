@@ -15,7 +15,7 @@ def test_set_k_matches_model_built_at_k(arch):
     ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(0))
     model = tiny_model(arch, 256).eval()
     assert len(find_routers(model)) == 2
-    for k in (1, 2, 3):
+    for k in (1, 3):
         set_k(model, k)
         assert current_k(model) == k
         at_k = tiny_model(arch, 256, native_k=k).eval()  # same seed: same weights
