@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="1 is fastest on a busy 2-core machine")
     p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--pretrain-steps", type=int, default=400)
+    p.add_argument("--pretrain-steps", type=int, default=1200)
     p.add_argument("--pretrain-lr", type=float, default=3e-3)
     p.add_argument("--phds-steps", type=int, default=120)
     p.add_argument("--phds-lr", type=float, default=5e-4)
