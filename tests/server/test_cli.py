@@ -72,7 +72,9 @@ def test_plugin_disabled_allows_only_the_native_k(model_dir, monkeypatch):
 
 
 def test_multiproc_dir_is_created_once(monkeypatch):
-    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    # setenv (not delenv) so that monkeypatch restores the variable's absence afterwards:
+    # a leaked path to the removed dir broke every later engine's prometheus_client.
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "")
     path = cli.ensure_multiproc_dir()
     assert cli.os.environ["PROMETHEUS_MULTIPROC_DIR"] == path and cli.os.path.isdir(path)
     assert cli.ensure_multiproc_dir() == path
