@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from vllm.v1.sample.logits_processor import (
@@ -45,6 +46,20 @@ class StepPlan:
     real: bool = True
 
 
+def expand_slot_k(
+    slot_k: np.ndarray,
+    idx_mapping: np.ndarray,
+    num_scheduled_tokens: np.ndarray,
+    num_tokens: int,
+    num_tokens_padded: int,
+) -> np.ndarray:
+    """Token k in batch order: each row's slot k repeated over its scheduled tokens;
+    padding tokens at k=1 (their output is never read, so the cheapest k)."""
+    out = np.ones(num_tokens_padded, dtype=np.int64)
+    out[:num_tokens] = np.repeat(slot_k[idx_mapping], num_scheduled_tokens)[:num_tokens]
+    return out
+
+
 class StepK:
     """Process-global declared-k state of one model worker."""
 
@@ -61,15 +76,17 @@ class StepK:
         self.row_k = []
         self.plan = None
 
-    def set_row(self, row: int, k: int) -> None:
+    def _cover(self, row: int) -> None:
+        """Grow row -> k to include ``row`` (0 = no request known there yet)."""
         if row >= len(self.row_k):
             self.row_k.extend([0] * (row + 1 - len(self.row_k)))
+
+    def set_row(self, row: int, k: int) -> None:
+        self._cover(row)
         self.row_k[row] = k
 
     def move_row(self, src: int, dst: int, swap: bool) -> None:
-        hi = max(src, dst)
-        if hi >= len(self.row_k):
-            self.row_k.extend([0] * (hi + 1 - len(self.row_k)))
+        self._cover(max(src, dst))
         if swap:
             self.row_k[src], self.row_k[dst] = self.row_k[dst], self.row_k[src]
         else:
@@ -86,16 +103,17 @@ class StepK:
         assert self.policy is not None, "declared-k model not configured"
         native = self.policy.native_k
         if tokens_per_row is None:
-            per_token = [native] * num_tokens
+            per_token = np.full(num_tokens, native, dtype=np.int64)
         else:
-            per_token = []
-            for row, n in enumerate(tokens_per_row):
-                k = self.row_k[row] if row < len(self.row_k) and self.row_k[row] else native
-                per_token.extend([k] * n)
-            # Padding tokens (if any) are never read back: run them at the cheapest k.
-            per_token.extend([1] * (num_tokens - len(per_token)))
-        token_k = torch.tensor(per_token[:num_tokens], dtype=torch.int64)
-        distinct = sorted(set(per_token[:num_tokens]))
+            rows = len(tokens_per_row)
+            row_k = np.array((self.row_k + [0] * rows)[:rows], dtype=np.int64)
+            row_k[row_k == 0] = native
+            scheduled = min(sum(tokens_per_row), num_tokens)  # the rest is padding
+            per_token = expand_slot_k(
+                row_k, np.arange(rows), np.array(tokens_per_row), scheduled, num_tokens
+            )
+        token_k = torch.from_numpy(per_token)
+        distinct = np.unique(per_token).tolist()
         if len(distinct) <= 1:
             groups = [(distinct[0], None)] if distinct else [(native, None)]
         else:

@@ -17,21 +17,7 @@ import torch
 from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 
 from phds_serve.model_executor import expert_metrics
-from phds_serve.model_executor.step_k import STEP, StepPlan, _row_k
-
-
-def expand_slot_k(
-    slot_k: np.ndarray,
-    idx_mapping: np.ndarray,
-    num_scheduled_tokens: np.ndarray,
-    num_tokens: int,
-    num_tokens_padded: int,
-) -> np.ndarray:
-    """Token k in batch order: each row's slot k repeated over its scheduled tokens;
-    padding tokens at k=1 (their output is never read)."""
-    out = np.ones(num_tokens_padded, dtype=np.int64)
-    out[:num_tokens] = np.repeat(slot_k[idx_mapping], num_scheduled_tokens)[:num_tokens]
-    return out
+from phds_serve.model_executor.step_k import STEP, StepPlan, _row_k, expand_slot_k
 
 
 class DeclaredKModelState(DefaultModelState):

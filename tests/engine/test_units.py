@@ -104,7 +104,7 @@ def test_step_plan_groups_tokens_by_row_k():
 
 # -- V2 (GPU runner) wiring, checked without a GPU -----------------------------
 def test_v2_token_k_expansion():
-    from phds_serve.model_executor.v2_state import expand_slot_k
+    from phds_serve.model_executor.step_k import expand_slot_k
 
     slot_k = np.array([4, 1, 2, 3])
     out = expand_slot_k(slot_k, np.array([2, 0, 1]), np.array([3, 1, 2]), 6, 8)
