@@ -32,13 +32,84 @@ def parse_k(value: Any) -> int:
     return value
 
 
+# Where each family's config keeps its routed top-k and its expert count
+# (first match wins; "a.b" is a nested attribute, e.g. DBRX's ffn_config).
+K_CONFIG_ATTRS = (
+    "num_experts_per_tok",  # most families
+    "moe_k",  # ERNIE 4.5
+    "moe_topk",  # Hunyuan
+    "top_k_experts",  # Gemma 4
+    "ffn_config.moe_top_k",  # DBRX
+)
+EXPERTS_CONFIG_ATTRS = (
+    "num_experts",
+    "num_local_experts",
+    "n_routed_experts",
+    "moe_num_experts",
+    "ffn_config.moe_num_experts",
+)
+
+
+def text_config(hf_config: Any) -> Any:
+    """The config that describes the language model (multimodal wrappers nest it)."""
+    get = getattr(hf_config, "get_text_config", None)
+    return get() if callable(get) else hf_config
+
+
+def _lookup(config: Any, dotted: str) -> tuple[Any, str] | None:
+    *parents, leaf = dotted.split(".")
+    for name in parents:
+        config = getattr(config, name, None)
+        if config is None:
+            return None
+    if isinstance(config, dict):
+        return None
+    return (config, leaf) if getattr(config, leaf, None) is not None else None
+
+
+def _single_int(value: Any, what: str) -> int:
+    """A per-layer list is accepted when all layers agree (Hunyuan writes lists)."""
+    if isinstance(value, (list, tuple)):
+        if not value or len(set(value)) != 1:
+            raise ValueError(f"{what} differs between layers ({value!r}): one k per model expected")
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    return value
+
+
+def k_config_attr(hf_config: Any) -> str:
+    """Dotted name of the attribute holding the routed top-k in this (text) config."""
+    config = text_config(hf_config)
+    for dotted in K_CONFIG_ATTRS:
+        if _lookup(config, dotted) is not None:
+            return dotted
+    raise ValueError(f"{type(config).__name__} names no routed top-k")
+
+
+def native_k_of(hf_config: Any) -> int:
+    """The checkpoint's own k, under whichever name the family uses."""
+    dotted = k_config_attr(hf_config)
+    owner, leaf = _lookup(text_config(hf_config), dotted)  # type: ignore[misc]
+    return _single_int(getattr(owner, leaf), dotted)
+
+
+def set_k(hf_config: Any, k: int) -> None:
+    """Set the routed top-k in place: the transformers reference at declared k."""
+    dotted = k_config_attr(hf_config)
+    owner, leaf = _lookup(text_config(hf_config), dotted)  # type: ignore[misc]
+    current = getattr(owner, leaf)
+    setattr(owner, leaf, [k] * len(current) if isinstance(current, (list, tuple)) else k)
+
+
 def num_routed_experts(hf_config: Any) -> int:
     """Number of routed experts, under whichever name the architecture uses."""
-    for name in ("num_experts", "num_local_experts", "n_routed_experts"):
-        value = getattr(hf_config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    raise ValueError(f"{type(hf_config).__name__} names no routed expert count")
+    config = text_config(hf_config)
+    for dotted in EXPERTS_CONFIG_ATTRS:
+        found = _lookup(config, dotted)
+        if found is not None:
+            return _single_int(getattr(*found), dotted)
+    raise ValueError(f"{type(config).__name__} names no routed expert count")
 
 
 @dataclass(frozen=True)
@@ -68,7 +139,7 @@ class KPolicy:
         if max_k is None:
             max_k = getattr(hf_config, MAX_K_CONFIG_ATTR, None) or 0
         return cls(
-            native_k=int(hf_config.num_experts_per_tok),
+            native_k=native_k_of(hf_config),
             num_experts=num_routed_experts(hf_config),
             max_k=int(max_k),
         )
@@ -97,4 +168,48 @@ class KPolicy:
         """The k a request runs at: its declared k, else the native k."""
         if not extra_args or K_FIELD not in extra_args:
             return self.native_k
+        return self.validate(extra_args[K_FIELD])
+
+
+@dataclass(frozen=True)
+class KContract:
+    """What one served model promises about k: declared (every k of the policy runs
+    exactly) or not (only the native k runs, and ``reason`` says why)."""
+
+    policy: KPolicy
+    declared: bool
+    reason: str | None = None  # why k is not declared; None when it is
+
+    def __post_init__(self) -> None:
+        if not self.declared and not self.reason:
+            raise ValueError("a model that does not declare k must say why")
+
+    @property
+    def allowed(self) -> list[int]:
+        return list(self.policy.allowed) if self.declared else [self.policy.native_k]
+
+    def describe(self) -> str:
+        if self.declared:
+            return self.policy.describe()
+        return (
+            f"this model serves only its native k {self.policy.native_k}: "
+            f"declared k is unavailable ({self.reason})"
+        )
+
+    def validate(self, value: Any) -> int:
+        """Return value as a k this model really runs, or raise InvalidK naming why not."""
+        if self.declared:
+            return self.policy.validate(value)
+        try:
+            k = parse_k(value)
+        except InvalidK as exc:
+            raise InvalidK(f"{exc}; {self.describe()}") from None
+        if k != self.policy.native_k:
+            raise InvalidK(f"k={k} is not available; {self.describe()}")
+        return k
+
+    def resolve(self, extra_args: Mapping[str, Any] | None) -> int:
+        """The k a request runs at: its declared k, else the native k."""
+        if not extra_args or K_FIELD not in extra_args:
+            return self.policy.native_k
         return self.validate(extra_args[K_FIELD])
