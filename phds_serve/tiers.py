@@ -1,17 +1,21 @@
 """Latency tiers: operator-named k levels a gateway can pick with one header.
 
-A tier maps a name (``fast``) to a k and optionally to a vLLM scheduling
-priority (lower runs earlier; needs ``--scheduling-policy priority``).
-Which k a request runs at is decided here, once, by this precedence:
+A tier maps a name (``fast``) to a nominal k, optionally the lowest k the
+operator accepts under load (a *range*, ``balanced=4..2``: the brownout
+controller may lower the tier's k down to 2 while latency objectives are
+missed), and optionally a vLLM scheduling priority (lower runs earlier; needs
+``--scheduling-policy priority``). Which k a request runs at is decided here,
+once, at admission, by this precedence:
 
-1. an explicit ``k`` in the request,
-2. else the tier named in the tier header,
+1. an explicit ``k`` in the request (never changed by the server),
+2. else the request's tier: its nominal k, lowered by the brownout level
+   but never below the tier's lowest k,
 3. else the server's ``--default-k``,
 4. else the checkpoint's native k.
 
 With *binding* tiers the tier is a ceiling, not a default: an explicit k
-above the tier's k is rejected (never clamped). Everything in this module is
-pure so the policy can be unit-tested without a server.
+above the tier's nominal k is rejected (never clamped). Everything in this
+module is pure so the policy can be unit-tested without a server.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -39,14 +43,43 @@ class TierBindingError(TierRequestError):
 @dataclass(frozen=True)
 class Tier:
     name: str
-    k: int
+    k: int  # nominal k
     priority: int | None = None  # None: leave the request's own priority alone
+    min_k: int | None = None  # lowest k under brownout; None: the tier's k is fixed
+
+    def __post_init__(self) -> None:
+        if self.min_k is None:
+            object.__setattr__(self, "min_k", self.k)
+
+    @property
+    def lowest_k(self) -> int:
+        assert self.min_k is not None
+        return self.min_k
+
+    @property
+    def elastic(self) -> bool:
+        """Whether brownout may lower this tier's k."""
+        return self.lowest_k < self.k
+
+    @property
+    def rungs(self) -> int:
+        """How many brownout levels change this tier's k."""
+        return self.k - self.lowest_k
+
+    def k_at(self, level: int) -> int:
+        """The tier's k at a brownout level: one rung (k - 1) per level, floored at the lowest k."""
+        return max(self.lowest_k, self.k - max(0, level))
 
     def as_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"k": self.k}
+        if self.elastic:
+            out["min_k"] = self.lowest_k
         if self.priority is not None:
             out["priority"] = self.priority
         return out
+
+    def describe(self) -> str:
+        return f"{self.name} (k={self.k}..{self.lowest_k})" if self.elastic else f"{self.name} (k={self.k})"
 
 
 @dataclass(frozen=True)
@@ -56,10 +89,21 @@ class Resolution:
     k: int
     source: str  # "request" | "tier" | "default" | "native"
     tier: Tier | None = None
+    nominal_k: int | None = None  # the k before brownout (None: same as k)
+    level: int = 0  # brownout level at admission (tier requests only; explicit k never sees one)
+
+    def __post_init__(self) -> None:
+        if self.nominal_k is None:
+            object.__setattr__(self, "nominal_k", self.k)
 
     @property
     def priority(self) -> int | None:
         return self.tier.priority if self.tier else None
+
+    @property
+    def browned_out(self) -> bool:
+        """Served below its nominal k because of load."""
+        return self.k < (self.nominal_k or self.k)
 
 
 @dataclass(frozen=True)
@@ -75,9 +119,14 @@ class TierTable:
     def describe(self) -> str:
         if not self.tiers:
             return "no tiers are configured"
-        return "configured tiers: " + ", ".join(
-            f"{n} (k={self.tiers[n].k})" for n in self.names()
-        )
+        return "configured tiers: " + ", ".join(self.tiers[n].describe() for n in self.names())
+
+    def max_rungs(self) -> int:
+        """The highest brownout level that still changes some tier's k."""
+        return max((t.rungs for t in self.tiers.values()), default=0)
+
+    def has_ranges(self) -> bool:
+        return self.max_rungs() > 0
 
     def lookup(self, name: str) -> Tier:
         tier = self.tiers.get(name.strip().lower())
@@ -100,24 +149,47 @@ def _int(value: Any, what: str) -> int:
     return value
 
 
+_RANGE = re.compile(r"^\s*([+-]?\d+)\s*\.\.\s*([+-]?\d+)\s*$")
+
+
+def _k_range(value: Any, name: str) -> tuple[int, int | None]:
+    """``4`` -> (4, None); ``"4..2"`` -> (4, 2): nominal k, then the lowest k."""
+    if isinstance(value, str) and ".." in value:
+        m = _RANGE.match(value)
+        if not m:
+            raise TierConfigError(f"tier {name!r}: bad k range {value!r} (nominal..lowest, e.g. 4..2)")
+        return int(m.group(1)), int(m.group(2))
+    return _int(value, f"tier {name!r} k"), None
+
+
 def _tier(name: Any, spec: Any) -> Tier:
     if not isinstance(name, str) or not _NAME.match(name.strip()):
         raise TierConfigError(f"bad tier name {name!r} (letters, digits, _ . -)")
     name = name.strip().lower()
+    min_k: int | None = None
     if isinstance(spec, Mapping):
-        unknown = set(spec) - {"k", "priority"}
+        unknown = set(spec) - {"k", "min_k", "priority"}
         if unknown:
             raise TierConfigError(f"tier {name!r}: unknown keys {sorted(unknown)}")
         if "k" not in spec:
             raise TierConfigError(f"tier {name!r} needs a k")
-        k = _int(spec["k"], f"tier {name!r} k")
+        k, min_k = _k_range(spec["k"], name)
+        if "min_k" in spec:
+            if min_k is not None:
+                raise TierConfigError(f"tier {name!r}: give the lowest k once (a k range or min_k)")
+            min_k = _int(spec["min_k"], f"tier {name!r} min_k")
         prio = spec.get("priority")
         priority = None if prio is None else _int(prio, f"tier {name!r} priority")
     else:
-        k, priority = _int(spec, f"tier {name!r} k"), None
+        (k, min_k), priority = _k_range(spec, name), None
     if k < 1:
         raise TierConfigError(f"tier {name!r}: k must be >= 1, got {k}")
-    return Tier(name, k, priority)
+    if min_k is not None and not 1 <= min_k <= k:
+        raise TierConfigError(
+            f"tier {name!r}: the lowest k ({min_k}) must be from 1 to the nominal k ({k}); "
+            "a range is written nominal..lowest, e.g. 4..2"
+        )
+    return Tier(name, k, priority, min_k)
 
 
 def _table(items: list[Tier]) -> TierTable:
@@ -132,14 +204,14 @@ def _table(items: list[Tier]) -> TierTable:
 
 
 def parse_tier_spec(spec: str) -> TierTable:
-    """Parse ``fast=1:priority=-10,balanced=2,quality=4``."""
+    """Parse ``fast=1:priority=-10,balanced=4..2,quality=8..6`` (``nominal..lowest`` is a range)."""
     items = []
     for part in (p.strip() for p in spec.split(",")):
         if not part:
             continue
         name, eq, rest = part.partition("=")
         if not eq:
-            raise TierConfigError(f"tier {part!r} must look like name=k[:priority=P]")
+            raise TierConfigError(f"tier {part!r} must look like name=k[..lowest_k][:priority=P]")
         k_text, *opts = rest.split(":")
         entry: dict[str, Any] = {"k": k_text}
         for opt in opts:
@@ -152,7 +224,8 @@ def parse_tier_spec(spec: str) -> TierTable:
 
 
 def parse_tier_yaml(text: str) -> TierTable:
-    """Parse YAML: ``{tiers: {fast: {k: 1, priority: -10}, quality: 4}}`` (``tiers:`` optional)."""
+    """Parse YAML: ``{tiers: {fast: {k: 1, priority: -10}, balanced: {k: 4, min_k: 2}, quality: "8..6"}}``
+    (``tiers:`` optional; a list of ``{name: ..., k: ...}`` also works)."""
     import yaml
 
     data = yaml.safe_load(text)
@@ -166,7 +239,7 @@ def parse_tier_yaml(text: str) -> TierTable:
             items.append(_tier(entry["name"], {k: v for k, v in entry.items() if k != "name"}))
         return _table(items)
     if not isinstance(data, Mapping) or not data:
-        raise TierConfigError("tier YAML must map tier names to k or {k, priority}")
+        raise TierConfigError("tier YAML must map tier names to k, \"k..lowest\" or {k, min_k, priority}")
     return _table([_tier(name, spec) for name, spec in data.items()])
 
 
@@ -183,14 +256,16 @@ def load_tiers(value: str | None) -> TierTable:
     return parse_tier_spec(value)
 
 
-def check_tiers(table: TierTable, allowed: range) -> None:
-    """Startup check: every tier's k must be servable by the model."""
+def check_tiers(table: TierTable, allowed: Sequence[int], why: str = "widen with --max-k") -> None:
+    """Startup check: every k a tier can run at (nominal to lowest) must be servable by the model."""
+    allowed = list(allowed)
+    shown = f"{min(allowed)}..{max(allowed)}" if allowed == list(range(min(allowed), max(allowed) + 1)) else str(allowed)
     for tier in table.tiers.values():
-        if tier.k not in allowed:
-            raise TierConfigError(
-                f"tier {tier.name!r} has k={tier.k}, outside the model's allowed k "
-                f"{allowed.start}..{allowed.stop - 1} (widen with --max-k)"
-            )
+        for k in (tier.k, tier.lowest_k):
+            if k not in allowed:
+                raise TierConfigError(
+                    f"tier {tier.name!r} has k={k}, outside the model's allowed k {shown} ({why})"
+                )
 
 
 def resolve(
@@ -200,11 +275,14 @@ def resolve(
     native_k: int,
     default_k: int | None = None,
     binding: bool = False,
+    level: int = 0,
 ) -> Resolution:
     """Pick the k of a request (explicit > tier > default > native).
 
-    ``explicit_k`` must already be a validated k. Raises TierRequestError for
-    an unknown tier or, with binding tiers, an explicit k above the tier's.
+    ``explicit_k`` must already be a validated k. ``level`` is the brownout
+    level at admission: it lowers only a tier's k, within the tier's range.
+    Raises TierRequestError for an unknown tier or, with binding tiers, an
+    explicit k above the tier's nominal k.
     """
     tier = table.lookup(tier_name) if tier_name and tier_name.strip() else None
     if explicit_k is not None:
@@ -215,7 +293,8 @@ def resolve(
             )
         return Resolution(explicit_k, "request", tier)
     if tier is not None:
-        return Resolution(tier.k, "tier", tier)
+        k = tier.k_at(level)
+        return Resolution(k, "tier", tier, nominal_k=tier.k, level=max(0, level))
     if default_k is not None:
         return Resolution(default_k, "default")
     return Resolution(native_k, "native")

@@ -22,15 +22,20 @@ FALLBACK_NAME = "tiny-olmoe-random-v3"
 LM_HEAD_SCALE = 40.0
 EXPERT_SCALE = 8.0
 
-# Settings that fit the tiny model on a 2-core CPU box (applied only to flags
-# the user did not set).
-CPU_DEFAULTS = dict(
+# On a CPU platform, for any model (applied only to flags the user did not set):
+# vLLM's default memory fraction (0.92 of the NUMA node) fails whenever anything
+# else holds memory, and graph compilation on CPU is slow for no gain here.
+CPU_SAFE_DEFAULTS = dict(
     gpu_memory_utilization=0.2,
-    max_model_len=512,
     enforce_eager=True,
+)
+# Plus, for the bundled tiny model: its context, its precision, its name.
+BUNDLED_DEFAULTS = dict(
+    max_model_len=512,
     dtype="float32",
     served_model_name=[SERVED_NAME],
 )
+CPU_DEFAULTS = {**CPU_SAFE_DEFAULTS, **BUNDLED_DEFAULTS}
 
 def cache_root() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")

@@ -2,7 +2,9 @@
 
 All of vLLM's flags pass through (its own parser and its own ``serve``
 command run the server); ours are added in one group. With no model given it
-serves the bundled tiny OLMoE with CPU-sized defaults.
+serves the bundled tiny OLMoE with CPU-sized defaults; on a CPU platform any
+model gets the CPU-safe subset of them (memory fraction, eager mode). Flags the
+user gives always win.
 
 Order matters: ``PROMETHEUS_MULTIPROC_DIR`` must be set before vLLM or
 prometheus_client are imported anywhere (prometheus_client picks its value
@@ -49,8 +51,9 @@ def add_phds_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--tiers", dest="phds_tiers", default=None,
-        help="Tier table: 'fast=1,balanced=2,quality=4' (optionally 'fast=1:priority=-10') "
-        "or a YAML file path ({tiers: {fast: {k: 1, priority: -10}, quality: 4}}).",
+        help="Tier table: 'fast=1,balanced=4..2,quality=8..6' (nominal..lowest k: a range brownout "
+        "may lower the tier's k within; optionally ':priority=-10') or a YAML file path "
+        "({tiers: {fast: {k: 1, priority: -10}, balanced: {k: 4, min_k: 2}}}).",
     )
     group.add_argument(
         "--tier-header", dest="phds_tier_header", default="x-phds-tier",
@@ -69,6 +72,39 @@ def add_phds_args(parser: argparse.ArgumentParser) -> None:
         "--default-k", dest="phds_default_k", type=int, default=None,
         help="k of requests that name neither k nor a tier (default: the native k).",
     )
+    brownout = parser.add_argument_group(
+        "phds-serve brownout (elastic k under load)",
+        "Off unless a latency objective is set. While objectives are missed the server lowers the "
+        "k of tiers with a range (one k per level, never below the tier's lowest k); explicit k "
+        "is never changed; k is chosen once, at admission.",
+    )
+    brownout.add_argument("--slo-ttft-ms", dest="phds_slo_ttft_ms", type=float, default=None,
+                          help="Time-to-first-token objective (milliseconds, at --slo-quantile).")
+    brownout.add_argument("--slo-itl-ms", dest="phds_slo_itl_ms", type=float, default=None,
+                          help="Inter-token latency objective (milliseconds, at --slo-quantile).")
+    brownout.add_argument("--slo-quantile", dest="phds_slo_quantile", type=float, default=0.9,
+                          help="Quantile the objectives apply to (default 0.9).")
+    brownout.add_argument("--brownout-interval-ms", dest="phds_brownout_interval_ms", type=float,
+                          default=500.0, help="Controller tick (default 500 ms).")
+    brownout.add_argument("--brownout-window-ms", dest="phds_brownout_window_ms", type=float,
+                          default=2000.0, help="Latency samples of the last this many ms count (default 2000).")
+    brownout.add_argument("--brownout-down-after", dest="phds_brownout_down_after", type=int, default=10,
+                          help="Ticks of headroom before k goes back up one step (default 10).")
+    trust = parser.add_argument_group(
+        "phds-serve tier trust",
+        "Tier headers are honoured only from the gateway (shared secret or trusted proxy address; "
+        "with neither configured: loopback clients only) or from an API key mapped to a tier.",
+    )
+    trust.add_argument("--tier-secret", dest="phds_tier_secret", default=None,
+                       help="Shared secret the gateway sends (default: $PHDS_TIER_SECRET); >= 16 characters.")
+    trust.add_argument("--tier-secret-header", dest="phds_tier_secret_header", default="x-phds-gateway-secret",
+                       help="Header carrying the gateway's secret (default: x-phds-gateway-secret).")
+    trust.add_argument("--trusted-proxies", dest="phds_trusted_proxies", default=None,
+                       help="Addresses/networks whose tier headers are trusted, e.g. '10.0.0.0/8,127.0.0.1'.")
+    trust.add_argument("--api-key-tiers", dest="phds_api_key_tiers", default=None,
+                       help="API key -> tier: 'KEY=fast,KEY2=quality' or a YAML file ({keys: {KEY: tier}}).")
+    trust.add_argument("--untrusted-tier", dest="phds_untrusted_tier", choices=["reject", "ignore"],
+                       default="reject", help="An untrusted tier header: HTTP 400 (reject, default) or dropped.")
 
 
 def build_parser():
@@ -85,15 +121,27 @@ def build_parser():
     return parser
 
 
+def on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    """vLLM's parse, plus the bundled-model defaults when no model was named."""
+    """vLLM's parse, plus our defaults: the bundled model's when no model was named,
+    the CPU-safe ones on a CPU platform. Defaults never override a flag the user gave."""
+    from phds_serve.server.bundled_model import BUNDLED_DEFAULTS, CPU_SAFE_DEFAULTS, bundled_model_path
+
     parser = build_parser()
     parser.set_defaults(model=_NO_MODEL)
     args = parser.parse_args(argv)
+    defaults: dict[str, Any] = {}
+    if on_cpu():
+        defaults.update(CPU_SAFE_DEFAULTS)
     if args.model_tag is None and args.model == _NO_MODEL:
-        from phds_serve.server.bundled_model import CPU_DEFAULTS, bundled_model_path
-
-        parser.set_defaults(model=str(bundled_model_path()), **CPU_DEFAULTS)
+        defaults.update(model=str(bundled_model_path()), **CPU_SAFE_DEFAULTS, **BUNDLED_DEFAULTS)
+    if defaults:
+        parser.set_defaults(**defaults)
         args = parser.parse_args(argv)
     if args.model_tag is not None:
         args.model = args.model_tag
@@ -120,15 +168,18 @@ def _hf_config(args: argparse.Namespace) -> Any | None:
 
 
 def finalize(args: argparse.Namespace) -> None:
-    """Validate our options against the model and wire the layer into vLLM's args."""
-    from phds_serve.server.layer_config import config_from
+    """Validate our options against the model and wire the layer into vLLM's args.
+
+    The engine's k contract does not exist yet here; the layer checks the
+    options against it again when the server starts (and refuses to start)."""
+    from phds_serve.server.layer_config import precheck
 
     if args.phds_max_k is not None:
         overrides = args.hf_overrides if isinstance(args.hf_overrides, dict) else {}
         args.hf_overrides = {**overrides, "phds_max_k": args.phds_max_k}
     hf_config = _hf_config(args)
     if hf_config is not None:
-        config_from(args, hf_config)  # raises ValueError with the reason
+        precheck(args, hf_config)  # raises ValueError with the reason
     if MIDDLEWARE not in args.middleware:
         args.middleware = [*args.middleware, MIDDLEWARE]
 

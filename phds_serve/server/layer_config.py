@@ -1,84 +1,182 @@
-"""The layer's configuration: our CLI options plus the served model's k policy.
+"""The layer's configuration: our CLI options plus the engine's k contract.
 
-The k policy comes from the model's HF config exactly as the engine plugin
-reads it (``KPolicy.from_hf_config``; ``--max-k`` reaches the engine as
-``hf_overrides={"phds_max_k": N}``), so server and engine agree on which k
-exist. When declared k is not active in the engine (``PHDS_DISABLE=1`` or an
-architecture the plugin does not cover), only the native k is allowed: any
-other k would silently run at the native k.
+Which k the engine really applies is decided by the engine plugin, from the
+whole engine configuration, in the process that builds it (for phds-serve the
+API-server process): ``phds_serve.model_executor.admission.frontend_contract()``.
+The layer reads that contract once the engine client exists and never guesses
+from the architecture name: with ``--model-impl transformers``, an architecture
+the plugin does not cover, or ``PHDS_DISABLE=1``, the contract says only the
+native k runs and why, and ``/v1/models`` advertises exactly that.
+
+``phds-serve``'s start-up pre-check (:func:`precheck`) runs before any engine
+exists, so it checks only what does not depend on the contract.
 """
 
 from __future__ import annotations
 
+import os
 from argparse import Namespace
 from typing import Any
 
-from phds_serve.declared_k import KPolicy
+from phds_serve.declared_k import KContract, KPolicy
+from phds_serve.server.brownout import Objectives
 from phds_serve.server.request_k import LayerConfig
-from phds_serve.tiers import TierConfigError, check_tiers, load_tiers
+from phds_serve.server.trust import TrustConfig, parse_key_tiers, parse_networks
+from phds_serve.tiers import TierConfigError, TierTable, check_tiers, load_tiers
+
+NO_PLUGIN_REASON = (
+    "the declared-k engine plugin did not configure this engine "
+    "(PHDS_DISABLE is set, or vLLM did not load the phds_declared_k plugin)"
+)
 
 
-def engine_declares_k(hf_config: Any) -> bool:
-    from phds_serve.model_executor import plugin_enabled
+def _plugin_enabled() -> bool:
+    return os.environ.get("PHDS_DISABLE", "0").lower() in ("", "0", "false", "no")
+
+
+def engine_contract(hf_config: Any) -> KContract:
+    """The engine's k contract (from the plugin's config hook), never a guess.
+
+    The hook sets it while vLLM builds the engine config in this process. No
+    contract means the plugin did not run: only the native k is real then.
+    """
+    contract = None
+    try:
+        from phds_serve.model_executor.admission import frontend_contract
+    except ImportError:  # an engine side without the contract API
+        frontend_contract = None
+    if frontend_contract is not None:
+        contract = frontend_contract()
+    if contract is not None:
+        return contract
+    policy = KPolicy.from_hf_config(hf_config)  # ValueError: not a MoE model
+    if frontend_contract is None and _plugin_enabled():
+        return _legacy_contract(hf_config, policy)
+    return KContract(policy, False, NO_PLUGIN_REASON)
+
+
+def _legacy_contract(hf_config: Any, policy: KPolicy) -> KContract:
+    """Before the engine exposed its contract: declared iff the plugin replaced the model class."""
     from phds_serve.model_executor.models import DECLARED_K_MODELS
 
     archs = getattr(hf_config, "architectures", None) or []
-    return plugin_enabled() and any(a in DECLARED_K_MODELS for a in archs)
+    if any(a in DECLARED_K_MODELS for a in archs):
+        return KContract(policy, True)
+    return KContract(policy, False, f"{archs} is not an architecture phds-serve declares k for")
 
 
-def policy_for(hf_config: Any, max_k: int | None, declared: bool) -> KPolicy:
-    if not declared and max_k not in (None, 0):
-        raise TierConfigError(
-            "--max-k needs declared k in the engine (the model's architecture is not "
-            "covered, or PHDS_DISABLE is set)"
+def _tiers(args: Namespace) -> TierTable:
+    return load_tiers(getattr(args, "phds_tiers", None))
+
+
+def objectives_from(args: Namespace) -> Objectives:
+    def seconds(ms: float | None) -> float | None:
+        return None if ms is None else ms / 1000.0
+
+    try:
+        return Objectives(
+            ttft_s=seconds(getattr(args, "phds_slo_ttft_ms", None)),
+            itl_s=seconds(getattr(args, "phds_slo_itl_ms", None)),
+            quantile=getattr(args, "phds_slo_quantile", 0.9),
         )
-    return KPolicy.from_hf_config(hf_config, max_k=max_k)
+    except ValueError as exc:
+        raise TierConfigError(str(exc)) from None
 
 
-def config_from(args: Namespace, hf_config: Any) -> LayerConfig:
-    """Validated layer configuration; raises ValueError (TierConfigError) on bad options."""
-    declared = engine_declares_k(hf_config)
-    policy = policy_for(hf_config, args.phds_max_k, declared)
-    tiers = load_tiers(args.phds_tiers)
-    check_tiers(tiers, policy.allowed)
-    default_k = args.phds_default_k
-    if default_k is not None and default_k not in policy.allowed:
-        raise TierConfigError(f"--default-k {default_k}: {policy.describe()}")
-    if not declared:
-        bad = [t.name for t in tiers.tiers.values() if t.k != policy.native_k]
-        if bad or default_k not in (None, policy.native_k):
-            raise TierConfigError(
-                "tiers/--default-k other than the native k need declared k in the engine "
-                "(the model's architecture is not covered, or PHDS_DISABLE is set)"
-            )
+def trust_from(args: Namespace) -> TrustConfig:
+    secret = getattr(args, "phds_tier_secret", None) or os.environ.get("PHDS_TIER_SECRET") or None
+    return TrustConfig(
+        secret=secret,
+        secret_header=getattr(args, "phds_tier_secret_header", "x-phds-gateway-secret").lower(),
+        proxies=parse_networks(getattr(args, "phds_trusted_proxies", None)),
+        key_tiers=parse_key_tiers(getattr(args, "phds_api_key_tiers", None)),
+        untrusted=getattr(args, "phds_untrusted_tier", "reject"),
+    )
+
+
+def _check_options(args: Namespace, tiers: TierTable, objectives: Objectives, trust: TrustConfig) -> None:
     if tiers.has_priorities() and getattr(args, "scheduling_policy", "fcfs") != "priority":
         raise TierConfigError("tier priorities need --scheduling-policy priority")
+    if objectives.active and not tiers.has_ranges():
+        raise TierConfigError(
+            "latency objectives (--slo-ttft-ms/--slo-itl-ms) drive brownout, which lowers only "
+            "tiers with a k range (e.g. --tiers balanced=4..2); no tier has one"
+        )
+    trust.check(tiers)
+    for flag, value in (("--brownout-interval-ms", getattr(args, "phds_brownout_interval_ms", 500.0)),
+                        ("--brownout-window-ms", getattr(args, "phds_brownout_window_ms", 2000.0)),
+                        ("--brownout-down-after", getattr(args, "phds_brownout_down_after", 10))):
+        if not value > 0:
+            raise TierConfigError(f"{flag} must be positive, got {value!r}")
+
+
+def precheck(args: Namespace, hf_config: Any) -> None:
+    """Start-up check before the engine exists: options, and tiers against the k range."""
+    policy = KPolicy.from_hf_config(hf_config)
+    tiers, objectives, trust = _tiers(args), objectives_from(args), trust_from(args)
+    check_tiers(tiers, policy.allowed)
+    default_k = getattr(args, "phds_default_k", None)
+    if default_k is not None and default_k not in policy.allowed:
+        raise TierConfigError(f"--default-k {default_k}: {policy.describe()}")
+    if not _plugin_enabled():
+        contract = KContract(policy, False, NO_PLUGIN_REASON)
+        _check_against(contract, tiers, default_k)
+        if getattr(args, "phds_max_k", None) not in (None, 0):
+            raise TierConfigError(f"--max-k needs declared k in the engine; {contract.describe()}")
+    _check_options(args, tiers, objectives, trust)
+
+
+def _check_against(contract: KContract, tiers: TierTable, default_k: int | None) -> None:
+    why = "widen with --max-k" if contract.declared else f"declared k is unavailable: {contract.reason}"
+    check_tiers(tiers, contract.allowed, why)
+    if default_k is not None and default_k not in contract.allowed:
+        raise TierConfigError(f"--default-k {default_k}: {contract.describe()}")
+
+
+def config_from(args: Namespace, contract: KContract) -> LayerConfig:
+    """Validated layer configuration; raises ValueError (TierConfigError) on bad options."""
+    tiers, objectives, trust = _tiers(args), objectives_from(args), trust_from(args)
+    default_k = getattr(args, "phds_default_k", None)
+    _check_against(contract, tiers, default_k)
+    _check_options(args, tiers, objectives, trust)
     return LayerConfig(
-        policy=policy,
+        contract=contract,
         tiers=tiers,
         tier_header=args.phds_tier_header.lower(),
         default_k=default_k,
         binding=args.phds_binding_tiers,
         force_usage=bool(getattr(args, "enable_force_include_usage", False)),
-        declared=declared,
+        trust=trust,
+        objectives=objectives,
+        brownout_interval_s=getattr(args, "phds_brownout_interval_ms", 500.0) / 1000.0,
+        brownout_window_s=getattr(args, "phds_brownout_window_ms", 2000.0) / 1000.0,
+        brownout_down_after=getattr(args, "phds_brownout_down_after", 10),
     )
 
 
 def build_layer_config(args: Namespace, model_config: Any) -> LayerConfig:
-    return config_from(args, model_config.hf_config)
+    return config_from(args, engine_contract(model_config.hf_config))
 
 
 def models_fields(config: LayerConfig) -> dict[str, Any]:
-    """Fields added to each model of ``GET /v1/models``."""
-    policy = config.policy
+    """Fields added to each model of ``GET /v1/models``: only what the engine really applies."""
+    contract = config.contract
+    policy = contract.policy
+    allowed = config.allowed
     return {
         "native_k": policy.native_k,
-        "allowed_k": config.allowed,
-        "k_range": {"min": min(config.allowed), "max": max(config.allowed)},
-        "declared_k": config.declared,
+        "allowed_k": allowed,
+        "k_range": {"min": min(allowed), "max": max(allowed)},
+        "declared_k": contract.declared,
+        "declared_k_reason": contract.reason,
         "num_experts": policy.num_experts,
         "default_k": config.default_k if config.default_k is not None else policy.native_k,
         "tiers": config.tiers.as_json(),
         "tier_header": config.tier_header,
         "binding_tiers": config.binding,
+        "tier_trust": config.trust.describe(),
+        "brownout": (
+            {"objectives": config.objectives.as_json(), "max_level": config.tiers.max_rungs()}
+            if config.brownout else None
+        ),
     }

@@ -14,7 +14,7 @@ header named no configured tier); ``outcome`` is one of OUTCOMES.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 OUTCOMES = ("success", "rejected", "error", "aborted")
 
@@ -57,6 +57,25 @@ PROMPT_TOKENS = Counter(
     "phds_prompt_tokens",
     "Prompt tokens (from the response's usage), by k.",
     ["k"],
+)
+
+
+BROWNOUT_LEVEL = Gauge(
+    "phds_brownout_level",
+    "Brownout level: how many k steps elastic tiers are lowered by (0: every tier at its nominal k).",
+    multiprocess_mode="max",
+)
+BROWNOUT_PRESSURE = Gauge(
+    "phds_brownout_pressure",
+    "Worst observed latency quantile / objective over the controller's window (0 when idle; "
+    "above 1: an objective is missed).",
+    multiprocess_mode="max",
+)
+BELOW_NOMINAL = Counter(
+    "phds_requests_below_nominal",
+    "Requests admitted at a k below their tier's nominal k because of brownout, by tier, "
+    "nominal k and the k they ran at.",
+    ["tier", "nominal_k", "k"],
 )
 
 

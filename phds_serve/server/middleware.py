@@ -1,16 +1,26 @@
 """The declared-k layer: one pure ASGI middleware in front of vLLM's app.
 
-Installed through vLLM's ``--middleware`` (so it is outermost). For the
-generation endpoints it buffers the JSON body, resolves k
-(:mod:`phds_serve.server.request_k`), re-feeds the rewritten body to vLLM,
-stamps ``x-phds-k``/``x-phds-tier`` on the response, and records per-k metrics
-from what leaves the server. ``GET /v1/models`` gets the k range, native k and
-tiers added to each model. Pure ASGI, not BaseHTTPMiddleware: streaming
+Installed through vLLM's ``--middleware`` (so it is outermost). For every
+generation route (:mod:`phds_serve.server.routes`) it buffers the body,
+decides which tier the request may use (:mod:`phds_serve.server.trust`),
+resolves k once, at admission (:mod:`phds_serve.server.request_k`, with the
+brownout level of :mod:`phds_serve.server.brownout`), re-feeds the rewritten
+body to vLLM, stamps ``x-phds-k``/``x-phds-nominal-k``/``x-phds-tier``/
+``x-phds-brownout-level`` on the response, and records per-k metrics from what
+leaves the server. ``GET /v1/models`` gets the engine's k contract, the tiers
+and the brownout settings. Pure ASGI, not BaseHTTPMiddleware: streaming
 responses stay streaming and disconnects still reach vLLM.
 
-Because ``--middleware`` runs before vLLM's API-key check, the layer wraps
-itself in vLLM's own AuthenticationMiddleware when keys are configured:
-an unauthenticated request gets 401, never a k error.
+Being outermost, the layer sits outside vLLM's own API-key check, CORS and
+``X-Request-Id`` middlewares. So it runs vLLM's ``AuthenticationMiddleware``
+itself first (an unauthenticated request gets vLLM's 401, never a k error), and
+its own 400s go out through Starlette's ``CORSMiddleware`` and vLLM's
+``XRequestIdMiddleware`` configured from the same server arguments, so they
+carry the headers vLLM's own responses carry.
+
+The layer checks its configuration against the engine's k contract when the
+server starts (ASGI lifespan) and makes the server fail to start if they
+disagree; the brownout controller's ticks run from then on.
 """
 
 from __future__ import annotations
@@ -25,23 +35,24 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from phds_serve.server import metrics
+from phds_serve.server.brownout import BrownoutController, ControllerSettings, pressure
 from phds_serve.server.errors import RequestRejected, error_body
 from phds_serve.server.layer_config import build_layer_config, models_fields
-from phds_serve.server.request_k import LayerConfig, prepare
+from phds_serve.server.load_feed import FEED, LoadFeed
+from phds_serve.server.request_k import LayerConfig, Prepared, prepare
 from phds_serve.server.response_tap import ResponseTap
+from phds_serve.server.routes import Route, route_for
+from phds_serve.server.trust import TierClaim, claim_tier
 
 logger = logging.getLogger("phds_serve.server")
 
-# path -> (protocol has stream_options, protocol has priority)
-GENERATION_PATHS: dict[str, tuple[bool, bool]] = {
-    "/v1/completions": (True, True),
-    "/v1/chat/completions": (True, True),
-    "/v1/responses": (False, True),
-    "/v1/messages": (False, False),
-}
 MODELS_PATH = "/v1/models"
 K_HEADER = "x-phds-k"
+NOMINAL_K_HEADER = "x-phds-nominal-k"
+LEVEL_HEADER = "x-phds-brownout-level"
 TIER_HEADER = "x-phds-tier"  # response header, whatever request header names the tier
+_AUTHORIZED = "phds.authorized"
+_ERROR = "phds.error"
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 
@@ -80,67 +91,194 @@ def _with_headers(scope_headers: list, replace: dict[bytes, bytes]) -> list:
     return kept + list(replace.items())
 
 
-async def _send_error(send: Send, message: str, param: str | None, k_headers: list) -> None:
-    body = error_body(message, param)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 400,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                *k_headers,
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+def _without_header(scope_headers: list, name: bytes) -> list:
+    return [(k, v) for k, v in scope_headers if k.lower() != name]
+
+
+async def _form_fields(scope: Scope, raw: bytes) -> dict[str, Any] | None:
+    """Fields of a form-encoded body (files skipped), with vllm_xargs decoded as vLLM does."""
+    from starlette.requests import Request
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    try:
+        form = await Request(scope, receive).form()
+    except Exception:  # not a form: vLLM answers with its own error
+        return None
+    fields: dict[str, Any] = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+    await form.close()
+    if isinstance(fields.get("vllm_xargs"), str):
+        try:
+            fields["vllm_xargs"] = json.loads(fields["vllm_xargs"])
+        except ValueError:
+            pass
+    return fields
+
+
+class StartupRefused(RuntimeError):
+    """The layer's options do not fit the engine's k contract."""
+
+
+class BrownoutDriver:
+    """Ticks the brownout controller from the load feed; the level is read at admission."""
+
+    def __init__(self, config: LayerConfig, feed: LoadFeed = FEED) -> None:
+        self.config = config
+        self.feed = feed
+        self.controller = BrownoutController(
+            ControllerSettings(max_level=config.tiers.max_rungs(), down_after=config.brownout_down_after)
+        )
+        self.last_pressure: float | None = None
+        self._task: asyncio.Task | None = None
+
+    @property
+    def level(self) -> int:
+        return self.controller.level
+
+    def tick(self, now: float | None = None) -> int:
+        window = self.feed.window(self.config.brownout_window_s, now)
+        self.last_pressure = pressure(window, self.config.objectives)
+        level = self.controller.step(self.last_pressure)
+        metrics.BROWNOUT_LEVEL.set(level)
+        metrics.BROWNOUT_PRESSURE.set(self.last_pressure or 0.0)
+        return level
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="phds-brownout")
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.brownout_interval_s)
+            try:
+                self.tick()
+            except Exception:  # never let the controller take the server down
+                logger.exception("phds-serve: brownout tick failed")
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
 
 
 class PhdsMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         self._config: LayerConfig | None = None
-        self._entry: Handler | None = None
+        self._gate: Handler | None = None
+        self._errors: Handler | None = None
+        self.brownout: BrownoutDriver | None = None
 
     # -- wiring --------------------------------------------------------------
-    def _setup(self, scope: Scope) -> Handler:
-        """Built on the first request: the engine's model config exists by then."""
+    def _setup(self, scope: Scope) -> LayerConfig:
+        """Once the engine client exists (server start-up, else the first request)."""
+        if self._config is not None:
+            return self._config
         state = scope["app"].state
         args = state.args
-        self._config = build_layer_config(args, state.engine_client.model_config)
-        entry: Handler = self._handle
+        config = build_layer_config(args, state.engine_client.model_config)
+        from starlette.middleware.cors import CORSMiddleware
         from vllm import envs
 
+        errors: Handler = CORSMiddleware(
+            self._send_error,
+            allow_origins=args.allowed_origins,
+            allow_credentials=args.allow_credentials,
+            allow_methods=args.allowed_methods,
+            allow_headers=args.allowed_headers,
+        )
+        gate: Handler | None = None
         tokens = [key for key in (getattr(args, "api_key", None) or [envs.VLLM_API_KEY]) if key]
         if tokens:
-            from vllm.entrypoints.serve.middleware.authenticate import (
-                AuthenticationMiddleware,
-            )
+            from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
 
-            entry = AuthenticationMiddleware(self._handle, tokens=tokens)  # type: ignore[arg-type, assignment]
-        return entry
+            gate = AuthenticationMiddleware(self._authorized, tokens=tokens)  # type: ignore[arg-type]
+        if getattr(args, "enable_request_id_headers", False):
+            from vllm.entrypoints.serve.middleware.x_request_id import XRequestIdMiddleware
+
+            errors = XRequestIdMiddleware(errors)  # type: ignore[assignment]
+            gate = XRequestIdMiddleware(gate) if gate is not None else None  # type: ignore[assignment]
+        self._errors, self._gate = errors, gate
+        if config.brownout:
+            self.brownout = BrownoutDriver(config)
+        self._config = config
+        logger.info(
+            "phds-serve layer: %s; tiers: %s; brownout: %s; tier trust: %s",
+            config.contract.describe(), config.tiers.describe(),
+            "on" if config.brownout else "off", config.trust.describe(),
+        )
+        return config
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            return await self._lifespan(scope, receive, send)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"].removeprefix(scope.get("root_path", ""))
         method = scope.get("method")
-        if not ((method == "POST" and path in GENERATION_PATHS) or (method == "GET" and path == MODELS_PATH)):
+        route = route_for(path) if method == "POST" else None
+        if route is None and not (method == "GET" and path == MODELS_PATH):
             return await self.app(scope, receive, send)
-        if self._entry is None:
-            self._entry = self._setup(scope)
-        await self._entry(scope, receive, send)
-
-    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope["path"].removeprefix(scope.get("root_path", ""))
-        if path == MODELS_PATH:
+        config = self._setup(scope)
+        if self.brownout is not None:
+            self.brownout.start()  # no-op once running (started at lifespan start-up)
+        if self._gate is not None:
+            await self._gate(scope, receive, send)
+            if not scope.pop(_AUTHORIZED, False):
+                return  # vLLM's AuthenticationMiddleware answered 401
+        if route is None:
             await self._models(scope, receive, send)
         else:
-            await self._generate(scope, receive, send, *GENERATION_PATHS[path])
+            await self._generate(scope, receive, send, route, config)
+
+    async def _authorized(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[_AUTHORIZED] = True
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Check the configuration against the engine's contract at start-up; run the controller."""
+
+        async def send_checked(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                try:
+                    self._setup(scope)
+                except Exception as exc:
+                    # Raised into vLLM's lifespan: it shuts its own start-up down and the
+                    # server reports lifespan.startup.failed and exits.
+                    logger.error("phds-serve: cannot start: %s", exc)
+                    raise StartupRefused(f"phds-serve cannot start: {exc}") from exc
+                if self.brownout is not None:
+                    self.brownout.start()
+            elif message["type"] == "lifespan.shutdown.complete" and self.brownout is not None:
+                self.brownout.stop()
+            await send(message)
+
+        await self.app(scope, receive, send_checked)
+
+    async def _send_error(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message, param, extra = scope[_ERROR]
+        body = error_body(message, param)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 400,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    *extra,
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def _reject(
+        self, scope: Scope, receive: Receive, send: Send, exc: RequestRejected, extra: list | None = None
+    ) -> None:
+        assert self._errors is not None
+        await self._errors({**scope, _ERROR: (exc.message, exc.param, extra or [])}, receive, send)
 
     # -- /v1/models ----------------------------------------------------------
     async def _models(self, scope: Scope, receive: Receive, send: Send) -> None:
-        assert self._config is not None
         start: Message | None = None
         chunks: list[bytes] = []
 
@@ -165,12 +303,15 @@ class PhdsMiddleware:
         await self.app(scope, receive, capture)
 
     def _add_model_fields(self, body: bytes) -> bytes:
+        assert self._config is not None
         try:
             obj = json.loads(body)
         except ValueError:
             return body
         if isinstance(obj, dict) and isinstance(obj.get("data"), list):
             extra = models_fields(self._config)
+            if self.brownout is not None:
+                extra["brownout"] = {**extra["brownout"], "level": self.brownout.level}
             for model in obj["data"]:
                 if isinstance(model, dict):
                     model.update(extra)
@@ -178,50 +319,98 @@ class PhdsMiddleware:
         return body
 
     # -- generation ----------------------------------------------------------
-    async def _generate(
-        self, scope: Scope, receive: Receive, send: Send, stream_options: bool, priority: bool
-    ) -> None:
-        config = self._config
-        assert config is not None
+    def _claim(self, scope: Scope, config: LayerConfig) -> TierClaim:
+        headers = Headers(scope=scope)
+        client = scope.get("client")
+        return claim_tier(
+            headers.get(config.tier_header),
+            headers.get(config.trust.secret_header),
+            client[0] if client else None,
+            headers.get("authorization"),
+            config.trust,
+            config.tier_header,
+        )
+
+    def _response_headers(self, prep: Prepared) -> list[tuple[bytes, bytes]]:
+        out = [(K_HEADER.encode(), str(prep.k).encode()), (NOMINAL_K_HEADER.encode(), str(prep.nominal_k).encode())]
+        if prep.tier_name:
+            out.append((TIER_HEADER.encode(), prep.tier_name.encode()))
+        if self.brownout is not None and prep.route.generation:
+            out.append((LEVEL_HEADER.encode(), str(prep.resolution.level).encode()))
+        return out
+
+    async def _generate(self, scope: Scope, receive: Receive, send: Send, route: Route, config: LayerConfig) -> None:
+        counted = route.generation
         started = time.perf_counter()
+        level = self.brownout.level if self.brownout is not None else 0
         raw = await _read_body(receive)
         if raw is None:
-            metrics.record(None, "", "aborted")
-            return
-        tier_value = Headers(scope=scope).get(config.tier_header)
-        known_tier = (tier_value or "").strip().lower()
-        known_tier = known_tier if known_tier in config.tiers.tiers else ""
-        try:
-            obj = json.loads(raw)
-        except ValueError:
-            obj = None
-        if obj is None:
-            # Not JSON: let vLLM give its own error; count it, no k to report.
-            status: list[int] = []
-
-            async def note(message: Message) -> None:
-                if message["type"] == "http.response.start":
-                    status.append(message["status"])
-                await send(message)
-
-            await self.app(scope, _replay(raw, receive, lambda: None), note)
-            metrics.record(None, known_tier, metrics.outcome_of(status[0] if status else None, False, False))
+            if counted:
+                metrics.record(None, "", "aborted")
             return
         try:
-            prep = prepare(obj, tier_value, config, stream_options=stream_options, priority=priority)
+            claim = self._claim(scope, config)
         except RequestRejected as exc:
-            await _send_error(send, exc.message, exc.param, [])
-            metrics.record(None, known_tier, "rejected")
+            await self._reject(scope, receive, send, exc)
+            if counted:
+                metrics.record(None, "", "rejected")
+            return
+        # The gateway's secret is for this layer only: vLLM (and its request logs) never see it.
+        scope = dict(scope)
+        scope["headers"] = _without_header(scope["headers"], config.trust.secret_header.encode())
+        known_tier = claim.name if claim.name in config.tiers.tiers else ""
+        obj: Any
+        if route.multipart:
+            obj = await _form_fields(scope, raw)
+        else:
+            try:
+                obj = json.loads(raw)
+            except ValueError:
+                obj = None
+        if obj is None:
+            # Not JSON (or not a form): let vLLM give its own error; count it, no k to report.
+            await self._pass_through(scope, receive, send, raw, counted, known_tier)
+            return
+        try:
+            prep = prepare(obj, claim.name, config, route, level)
+        except RequestRejected as exc:
+            await self._reject(scope, receive, send, exc)
+            if counted:
+                metrics.record(None, known_tier, "rejected")
             return
 
-        body = json.dumps(prep.body).encode()
-        scope = dict(scope)
-        scope["headers"] = _with_headers(scope["headers"], {b"content-length": str(len(body)).encode()})
-        k_headers = [(K_HEADER.encode(), str(prep.k).encode())]
-        if prep.tier_name:
-            k_headers.append((TIER_HEADER.encode(), prep.tier_name.encode()))
+        if route.honours_k:
+            body = json.dumps(prep.body).encode()
+            scope["headers"] = _with_headers(scope["headers"], {b"content-length": str(len(body)).encode()})
+        else:
+            body = raw  # a route that cannot carry k and runs the native k: unchanged bytes
+        if counted and prep.resolution.browned_out:
+            metrics.BELOW_NOMINAL.labels(tier=prep.tier_name, nominal_k=str(prep.nominal_k), k=str(prep.k)).inc()
+        await self._run(scope, receive, send, body, prep, started, counted)
+
+    async def _pass_through(
+        self, scope: Scope, receive: Receive, send: Send, raw: bytes, counted: bool, tier: str
+    ) -> None:
+        status: list[int] = []
+
+        async def note(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        await self.app(scope, _replay(raw, receive, lambda: None), note)
+        if counted:
+            metrics.record(None, tier, metrics.outcome_of(status[0] if status else None, False, False))
+
+    async def _run(
+        self, scope: Scope, receive: Receive, send: Send, body: bytes, prep: Prepared, started: float, counted: bool
+    ) -> None:
+        k_headers = self._response_headers(prep)
         tap = ResponseTap(prep.stream, prep.drop_usage_chunk)
+        # done: the last byte of the response went to the client. disconnected: the client
+        # left before that. Set in this order, they make the outcome independent of timing.
         state: dict[str, Any] = {"status": None, "done": False, "disconnected": False}
+        pending = FEED.admitted() if (counted and prep.stream and self.brownout is not None) else None
 
         def disconnected() -> None:
             if not state["done"]:
@@ -235,23 +424,37 @@ class PhdsMiddleware:
             if message["type"] != "http.response.body":
                 return await send(message)
             more = message.get("more_body", False)
+            had_first = tap.first_token_at is not None
             out = tap.feed(message.get("body", b""))
             if not more:
                 out += tap.finish()
-                state["done"] = True
+            if pending is not None and not had_first and tap.first_token_at is not None:
+                FEED.first_token(pending)
+                FEED.add_ttft([tap.first_token_at - started])
             if out or not more:
                 await send({**message, "body": out})
+            if not more:
+                state["done"] = True
 
         try:
             await self.app(scope, _replay(body, receive, disconnected), send_tapped)
-        except asyncio.CancelledError:
-            metrics.record(prep.k, prep.tier_name, "aborted")
+        except BaseException as exc:
+            if counted:
+                gone = state["disconnected"] or isinstance(exc, (asyncio.CancelledError, OSError)) or (
+                    type(exc).__name__ == "ClientDisconnect"
+                )
+                metrics.record(prep.k, prep.tier_name, "aborted" if gone else "error")
             raise
-        except BaseException:
-            metrics.record(prep.k, prep.tier_name, "error")
-            raise
+        finally:
+            if pending is not None:
+                FEED.finished(pending)
+        if not counted:
+            return
         finished = time.perf_counter()
-        outcome = metrics.outcome_of(state["status"], tap.stream_error, state["disconnected"] and not state["done"])
+        # A client that left before the response was complete is an abort, also when vLLM's
+        # with_cancellation then produced a complete "200 null" for nobody.
+        aborted = state["disconnected"] or (tap.null_body and state["status"] == 200)
+        outcome = metrics.outcome_of(state["status"], tap.stream_error, aborted)
         metrics.record(
             prep.k,
             prep.tier_name,

@@ -50,6 +50,9 @@ class ResponseTap:
         self.prompt_tokens: int | None = None
         self.generation_tokens: int | None = None
         self.stream_error = False
+        # vLLM's with_cancellation returns None when the client left first, and FastAPI
+        # sends it as a complete "200 null": a non-streaming body of exactly null.
+        self.null_body = False
         self._buf = b""
         self._overflow = False
 
@@ -109,6 +112,8 @@ class ResponseTap:
         rest, self._buf = self._buf, b""
         if self.stream:
             return rest if not rest.strip() or self._keep_event(rest) else b""
+        if rest.strip() == b"null":
+            self.null_body = True
         if rest and not self._overflow:
             try:
                 obj = json.loads(rest)

@@ -51,12 +51,38 @@ def test_no_model_serves_the_bundled_one_with_cpu_defaults(monkeypatch, tmp_path
         (["--default-k", "0"], "--default-k 0"),
         (["--tiers", "fast=1:priority=-1"], "--scheduling-policy priority"),
         (["--tiers", "fast"], "name=k"),
+        (["--tiers", "balanced=2..4"], "lowest k \\(4\\) must be from 1 to the nominal k \\(2\\)"),
+        (["--tiers", "fast=1", "--slo-ttft-ms", "200"], "no tier has one"),
+        (["--tiers", "b=4..2", "--slo-ttft-ms", "0"], "must be positive"),
+        (["--tiers", "fast=1", "--api-key-tiers", "k1=turbo"], "tier 'turbo'"),
+        (["--tiers", "fast=1", "--tier-secret", "short"], "at least 16 characters"),
+        (["--tiers", "fast=1", "--trusted-proxies", "10.0.0.0/33"], "not an IP address"),
     ],
 )
 def test_startup_checks(model_dir, flags, message):
     args = parse_args([model_dir, *flags])
     with pytest.raises(ValueError, match=message):
         finalize(args)
+
+
+def test_tier_ranges_objectives_and_trust_flags_parse(model_dir):
+    args = parse_args([model_dir, "--tiers", "fast=1,balanced=4..2", "--slo-ttft-ms", "250",
+                       "--slo-itl-ms", "40", "--tier-secret", "x" * 16, "--trusted-proxies", "10.0.0.0/8",
+                       "--api-key-tiers", "key1=fast", "--untrusted-tier", "ignore"])
+    finalize(args)
+    assert (args.phds_slo_ttft_ms, args.phds_slo_itl_ms, args.phds_untrusted_tier) == (250, 40, "ignore")
+
+
+def test_any_model_on_cpu_gets_the_cpu_safe_defaults_and_user_flags_win(model_dir, monkeypatch):
+    monkeypatch.setattr(cli, "on_cpu", lambda: True)
+    args = parse_args([model_dir])
+    assert args.gpu_memory_utilization == 0.2 and args.enforce_eager
+    assert args.max_model_len is None and args.served_model_name is None  # bundled-model settings stay off
+    args = parse_args([model_dir, "--gpu-memory-utilization", "0.3"])
+    assert args.gpu_memory_utilization == 0.3
+    monkeypatch.setattr(cli, "on_cpu", lambda: False)
+    args = parse_args([model_dir])
+    assert args.gpu_memory_utilization == 0.92 and not args.enforce_eager  # vLLM's own defaults on a GPU
 
 
 def test_max_k_widens_the_range(model_dir):
@@ -67,7 +93,7 @@ def test_plugin_disabled_allows_only_the_native_k(model_dir, monkeypatch):
     monkeypatch.setenv("PHDS_DISABLE", "1")
     finalize(parse_args([model_dir, "--tiers", "native=4"]))
     for flags in (["--tiers", "fast=1"], ["--default-k", "2"], ["--max-k", "6"]):
-        with pytest.raises(ValueError, match="need"):
+        with pytest.raises(ValueError, match="declared k is unavailable|needs declared k"):
             finalize(parse_args([model_dir, *flags]))
 
 

@@ -1,0 +1,109 @@
+"""Load observations for the brownout controller, from vLLM and from the layer.
+
+vLLM calls every ``vllm.stat_logger_plugins`` logger once per engine step in
+the API-server process (``AsyncLLM``'s output handler), with the step's
+scheduler stats (running and waiting requests, KV-cache use) and iteration
+stats (the time to first token of requests that got their first token in that
+step, and the inter-token latencies of the step). :class:`PhdsLoadLogger` is
+that plugin: it only appends to :data:`FEED`, an in-process, bounded,
+thread-safe buffer. The layer adds its own observations (the TTFT of streams
+as the client sees it, and the requests still waiting for a first token) and
+its controller reads one :class:`~phds_serve.server.brownout.Window` per tick.
+
+Notes: vLLM turns on stat collection when any stat-logger plugin is installed
+(also under ``--disable-log-stats``); with ``--api-server-count > 1`` each
+step's stats reach one front end only, so each front end's controller sees
+part of the load (see docs/BROWNOUT.md).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Any, Iterable
+
+from vllm.v1.metrics.loggers import StatLoggerBase
+
+from phds_serve.server.brownout import Window
+
+MAX_SAMPLES = 50_000
+HORIZON_S = 120.0  # samples older than this are dropped
+
+
+class LoadFeed:
+    """Timestamped latency samples and the requests in flight, for one process."""
+
+    def __init__(self, max_samples: int = MAX_SAMPLES) -> None:
+        self._lock = threading.Lock()
+        self._ttft: deque[tuple[float, float]] = deque(maxlen=max_samples)
+        self._itl: deque[tuple[float, float]] = deque(maxlen=max_samples)
+        self._pending: dict[int, float] = {}  # request token -> admission time (no first token yet)
+        self._next = 0
+        self.waiting = 0
+        self.running = 0
+        self.engine_steps = 0
+
+    # -- writers -----------------------------------------------------------
+    def add_ttft(self, values: Iterable[float], now: float | None = None) -> None:
+        t = time.monotonic() if now is None else now
+        with self._lock:
+            self._ttft.extend((t, float(v)) for v in values)
+
+    def add_itl(self, values: Iterable[float], now: float | None = None) -> None:
+        t = time.monotonic() if now is None else now
+        with self._lock:
+            self._itl.extend((t, float(v)) for v in values)
+
+    def set_queue(self, waiting: int, running: int) -> None:
+        self.waiting, self.running = waiting, running
+        self.engine_steps += 1
+
+    def admitted(self, now: float | None = None) -> int:
+        """A request entered the layer; returns a token for :meth:`first_token`/:meth:`finished`."""
+        with self._lock:
+            self._next += 1
+            self._pending[self._next] = time.monotonic() if now is None else now
+            return self._next
+
+    def first_token(self, token: int) -> None:
+        with self._lock:
+            self._pending.pop(token, None)
+
+    finished = first_token
+
+    # -- reader ------------------------------------------------------------
+    def window(self, span_s: float, now: float | None = None) -> Window:
+        """Samples of the last ``span_s`` seconds and the oldest request without a first token."""
+        t = time.monotonic() if now is None else now
+        start = t - span_s
+        with self._lock:
+            for samples in (self._ttft, self._itl):
+                while samples and samples[0][0] < t - HORIZON_S:
+                    samples.popleft()
+            ttft = [v for ts, v in self._ttft if ts >= start]
+            itl = [v for ts, v in self._itl if ts >= start]
+            oldest = min(self._pending.values(), default=None)
+        return Window(ttft, itl, None if oldest is None else max(0.0, t - oldest))
+
+
+FEED = LoadFeed()
+
+
+class PhdsLoadLogger(StatLoggerBase):
+    """vLLM stat-logger plugin (entry point ``vllm.stat_logger_plugins``): feeds :data:`FEED`."""
+
+    def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+        self.engine_index = engine_index
+
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+        if scheduler_stats is not None:
+            FEED.set_queue(scheduler_stats.num_waiting_reqs, scheduler_stats.num_running_reqs)
+        if iteration_stats is not None:
+            if iteration_stats.time_to_first_tokens_iter:
+                FEED.add_ttft(iteration_stats.time_to_first_tokens_iter)
+            if iteration_stats.inter_token_latencies_iter:
+                FEED.add_itl(iteration_stats.inter_token_latencies_iter)
+
+    def log_engine_initialized(self) -> None:
+        pass
