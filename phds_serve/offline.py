@@ -1,9 +1,10 @@
 """Offline (``vllm.LLM``) helpers for declared k.
 
-A request's k travels in ``SamplingParams.extra_args["k"]``. Prefix caching
-must never reuse KV computed at another k, and vLLM's per-request cache salt
-is how to keep them apart: :func:`prompt_at_k` salts a prompt with its k.
-(phds-serve does the same for every HTTP request.)
+A request's k travels in ``SamplingParams.extra_args["k"]``; that is the
+whole contract. The engine keeps prefix-cache entries of different k apart by
+itself (:mod:`phds_serve.model_executor.prefix_isolation`), so nothing else is
+needed for correctness. :func:`prompt_at_k` is a convenience kept for callers
+that want a readable per-k salt of their own on top.
 """
 
 from __future__ import annotations

@@ -118,12 +118,15 @@ def route_declared_k(
     token_k: torch.Tensor,
     k_max: int,
     rule: RoutingRule,
+    keep_ids: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token top-k routing with a k per token.
 
     Returns ``(topk_weights [T, k_max] float32, topk_ids [T, k_max] int32)``
     with slots sorted by the selection key (best first); slot j of token t is
     valid iff ``j < token_k[t]``, and invalid slots hold id -1 and weight 0.
+    ``keep_ids``: invalid slots keep their (next-best) expert id, still weight 0,
+    for expert kernels that must never see -1 (the full-width modular path).
     """
     num_experts = router_logits.shape[-1]
     if not 1 <= k_max <= rule.max_k(num_experts):
@@ -139,7 +142,8 @@ def route_declared_k(
         weights = weights / torch.where(denom > 0, denom, torch.ones_like(denom))
     if rule.routed_scaling_factor != 1.0:
         weights = weights * rule.routed_scaling_factor
-    return weights, ids.to(torch.int32).masked_fill(~valid, -1)
+    ids = ids.to(torch.int32)
+    return weights, ids if keep_ids else ids.masked_fill(~valid, -1)
 
 
 def declared_k_topk(

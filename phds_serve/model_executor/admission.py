@@ -1,60 +1,60 @@
 """Admission check of a request's declared k, in the frontend process.
 
-vLLM runs logits processors' ``validate_params`` when a request is added,
-before the engine loop, and turns a ``ValueError`` into HTTP 400. The V1 and
-V2 model runners have different logits-processor interfaces, so each gets a
-processor whose only job (here) is that check; the frontend's k policy comes
-from the config hook. Import-light on purpose: the frontend loads this.
+vLLM runs every logits processor's ``validate_params`` when a request is added,
+before the engine loop, and turns a ``ValueError`` into a
+``VLLMValidationError`` (HTTP 400 online). Our logits processor is installed
+through vLLM's ``vllm.logits_processors`` entry point, so this check runs for
+every generative model, declared or not: a k the engine would not really run
+is refused, offline too. The contract it checks against is decided by the
+config hook in this same process (:mod:`phds_serve.model_executor.contract`).
+Import-light on purpose: the frontend loads this.
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from typing import Any
 
-from vllm.v1.worker.gpu.sample.logits_processor.interface import (
-    LogitsProcessor as V2LogitsProcessor,
-)
+from phds_serve.declared_k import K_FIELD, InvalidK, KContract, parse_k
 
-from phds_serve.declared_k import K_FIELD, InvalidK, KPolicy, parse_k
-
-_FRONTEND_POLICY: KPolicy | None = None
+logger = logging.getLogger(__name__)
 
 
-def set_frontend_policy(policy: KPolicy) -> None:
-    global _FRONTEND_POLICY
-    _FRONTEND_POLICY = policy
+@dataclass(frozen=True)
+class _Frontend:
+    contract: KContract | None
+    no_k_reason: str | None  # why any k is refused when there is no contract
 
 
-def frontend_policy() -> KPolicy | None:
-    return _FRONTEND_POLICY
+_FRONTEND: _Frontend | None = None
+
+
+def set_frontend_contract(contract: KContract | None, no_k_reason: str | None = None) -> None:
+    """Called by the config hook: the contract of the engine this process builds."""
+    global _FRONTEND
+    _FRONTEND = _Frontend(contract, no_k_reason)
+
+
+def frontend_contract() -> KContract | None:
+    """The contract of the engine built in this process (None: not a MoE model, or
+    no engine config was built here)."""
+    return _FRONTEND.contract if _FRONTEND is not None else None
 
 
 def validate_declared_k(extra_args: dict[str, Any] | None) -> None:
-    """Raise InvalidK (a ValueError naming the allowed values) for a bad k."""
+    """Raise InvalidK (a ValueError naming the allowed values and why) for a k the
+    engine would not run exactly."""
     if not extra_args or K_FIELD not in extra_args:
         return
-    policy = frontend_policy()
-    if policy is not None:
-        policy.validate(extra_args[K_FIELD])
+    value = extra_args[K_FIELD]
+    if _FRONTEND is None:
+        # No config hook ran in this process (e.g. another API-server process):
+        # the engine core re-checks against the contract and fails the request.
+        k = parse_k(value)
+        if k < 1:
+            raise InvalidK(f"k={k} is not allowed; k must be an integer >= 1")
         return
-    k = parse_k(extra_args[K_FIELD])
-    if k < 1:
-        raise InvalidK(f"k={k} is not allowed; k must be an integer >= 1")
-
-
-class DeclaredKAdmissionV2(V2LogitsProcessor):
-    """V2-runner logits processor that only validates k (per-request k reaches
-    the layers through :class:`~phds_serve.model_executor.v2_state.DeclaredKModelState`)."""
-
-    @classmethod
-    def validate_params(cls, sampling_params) -> None:
-        validate_declared_k(sampling_params.extra_args)
-
-    def add_request(self, req_idx: int, sampling_params) -> bool:
-        return False  # never touches logits
-
-    def apply(self, logits, context):  # pragma: no cover - never active
-        return logits
-
-
-V2_ADMISSION_FQCN = f"{__name__}:DeclaredKAdmissionV2"
+    if _FRONTEND.contract is None:
+        raise InvalidK(f"k={value!r} is not available: {_FRONTEND.no_k_reason}")
+    _FRONTEND.contract.validate(value)

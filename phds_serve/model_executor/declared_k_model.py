@@ -2,39 +2,73 @@
 
 Composition, not a copy: the stock model is built inside
 :func:`building_declared_k_model`, so its MoE runners are declared-k runners,
-and each forward first plans which k every token runs at.
+and each forward first plans which k every token runs at. When the engine's
+contract says k is not declared for this configuration (decided in the
+frontend, :mod:`phds_serve.model_executor.contract`), the model is built and
+runs exactly as stock vLLM: that is also how a MoE draft model of speculative
+decoding stays stock.
 """
 
 from __future__ import annotations
 
 import torch
 
-from phds_serve.declared_k import KPolicy
-from phds_serve.model_executor.layers.declared_k_moe import building_declared_k_model
-from phds_serve.model_executor.step_k import STEP, tokens_per_row_from_forward_context
+from phds_serve.model_executor.contract import contract_of
+from phds_serve.model_executor.layers.declared_k_moe import (
+    DeclaredKMoERunner,
+    building_declared_k_model,
+)
+from phds_serve.model_executor.step_k import (
+    ROWS,
+    StepPlan,
+    publish_plan,
+    tokens_per_row_from_forward_context,
+)
+
+# Model input the V2 model state passes each step: the persistent token -> k buffer.
+TOKEN_K_INPUT = "phds_token_k"
 
 
 class DeclaredKModelMixin:
-    """Mix in before a vLLM ``*ForCausalLM`` class whose MoE layers use softmax top-k."""
+    """Mix in before a vLLM ``*ForCausalLM`` class whose MoE layers route by a top-k
+    prefix rule (see :mod:`phds_serve.routing`)."""
 
     def __init__(self, *, vllm_config, prefix: str = "", **kwargs) -> None:
-        policy = KPolicy.from_hf_config(vllm_config.model_config.hf_config)
-        with building_declared_k_model(policy):
+        contract = contract_of(vllm_config)
+        if contract is None or not contract.declared:
             super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
-        STEP.configure(policy)
-        self.k_policy = policy
+            self.k_policy = None
+            return
+        with building_declared_k_model(contract.policy):
+            super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        self.k_policy = contract.policy
+        self._check_runners()
 
-    def forward(
-        self,
-        input_ids: torch.Tensor | None,
-        positions: torch.Tensor,
-        *args,
-        **kwargs,
-    ):
-        if not STEP.planned_by_runner:
-            STEP.plan_forward(
-                positions.shape[-1], tokens_per_row_from_forward_context(), positions.device
+    def _check_runners(self) -> None:
+        """Every MoE layer must be ours: a runner class vLLM built that register_oot did
+        not replace (e.g. a model-specific MoERunner subclass) would run native k."""
+        from vllm.model_executor.layers.fused_moe.runner.moe_runner_interface import (
+            MoERunnerInterface,
+        )
+
+        runners = [m for m in self.modules() if isinstance(m, MoERunnerInterface)]
+        foreign = sorted({type(m).__name__ for m in runners if not isinstance(m, DeclaredKMoERunner)})
+        if foreign or not runners:
+            raise NotImplementedError(
+                f"declared k cannot be applied exactly to {type(self).__name__}: "
+                + (f"MoE runners {foreign} are not replaced by phds-serve" if foreign
+                   else "no MoE layer was found")
             )
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, *args, **kwargs):
+        token_k = kwargs.pop(TOKEN_K_INPUT, None)
+        if self.k_policy is not None:
+            if token_k is not None:  # V2 runner: the model state's persistent buffer
+                publish_plan(StepPlan(token_k=token_k, groups=[(self.k_policy.max_k, None)],
+                                      k_max=self.k_policy.max_k))
+            else:  # V1 runner: rows -> tokens from the attention layout
+                publish_plan(ROWS.plan(tokens_per_row_from_forward_context(),
+                                       positions.shape[-1], positions.device))
         return super().forward(input_ids, positions, *args, **kwargs)
 
     @classmethod

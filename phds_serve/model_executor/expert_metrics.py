@@ -38,9 +38,19 @@ DISTINCT_EXPERTS = Histogram(
 )
 
 
+def counts_here() -> bool:
+    """Tensor-parallel ranks all see every token: only rank 0 counts them."""
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        return get_tensor_model_parallel_rank() == 0
+    except (AssertionError, RuntimeError):  # no model-parallel group (unit tests)
+        return True
+
+
 def record_layer_step(plan: "StepPlan", topk_ids: torch.Tensor) -> None:
     """Count one MoE layer's work for one step (CPU path: cheap, host-side)."""
-    if not ENABLED or not plan.real:
+    if not ENABLED or not plan.real or not counts_here():
         return
     total = plan.token_k.shape[0]
     for k, rows in plan.groups:
@@ -56,7 +66,7 @@ def record_step_from_host(token_k, num_moe_layers: int) -> None:
 
     Distinct experts per step would need a sync, so it is measured on CPU only.
     """
-    if not ENABLED or len(token_k) == 0:
+    if not ENABLED or len(token_k) == 0 or not counts_here():
         return
     ks, counts = np.unique(token_k, return_counts=True)
     for k, n in zip(ks.tolist(), counts.tolist()):

@@ -1,15 +1,20 @@
 """Per-step declared k: which k each token of the current forward pass runs at.
 
-vLLM's V1 model runner (the CPU runner) tells logits processors about every
-change of the persistent batch (rows added, removed, moved) *before* each
-forward pass. :class:`DeclaredKLogitsProcessor` uses that to keep ``row -> k``;
-it never changes logits. At the start of each forward the declared-k model
-expands ``row -> k`` to ``token -> k`` with the attention metadata's
-``query_start_loc`` (rows are laid out in persistent-batch order), and plans
-the grouping of tokens by k once for all MoE layers of that step.
+Two parts, because vLLM keeps the two kinds of state in two places:
 
-The V2 runner (GPU) feeds the same :class:`StepK` from its model-state hook
-(:mod:`phds_serve.model_executor.v2_state`).
+* **Across steps, batch row -> k** (V1 runner, the CPU runner). vLLM's V1
+  runner tells every logits processor about each change of the persistent batch
+  (rows added, removed, moved) *before* each forward pass.
+  :class:`DeclaredKLogitsProcessor` (installed through vLLM's
+  ``vllm.logits_processors`` entry point) keeps ``row -> k`` in :data:`ROWS` for
+  declared-k models; it never changes logits. The same class is the admission
+  check of every model (:mod:`phds_serve.model_executor.admission`) and, on the
+  V2 runner, only that (the V2 model state tracks k there,
+  :mod:`phds_serve.model_executor.v2_state`).
+* **Within one step, token -> k**: a :class:`StepPlan`, built at the start of
+  the declared-k model's forward and kept in vLLM's forward context
+  (``additional_kwargs``), which lives exactly as long as the step. Every MoE
+  layer of the step reads it from there.
 """
 
 from __future__ import annotations
@@ -19,17 +24,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-
-from vllm.v1.sample.logits_processor import (
-    BatchUpdate,
-    LogitsProcessor,
-    MoveDirectionality,
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+from vllm.v1.worker.gpu.sample.logits_processor.interface import (
+    LogitsProcessor as V2LogitsProcessor,
 )
 
-from phds_serve.declared_k import K_FIELD, InvalidK, KPolicy, parse_k
+from phds_serve.declared_k import KContract
 from phds_serve.model_executor.admission import validate_declared_k
 
 logger = logging.getLogger(__name__)
+
+# Key of the step plan in ForwardContext.additional_kwargs.
+PLAN_KEY = "phds_step_plan"
 
 
 @dataclass
@@ -46,38 +52,51 @@ class StepPlan:
     real: bool = True
 
 
-def expand_slot_k(
-    slot_k: np.ndarray,
-    idx_mapping: np.ndarray,
-    num_scheduled_tokens: np.ndarray,
-    num_tokens: int,
+def expand_row_k(
+    row_k: np.ndarray,
+    query_start_loc: np.ndarray,
     num_tokens_padded: int,
 ) -> np.ndarray:
-    """Token k in batch order: each row's slot k repeated over its scheduled tokens;
-    padding tokens at k=1 (their output is never read, so the cheapest k)."""
+    """Token k in batch order: row i's k over tokens ``query_start_loc[i]:[i+1]``;
+    tokens after the last row (padding) at k=1 (never read, so the cheapest k).
+
+    Uses the exact token layout, not per-row counts: under spec-decode style
+    compaction the counts are upper bounds and would shift later rows.
+    """
     out = np.ones(num_tokens_padded, dtype=np.int64)
-    out[:num_tokens] = np.repeat(slot_k[idx_mapping], num_scheduled_tokens)[:num_tokens]
+    starts, ends = query_start_loc[:-1], query_start_loc[1:]
+    lengths = np.maximum(ends - starts, 0)
+    positions = np.repeat(starts, lengths) + (
+        np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    )
+    keep = positions < num_tokens_padded
+    out[positions[keep]] = np.repeat(row_k, lengths)[keep]
     return out
 
 
-class StepK:
-    """Process-global declared-k state of one model worker."""
+def plan_from_token_k(per_token: np.ndarray, device: torch.device, real: bool) -> StepPlan:
+    """Group the tokens of a step by k (CPU path: one expert-kernel call per k)."""
+    token_k = torch.from_numpy(per_token)
+    distinct = np.unique(per_token).tolist() or [1]
+    if len(distinct) == 1:
+        groups: list[tuple[int, torch.Tensor | None]] = [(distinct[0], None)]
+    else:
+        groups = [(k, torch.nonzero(token_k == k).flatten().to(device)) for k in distinct]
+    return StepPlan(token_k=token_k.to(device), groups=groups, k_max=groups[-1][0], real=real)
+
+
+class RowK:
+    """V1 worker state: batch row -> declared k (0 = no request known there)."""
 
     def __init__(self) -> None:
-        self.policy: KPolicy | None = None
+        self.contract: KContract | None = None
         self.row_k: list[int] = []
-        self.plan: StepPlan | None = None
-        # True when a V2 model state plans each step (the model forward must not).
-        self.planned_by_runner = False
 
-    # -- batch bookkeeping (V1: from the logits processor) -------------------
-    def configure(self, policy: KPolicy) -> None:
-        self.policy = policy
+    def configure(self, contract: KContract) -> None:
+        self.contract = contract
         self.row_k = []
-        self.plan = None
 
     def _cover(self, row: int) -> None:
-        """Grow row -> k to include ``row`` (0 = no request known there yet)."""
         if row >= len(self.row_k):
             self.row_k.extend([0] * (row + 1 - len(self.row_k)))
 
@@ -92,53 +111,48 @@ class StepK:
         else:
             self.row_k[dst] = self.row_k[src]
 
-    # -- per forward ---------------------------------------------------------
-    def plan_forward(
-        self,
-        num_tokens: int,
-        tokens_per_row: list[int] | None,
-        device: torch.device,
-    ) -> StepPlan:
-        """Plan this step; rows beyond the known ones (or a dummy run) use native k."""
-        assert self.policy is not None, "declared-k model not configured"
-        native = self.policy.native_k
+    def apply(self, batch_update: BatchUpdate) -> None:
+        assert self.contract is not None
+        for row in batch_update.removed:
+            self.set_row(row, 0)
+        for row, params, _, _ in batch_update.added:
+            # Admission validated k against the same contract (the engine core
+            # re-checked it): resolve cannot fail here.
+            self.set_row(row, self.contract.resolve(getattr(params, "extra_args", None)))
+        for src, dst, direction in batch_update.moved:
+            self.move_row(src, dst, swap=direction == MoveDirectionality.SWAP)
+        del self.row_k[batch_update.batch_size :]
+
+    def plan(self, tokens_per_row: list[int] | None, num_tokens: int, device) -> StepPlan:
+        """Plan this step from the attention layout; a dummy run (no layout) runs native k."""
+        assert self.contract is not None, "declared-k model not configured"
+        native = self.contract.policy.native_k
         if tokens_per_row is None:
-            per_token = np.full(num_tokens, native, dtype=np.int64)
-        else:
-            rows = len(tokens_per_row)
-            row_k = np.array((self.row_k + [0] * rows)[:rows], dtype=np.int64)
-            row_k[row_k == 0] = native
-            scheduled = min(sum(tokens_per_row), num_tokens)  # the rest is padding
-            per_token = expand_slot_k(
-                row_k, np.arange(rows), np.array(tokens_per_row), scheduled, num_tokens
+            return plan_from_token_k(np.full(num_tokens, native, dtype=np.int64), device, real=False)
+        rows = len(tokens_per_row)
+        row_k = np.array((self.row_k + [0] * rows)[:rows], dtype=np.int64)
+        if (row_k == 0).any():
+            raise RuntimeError(
+                f"declared k: batch rows {np.flatnonzero(row_k == 0).tolist()} have no "
+                "request known to the logits processor; refusing to guess their k"
             )
-        token_k = torch.from_numpy(per_token)
-        distinct = np.unique(per_token).tolist()
-        if len(distinct) <= 1:
-            groups = [(distinct[0], None)] if distinct else [(native, None)]
-        else:
-            groups = [(k, torch.nonzero(token_k == k).flatten().to(device)) for k in distinct]
-        self.plan = StepPlan(
-            token_k=token_k.to(device),
-            groups=groups,
-            k_max=groups[-1][0],
-            real=tokens_per_row is not None,
-        )
-        return self.plan
+        qsl = np.concatenate([[0], np.cumsum(tokens_per_row)])
+        return plan_from_token_k(expand_row_k(row_k, qsl, num_tokens), device, real=True)
 
 
-STEP = StepK()
+ROWS = RowK()
 
 
 def tokens_per_row_from_forward_context() -> list[int] | None:
-    """Tokens scheduled per batch row this step, from the attention metadata."""
+    """Tokens scheduled per batch row this step, from the attention metadata
+    (None in a dummy run, which has none)."""
     from vllm.forward_context import get_forward_context, is_forward_context_available
 
     if not is_forward_context_available():
         return None
     attn_metadata = get_forward_context().attn_metadata
-    if isinstance(attn_metadata, list):  # micro-batching: first micro-batch layout
-        attn_metadata = attn_metadata[0] if attn_metadata else None
+    if isinstance(attn_metadata, list):
+        raise NotImplementedError("declared k with micro-batching (DBO) is not supported")
     if isinstance(attn_metadata, dict):
         attn_metadata = next(iter(attn_metadata.values()), None)
     qsl = getattr(attn_metadata, "query_start_loc", None)
@@ -148,44 +162,59 @@ def tokens_per_row_from_forward_context() -> list[int] | None:
     return [b - a for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-class DeclaredKLogitsProcessor(LogitsProcessor):
-    """Keeps row -> declared k for the declared-k MoE layers; logits untouched."""
+def publish_plan(plan: StepPlan) -> None:
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if is_forward_context_available():
+        get_forward_context().additional_kwargs[PLAN_KEY] = plan
+
+
+def current_plan() -> StepPlan | None:
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available():
+        return None
+    return get_forward_context().additional_kwargs.get(PLAN_KEY)
+
+
+class DeclaredKLogitsProcessor(V2LogitsProcessor):
+    """Admission check of k for every model; on the V1 runner, also the row -> k
+    tracker of declared-k models. Never touches logits.
+
+    One class serves both of vLLM's logits-processor interfaces, because an
+    entry-point processor is loaded by both runners: it subclasses the V2
+    interface (the V2 loader checks that) and implements the V1 one
+    (``__init__(vllm_config, device, is_pin_memory)``, ``apply(logits)``,
+    ``is_argmax_invariant``, ``update_state``).
+    """
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
         validate_declared_k(sampling_params.extra_args)
 
-    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
-        self.native_k = int(vllm_config.model_config.hf_config.num_experts_per_tok)
+    def __init__(self, vllm_config, *runner_args) -> None:
+        from phds_serve.model_executor.contract import contract_of
 
+        contract = contract_of(vllm_config)
+        # Three positional arguments: V1 (device, is_pin_memory); one: V2 (req_states).
+        self.tracks_rows = len(runner_args) == 2 and contract is not None and contract.declared
+        if self.tracks_rows:
+            ROWS.configure(contract)
+
+    # -- V1 interface --------------------------------------------------------
     def is_argmax_invariant(self) -> bool:
         return True
 
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits
-
     def update_state(self, batch_update: BatchUpdate | None) -> None:
-        if batch_update is None:
-            return
-        for row in batch_update.removed:
-            STEP.set_row(row, 0)
-        for row, params, _, _ in batch_update.added:
-            STEP.set_row(row, _row_k(params, self.native_k))
-        for src, dst, direction in batch_update.moved:
-            STEP.move_row(src, dst, swap=direction == MoveDirectionality.SWAP)
-        del STEP.row_k[batch_update.batch_size :]
+        if self.tracks_rows and batch_update is not None:
+            ROWS.apply(batch_update)
 
+    # -- V2 interface (and V1's apply) ----------------------------------------
+    def add_request(self, req_idx: int, sampling_params) -> bool:
+        return False  # never modifies logits
 
-def _row_k(params, native_k: int) -> int:
-    extra = getattr(params, "extra_args", None)
-    if not extra or K_FIELD not in extra:
-        return native_k
-    try:
-        policy = STEP.policy
-        return policy.validate(extra[K_FIELD]) if policy else parse_k(extra[K_FIELD])
-    except InvalidK as exc:  # unreachable when the frontend validated; never crash the engine
-        logger.error("declared k rejected in the worker (%s); running at native k", exc)
-        return native_k
+    def apply(self, logits: torch.Tensor, ctx=None) -> torch.Tensor:
+        return logits
 
 
 LOGITS_PROCESSOR_FQCN = f"{__name__}:DeclaredKLogitsProcessor"

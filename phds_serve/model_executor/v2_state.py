@@ -2,10 +2,12 @@
 
 The V2 runner asks the model for its ``ModelState`` class. Ours records each
 request slot's k when it is added and, every step before the forward (also
-before CUDA-graph replay), expands slot k to token k on the host (the runner
-already has the batch layout there) and copies it asynchronously into a
-buffer whose address never changes; routing tensors are ``max_k`` wide. No
-host sync, no Python branch on device data: CUDA-graph safe.
+before CUDA-graph replay), expands slot k to token k on the host from the
+batch's exact token layout (``query_start_loc``) and copies it asynchronously
+into a buffer whose address never changes; the model receives a view of it as
+a model input and routing tensors are ``max_k`` wide. No host sync, no Python
+branch on device data: CUDA-graph safe. Not exercised on a GPU yet
+(docs/COMPATIBILITY.md).
 """
 
 from __future__ import annotations
@@ -17,50 +19,57 @@ import torch
 from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 
 from phds_serve.model_executor import expert_metrics
-from phds_serve.model_executor.step_k import STEP, StepPlan, _row_k, expand_slot_k
+from phds_serve.model_executor.contract import contract_of
+from phds_serve.model_executor.step_k import expand_row_k
 
 
 class DeclaredKModelState(DefaultModelState):
     def __init__(self, vllm_config, model, encoder_cache, device: torch.device) -> None:
         super().__init__(vllm_config, model, encoder_cache, device)
-        self.policy = model.k_policy
-        self.slot_k = np.full(self.max_num_reqs, self.policy.native_k, dtype=np.int64)
-        self.token_k = torch.full(
-            (self.max_num_tokens,), self.policy.native_k, dtype=torch.int64, device=device
-        )
-        STEP.configure(self.policy)
-        STEP.planned_by_runner = True
+        self.contract = contract_of(vllm_config) if model.k_policy is not None else None
+        if self.contract is None:
+            return  # not declared: exactly the default model state
+        native = self.contract.policy.native_k
+        self.slot_k = np.full(self.max_num_reqs, native, dtype=np.int64)
+        self.token_k = torch.full((self.max_num_tokens,), native, dtype=torch.int64, device=device)
 
     def add_request(self, req_index: int, new_req_data) -> None:
         super().add_request(req_index, new_req_data)
-        self.slot_k[req_index] = _row_k(new_req_data.sampling_params, self.policy.native_k)
+        if self.contract is not None:
+            params = new_req_data.sampling_params
+            self.slot_k[req_index] = self.contract.resolve(getattr(params, "extra_args", None))
 
-    def _publish(self, num_tokens: int, real: bool) -> None:
-        STEP.plan = StepPlan(
-            token_k=self.token_k[:num_tokens],
-            groups=[(self.policy.max_k, None)],
-            k_max=self.policy.max_k,
-            real=real,
-        )
-
-    def prepare_inputs(self, input_batch, req_states) -> dict[str, Any]:
-        inputs = super().prepare_inputs(input_batch, req_states)
-        n, n_pad = input_batch.num_tokens, input_batch.num_tokens_after_padding
-        host = expand_slot_k(
-            self.slot_k, input_batch.idx_mapping_np, input_batch.num_scheduled_tokens, n, n_pad
-        )
+    def _stage(self, host: np.ndarray) -> torch.Tensor:
         staged = torch.from_numpy(host)
         if self.token_k.is_cuda:
             staged = staged.pin_memory()
-        self.token_k[:n_pad].copy_(staged, non_blocking=True)
-        self._publish(n_pad, real=True)
-        expert_metrics.record_step_from_host(host[:n], self.num_moe_layers)
-        return inputs
+        n = host.shape[0]
+        self.token_k[:n].copy_(staged, non_blocking=True)
+        return self.token_k[:n]
+
+    def prepare_inputs(self, input_batch, req_states) -> dict[str, Any]:
+        from phds_serve.model_executor.declared_k_model import TOKEN_K_INPUT
+
+        inputs = super().prepare_inputs(input_batch, req_states)
+        if self.contract is None:
+            return inputs
+        n_pad = input_batch.num_tokens_after_padding
+        real = bool(input_batch.req_ids) and input_batch.req_ids[0] in req_states.req_id_to_index
+        if real:
+            row_k = self.slot_k[input_batch.idx_mapping_np[: input_batch.num_reqs]]
+            host = expand_row_k(row_k, input_batch.query_start_loc_np[: input_batch.num_reqs + 1], n_pad)
+            expert_metrics.record_step_from_host(host[: input_batch.num_tokens], self.num_moe_layers)
+        else:  # a dummy batch (warm-up, CUDA-graph capture): never counted
+            host = np.full(n_pad, self.contract.policy.native_k, dtype=np.int64)
+        return {**inputs, TOKEN_K_INPUT: self._stage(host)}
 
     def prepare_dummy_inputs(self, num_reqs: int, num_tokens: int) -> dict[str, Any]:
+        from phds_serve.model_executor.declared_k_model import TOKEN_K_INPUT
+
         inputs = super().prepare_dummy_inputs(num_reqs, num_tokens)
-        self._publish(num_tokens, real=False)
-        return inputs
+        if self.contract is None:
+            return inputs
+        return {**inputs, TOKEN_K_INPUT: self.token_k[:num_tokens]}
 
     @property
     def num_moe_layers(self) -> int:

@@ -1,5 +1,6 @@
 """Declared k inside one long-lived engine: admission errors, widened range,
-prefix-cache isolation, and a mixed-k stress run checked token by token."""
+prefix-cache isolation by the engine itself, and a mixed-k stress run (prefix
+caching on, no salts) checked token by token."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from prometheus_client import CollectorRegistry, multiprocess
 from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 
-from phds_serve.offline import prompt_at_k, sampling_params_at_k
+from phds_serve.offline import sampling_params_at_k
 
 from .conftest import NATIVE_K, hf_logprobs, random_prompts, vllm_engine
 
@@ -45,8 +46,8 @@ def engine(tiny_checkpoints, metrics_dir):
         mp.undo()
 
 
-def generate_one(llm, prompt, k, salted=True, max_tokens=4):
-    request = prompt_at_k(prompt, k) if salted else {"prompt_token_ids": prompt}
+def generate_one(llm, prompt, k, max_tokens=4):
+    request = {"prompt_token_ids": prompt}  # no salt: the engine isolates k itself
     params = sampling_params_at_k(k, max_tokens=max_tokens, temperature=0, logprobs=0)
     return llm.generate([request], [params], use_tqdm=False)[0]
 
@@ -76,35 +77,55 @@ def test_widened_range_serves_k_above_native(engine, tiny_checkpoints):
     assert decode_error(tiny_checkpoints["olmoe"], MAX_K, prompt, out.outputs[0]) < TOL
 
 
-def prefix_cache_hits(llm) -> float:
-    return sum(
-        m.value for m in llm.get_metrics() if m.name == "vllm:prefix_cache_hits"
-    )
+def cached_tokens(llm, prompt, k, salt=None):
+    """vLLM's own count of prompt tokens served from the prefix cache, and the error."""
+    request = {"prompt_token_ids": prompt}
+    if salt is not None:
+        request["cache_salt"] = salt
+    params = sampling_params_at_k(k, max_tokens=4, temperature=0, logprobs=0)
+    return llm.generate([request], [params], use_tqdm=False)[0]
 
 
-def test_prefix_cache_isolated_by_k(engine, tiny_checkpoints):
+def test_engine_isolates_prefix_cache_by_k_by_itself(engine, tiny_checkpoints):
+    """``SamplingParams(extra_args={"k": k})`` alone, no salt from the caller: KV
+    computed at one k is never reused at another, and is reused within a k."""
     path = tiny_checkpoints["olmoe"]
     block = engine.llm_engine.vllm_config.cache_config.block_size
     prompt = random_prompts([3 * block + 5], seed=4)[0]
+    full_blocks = 3 * block
 
-    # Salted (what phds-serve and prompt_at_k do): k=1 after k=4 reuses nothing of k=4.
-    generate_one(engine, prompt, NATIVE_K)
-    hits = prefix_cache_hits(engine)
-    out = generate_one(engine, prompt, 1)
-    assert prefix_cache_hits(engine) == hits
-    assert decode_error(path, 1, prompt, out.outputs[0]) < TOL
-    # Same k again does hit the cache, and stays correct.
-    out = generate_one(engine, prompt, 1)
-    assert prefix_cache_hits(engine) > hits
-    assert decode_error(path, 1, prompt, out.outputs[0]) < TOL
+    first = cached_tokens(engine, prompt, NATIVE_K)
+    assert first.num_cached_tokens == 0
+    # k=1 right after native k: nothing reused, transformers at k=1 exactly.
+    at_1 = cached_tokens(engine, prompt, 1)
+    assert at_1.num_cached_tokens == 0
+    assert decode_error(path, 1, prompt, at_1.outputs[0]) < TOL
+    # Within one k the cache still works (and stays exact).
+    again = cached_tokens(engine, prompt, 1)
+    assert again.num_cached_tokens == full_blocks
+    assert decode_error(path, 1, prompt, again.outputs[0]) < TOL
+    # No k declared is the native k: it shares the native-k prefix.
+    assert cached_tokens(engine, prompt, None).num_cached_tokens == full_blocks
+    assert cached_tokens(engine, prompt, 2).num_cached_tokens == 0
 
-    # Unsalted, the hazard is real: k=1 reuses blocks computed at k=4 and is wrong.
-    unsalted = random_prompts([3 * block + 5], seed=5)[0]
-    generate_one(engine, unsalted, NATIVE_K, salted=False)
-    hits = prefix_cache_hits(engine)
-    stale = generate_one(engine, unsalted, 1, salted=False)
-    assert prefix_cache_hits(engine) > hits
-    assert decode_error(path, 1, unsalted, stale.outputs[0]) > 10 * TOL
+
+def test_client_salt_cannot_cross_k(engine, tiny_checkpoints):
+    """A client salt is kept, and no salt a client can send (not even the engine's own
+    k tag) makes a request share blocks computed at another k."""
+    from phds_serve.model_executor.prefix_isolation import salt_for_k
+
+    path = tiny_checkpoints["olmoe"]
+    block = engine.llm_engine.vllm_config.cache_config.block_size
+    prompt = random_prompts([2 * block + 3], seed=6)[0]
+    # A native-k request whose salt imitates the k=1 tag of an unsalted request.
+    cached_tokens(engine, prompt, NATIVE_K, salt=salt_for_k(None, 1))
+    victim = cached_tokens(engine, prompt, 1)
+    assert victim.num_cached_tokens == 0
+    assert decode_error(path, 1, prompt, victim.outputs[0]) < TOL
+    # Same client salt and same k: shared. Another client salt: not shared.
+    cached_tokens(engine, prompt, 2, salt="tenant-a")
+    assert cached_tokens(engine, prompt, 2, salt="tenant-a").num_cached_tokens == 2 * block
+    assert cached_tokens(engine, prompt, 2, salt="tenant-b").num_cached_tokens == 0
 
 
 def test_mixed_k_stress(engine, tiny_checkpoints, metrics_dir):
@@ -117,7 +138,7 @@ def test_mixed_k_stress(engine, tiny_checkpoints, metrics_dir):
     prompts = random_prompts([rng.randint(1, 150) for _ in range(n)], seed=8)
     budgets = [rng.randint(1, 48) for _ in range(n)]
     outputs = engine.generate(
-        [prompt_at_k(p, k) for p, k in zip(prompts, ks)],
+        [{"prompt_token_ids": p} for p in prompts],
         [sampling_params_at_k(k, max_tokens=b, temperature=0, logprobs=0, ignore_eos=True)
          for k, b in zip(ks, budgets)],
         use_tqdm=False,

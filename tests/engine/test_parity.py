@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from phds_serve.offline import prompt_at_k, sampling_params_at_k
+from phds_serve.offline import sampling_params_at_k
 from phds_serve.tiny import ARCHS
 
 from .conftest import NATIVE_K, hf_logprobs, random_prompts, vllm_engine
@@ -20,7 +20,7 @@ def test_mixed_k_matches_transformers(arch, tiny_checkpoints):
     requests = [(p, k) for p in prompts for k in KS]
     with vllm_engine(path) as llm:
         outputs = llm.generate(
-            [prompt_at_k(p, k) for p, k in requests],
+            [{"prompt_token_ids": p} for p, _ in requests],
             [sampling_params_at_k(k, max_tokens=6, temperature=0, prompt_logprobs=0, logprobs=0)
              for _, k in requests],
             use_tqdm=False,

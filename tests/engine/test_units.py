@@ -87,38 +87,55 @@ def test_moe_reference_ignores_unused_slots():
 
 # -- V1 bookkeeping ------------------------------------------------------------
 def test_step_plan_groups_tokens_by_row_k():
-    from phds_serve.model_executor.step_k import StepK
+    from phds_serve.declared_k import KContract
+    from phds_serve.model_executor.step_k import RowK
 
-    step = StepK()
-    step.configure(KPolicy(native_k=4, num_experts=8))
+    rows = RowK()
+    rows.configure(KContract(KPolicy(native_k=4, num_experts=8), declared=True))
     for row, k in enumerate([1, 4, 2]):
-        step.set_row(row, k)
-    step.move_row(0, 2, swap=True)  # rows now declare 2, 4, 1
-    plan = step.plan_forward(7, [3, 2, 1], torch.device("cpu"))  # one padding token
+        rows.set_row(row, k)
+    rows.move_row(0, 2, swap=True)  # rows now declare 2, 4, 1
+    plan = rows.plan([3, 2, 1], 7, torch.device("cpu"))  # one padding token
     assert plan.token_k.tolist() == [2, 2, 2, 4, 4, 1, 1]
-    assert [(k, rows.tolist()) for k, rows in plan.groups] == [(1, [5, 6]), (2, [0, 1, 2]), (4, [3, 4])]
+    assert [(k, r.tolist()) for k, r in plan.groups] == [(1, [5, 6]), (2, [0, 1, 2]), (4, [3, 4])]
     assert plan.k_max == 4 and plan.real
-    dummy = step.plan_forward(5, None, torch.device("cpu"))
+    dummy = rows.plan(None, 5, torch.device("cpu"))
     assert dummy.groups[0][0] == 4 and dummy.groups[0][1] is None and not dummy.real
 
 
-# -- V2 (GPU runner) wiring, checked without a GPU -----------------------------
-def test_v2_token_k_expansion():
-    from phds_serve.model_executor.step_k import expand_slot_k
+def test_step_plan_refuses_rows_it_does_not_know():
+    """No silent native k: a batch row the logits processor never saw is an error."""
+    from phds_serve.declared_k import KContract
+    from phds_serve.model_executor.step_k import RowK
 
-    slot_k = np.array([4, 1, 2, 3])
-    out = expand_slot_k(slot_k, np.array([2, 0, 1]), np.array([3, 1, 2]), 6, 8)
+    rows = RowK()
+    rows.configure(KContract(KPolicy(native_k=4, num_experts=8), declared=True))
+    rows.set_row(0, 2)
+    with pytest.raises(RuntimeError, match=r"batch rows \[1\]"):
+        rows.plan([1, 1], 2, torch.device("cpu"))
+
+
+# -- V2 (GPU runner) wiring, checked without a GPU -----------------------------
+def test_token_k_follows_the_exact_token_layout():
+    """Rows expand over query_start_loc, not per-row counts: a compacted layout (the
+    second row scheduled 3 tokens but only 1 survives) keeps later rows in place."""
+    from phds_serve.model_executor.step_k import expand_row_k
+
+    row_k = np.array([2, 4, 1])
+    out = expand_row_k(row_k, np.array([0, 3, 4, 6]), 8)
     assert out.tolist() == [2, 2, 2, 4, 1, 1, 1, 1]
+    assert expand_row_k(np.array([3]), np.array([0, 0]), 2).tolist() == [1, 1]
 
 
 def test_v2_runner_picks_our_model_state_and_admission():
+    from vllm import SamplingParams
     from vllm.exceptions import VLLMValidationError
     from vllm.v1.worker.gpu.model_states import resolve_model_state_cls
     from vllm.v1.worker.gpu.sample.logits_processor import (
         build_custom_logits_processors_params_validator,
     )
-    from vllm import SamplingParams
 
+    from phds_serve.declared_k import KContract
     from phds_serve.model_executor import admission
     from phds_serve.model_executor.models.olmoe import DeclaredKOlmoeForCausalLM
     from phds_serve.model_executor.v2_state import DeclaredKModelState
@@ -126,11 +143,18 @@ def test_v2_runner_picks_our_model_state_and_admission():
     model = DeclaredKOlmoeForCausalLM.__new__(DeclaredKOlmoeForCausalLM)
     assert resolve_model_state_cls(None, model) is DeclaredKModelState
 
-    validate = build_custom_logits_processors_params_validator([admission.V2_ADMISSION_FQCN])
-    admission.set_frontend_policy(KPolicy(native_k=4, num_experts=8))
+    # The V2 loader accepts our entry-point processor (it rejects V1-only classes).
+    validate = build_custom_logits_processors_params_validator([])
+    admission.set_frontend_contract(KContract(KPolicy(native_k=4, num_experts=8), True))
     validate(SamplingParams(extra_args={"k": 3}))
     with pytest.raises(VLLMValidationError, match="from 1 to 4"):
         validate(SamplingParams(extra_args={"k": 5}))
+    admission.set_frontend_contract(
+        KContract(KPolicy(native_k=4, num_experts=8), False, "LoRA: reasons")
+    )
+    validate(SamplingParams(extra_args={"k": 4}))
+    with pytest.raises(VLLMValidationError, match="k=2 is not available.*LoRA: reasons"):
+        validate(SamplingParams(extra_args={"k": 2}))
 
 
 # -- activation: installing is enough, an env var switches it off ---------------

@@ -3,15 +3,25 @@
 Registered with ``MoERunner.register_oot`` (vLLM's API for out-of-tree layer
 replacement), so it is built wherever vLLM builds a MoE runner. It behaves
 exactly like the stock runner unless it was built inside a declared-k model
-(:func:`building_declared_k_model`); then routing uses each token's declared k
-(:mod:`phds_serve.routing` semantics) and expert compute scales with k:
+(:func:`building_declared_k_model`); then routing follows the layer's own rule
+(read off vLLM's router, :mod:`.routing_rule`) with each token's declared k,
+and expert compute goes through one of three paths:
 
-* CPU: tokens are grouped by k and each group runs vLLM's own expert kernel
-  with its ids/weights truncated to k slots, so no slot id is ever -1
-  (``cpu_fused_moe`` corrupts memory on -1) and a k=1 token costs one expert.
-* CUDA: the declared-k Triton kernels (:mod:`phds_serve.kernels`) skip unused
-  slots without host syncs; ``PHDS_MOE_BACKEND=reference`` forces a full-width
-  zero-weight path through vLLM's kernel (correct, graph safe, no savings).
+* ``cpu-grouped`` (CPU): tokens grouped by k, each group through vLLM's own
+  modular expert kernel (``forward_modular``) with exactly k slots, so no slot
+  id is ever -1 (``cpu_fused_moe`` corrupts memory on -1) and a k=1 token
+  costs one expert.
+* ``triton`` (CUDA, only where valid): the declared-k Triton kernels
+  (:mod:`phds_serve.kernels`), which skip unused slots without host syncs.
+  Valid for unquantized, standard-layout, gated SiLU/GELU layers without
+  biases, expert map, LoRA or weight-on-input.
+* ``modular`` (CUDA, every other layer: FP8, AWQ/GPTQ (Marlin), NVFP4,
+  expert parallel, ...): vLLM's modular kernel with the declared-k ids at full
+  width, slots beyond a token's k weighted 0 (exact, graph safe, no savings).
+
+Anything this runner cannot apply exactly (a monolithic kernel, an unknown
+router, a token layout it did not plan) raises at start-up or in the step,
+never runs another k.
 """
 
 from __future__ import annotations
@@ -21,6 +31,8 @@ from collections.abc import Iterator
 
 import torch
 from torch.library import Library
+from vllm.model_executor.layers.fused_moe.config import RoutingMethodType
+from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 from vllm.model_executor.layers.fused_moe.runner.moe_runner import (
     MoERunner,
     get_layer_from_name,
@@ -33,15 +45,21 @@ from vllm.utils.torch_utils import direct_register_custom_op
 
 from phds_serve.declared_k import KPolicy
 from phds_serve.model_executor import expert_metrics
-from phds_serve.model_executor.step_k import STEP, StepPlan
-from phds_serve.routing import declared_k_topk
+from phds_serve.model_executor.layers.routing_rule import rule_from_router
+from phds_serve.model_executor.step_k import StepPlan, current_plan, plan_from_token_k
+from phds_serve.routing import route_declared_k
 
 _BUILDING: KPolicy | None = None
+
+# Routing method our layers advertise to vLLM's kernel oracle: no monolithic
+# kernel (they run their own router on raw logits) opts in to it, modular ones
+# accept any, so declared-k layers always get a kernel that takes our ids.
+DECLARED_K_ROUTING_METHOD = RoutingMethodType.Unspecified
 
 
 @contextlib.contextmanager
 def building_declared_k_model(policy: KPolicy) -> Iterator[None]:
-    """MoE runners constructed inside this block route by declared k."""
+    """MoE layers constructed inside this block route by declared k."""
     global _BUILDING
     previous, _BUILDING = _BUILDING, policy
     try:
@@ -50,14 +68,18 @@ def building_declared_k_model(policy: KPolicy) -> Iterator[None]:
         _BUILDING = previous
 
 
-def moe_backend() -> str:
-    """``cpu-grouped`` on CPU; else the kernels' choice, ``triton`` or ``reference``
-    (``PHDS_MOE_BACKEND`` forces one)."""
-    if current_platform.is_cpu():
-        return "cpu-grouped"
-    from phds_serve.kernels import select_moe_backend
+@RoutedExperts.register_oot
+class DeclaredKRoutedExperts(RoutedExperts):
+    """RoutedExperts that, inside a declared-k model, never get a monolithic kernel."""
 
-    return select_moe_backend()
+    def __init__(self, layer_name, params_dtype, moe_config, *args, **kwargs) -> None:
+        if _BUILDING is not None:
+            moe_config.routing_method = DECLARED_K_ROUTING_METHOD
+        super().__init__(layer_name, params_dtype, moe_config, *args, **kwargs)
+
+
+def _refuse(layer: str, why: str) -> NotImplementedError:
+    return NotImplementedError(f"declared k cannot be applied exactly to {layer}: {why}")
 
 
 @MoERunner.register_oot
@@ -69,16 +91,48 @@ class DeclaredKMoERunner(MoERunner):
         self.k_policy: KPolicy | None = _BUILDING
         if self.k_policy is None:
             return
-        router = self.router
-        if getattr(router, "scoring_func", "softmax") != "softmax" or getattr(
-            router, "use_grouped_topk", False
-        ):
-            raise NotImplementedError(
-                "declared k supports softmax top-k routers (OLMoE, Qwen-MoE, Mixtral)"
-            )
-        self.renormalize = bool(router.renormalize)
-        self.backend = moe_backend()
+        self.rule = rule_from_router(
+            self.router,
+            weight_on_input=bool(getattr(self.routed_experts, "apply_router_weight_on_input", False)),
+        )
+        self.backend = self._select_backend()
+        self._check_layer()
 
+    # -- start-up checks -----------------------------------------------------
+    def _check_layer(self) -> None:
+        policy, cfg = self.k_policy, self.moe_config
+        assert policy is not None
+        if policy.max_k > self.rule.max_k(cfg.num_experts):
+            raise _refuse(self.layer_name, f"k up to {policy.max_k} exceeds what its router "
+                          f"({self.rule.describe()}) can pick, {self.rule.max_k(cfg.num_experts)}")
+        if self.rule.weight_on_input and policy.max_k > 1:
+            raise _refuse(self.layer_name, "the routing weight multiplies the expert input, "
+                          "which vLLM's expert kernels support at k = 1 only")
+        par = cfg.moe_parallel_config
+        if cfg.dp_size > 1 or cfg.is_sequence_parallel or par.use_all2all_kernels:
+            raise _refuse(self.layer_name, "its MoE input holds tokens of other ranks "
+                          "(data parallel / sequence-parallel / all2all expert parallel)")
+        if getattr(par, "enable_eplb", False):
+            raise _refuse(self.layer_name, "EPLB replicas are routed by vLLM's own router")
+        if cfg.is_lora_enabled:
+            raise _refuse(self.layer_name, "MoE LoRA routes with the layer's own top-k")
+        if self.routed_experts.quant_method.is_monolithic:
+            raise _refuse(self.layer_name, "its expert kernel "
+                          f"({type(self.routed_experts.quant_method).__name__}) is monolithic "
+                          "(routes raw logits itself); choose a modular --moe-backend")
+
+    def _select_backend(self) -> str:
+        """``cpu-grouped`` on CPU; on CUDA ``triton`` where the kernels are valid for
+        this layer, else ``modular`` (``PHDS_MOE_BACKEND=reference`` forces it)."""
+        if current_platform.is_cpu():
+            return "cpu-grouped"
+        from phds_serve.kernels import select_moe_backend
+
+        if select_moe_backend() == "triton" and triton_kernels_valid_for(self):
+            return "triton"
+        return "modular"
+
+    # -- forward -------------------------------------------------------------
     def _apply_quant_method(
         self,
         hidden_states: torch.Tensor,
@@ -87,7 +141,7 @@ class DeclaredKMoERunner(MoERunner):
         input_ids: torch.Tensor | None = None,
         shared_experts_overlapping: bool = False,
     ):
-        if self.k_policy is None or self.routed_experts.quant_method.is_monolithic:
+        if self.k_policy is None:
             return super()._apply_quant_method(
                 hidden_states,
                 router_logits,
@@ -118,35 +172,60 @@ class DeclaredKMoERunner(MoERunner):
             shared._determine_shared_experts_order(hidden_states)
             == SharedExpertsOrder.MK_INTERNAL_OVERLAPPED
         ):
-            raise NotImplementedError("declared k with all2all expert-parallel kernels")
+            raise _refuse(self.layer_name, "all2all expert-parallel kernels run shared experts inside")
+
+    def step_plan(self, num_tokens: int, device: torch.device) -> StepPlan:
+        """This step's plan, from the forward context; a forward with no plan is only
+        accepted where vLLM runs a dummy batch (no attention metadata)."""
+        plan = current_plan()
+        if plan is None:
+            from phds_serve.model_executor.step_k import tokens_per_row_from_forward_context
+
+            if tokens_per_row_from_forward_context() is not None:
+                raise RuntimeError(f"{self.layer_name}: a scheduled step reached a declared-k "
+                                   "MoE layer without a step plan")
+            assert self.k_policy is not None
+            import numpy as np
+
+            plan = plan_from_token_k(
+                np.full(num_tokens, self.k_policy.native_k, dtype=np.int64), device, real=False
+            )
+        if plan.token_k.shape[0] != num_tokens:
+            raise _refuse(self.layer_name, f"its input has {num_tokens} tokens but the step "
+                          f"planned {plan.token_k.shape[0]} (a token layout phds-serve does not "
+                          "support, e.g. data or sequence parallel MoE, or micro-batching)")
+        return plan
 
     def declared_k_forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """Routed-expert output of this step, every token at its declared k."""
-        plan = STEP.plan
-        if plan is None or plan.token_k.shape[0] != x.shape[0]:
-            # A forward outside the declared-k model's forward (e.g. a warm-up):
-            # every token at native k.
-            plan = STEP.plan_forward(x.shape[0], None, x.device)
+        plan = self.step_plan(x.shape[0], x.device)
         if self.backend == "triton":
-            from phds_serve.kernels import declared_k_topk_triton, fused_declared_k_moe
+            from phds_serve.kernels import declared_k_route_triton, fused_declared_k_moe
 
-            weights, ids = declared_k_topk_triton(
-                router_logits, plan.token_k, plan.k_max, self.renormalize
-            )
+            weights, ids = declared_k_route_triton(router_logits, plan.token_k, plan.k_max, self.rule)
             return fused_declared_k_moe(
-                x, self.routed_experts.w13_weight, self.routed_experts.w2_weight, weights, ids
+                x,
+                self.routed_experts.w13_weight,
+                self.routed_experts.w2_weight,
+                weights,
+                ids,
+                activation=self.moe_config.activation.value,
             )
-        weights, ids = declared_k_topk(router_logits, plan.token_k, plan.k_max, self.renormalize)
         if self.backend == "cpu-grouped":
+            weights, ids = route_declared_k(router_logits, plan.token_k, plan.k_max, self.rule)
             return self._grouped_experts(x, weights, ids, plan)
-        return self._full_width_experts(x, router_logits, weights, ids)
+        weights, ids = route_declared_k(
+            router_logits, plan.token_k, plan.k_max, self.rule, keep_ids=True
+        )
+        return self._run_experts(x, weights, ids)
 
     def _run_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         ids = ids.to(self._quant_method.topk_indices_dtype or torch.int32)
         out = self.routed_experts.forward_modular(
             x=x, topk_weights=weights.contiguous(), topk_ids=ids.contiguous()
         )
-        assert isinstance(out, torch.Tensor), "deferred-finalize MoE output unsupported"
+        if not isinstance(out, torch.Tensor):
+            raise _refuse(self.layer_name, "its kernel defers finalisation of the MoE output")
         return out
 
     def _grouped_experts(
@@ -163,12 +242,33 @@ class DeclaredKMoERunner(MoERunner):
             out[rows] = self._run_experts(x[rows], weights[rows, :k], ids[rows, :k])
         return out
 
-    def _full_width_experts(
-        self, x: torch.Tensor, router_logits: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
-    ) -> torch.Tensor:
-        """Reference GPU path: every slot a real expert, unused slots weighted 0."""
-        full_ids = torch.topk(router_logits, ids.shape[1], dim=-1, sorted=True).indices
-        return self._run_experts(x, weights, full_ids)
+
+def triton_kernels_valid_for(runner: DeclaredKMoERunner) -> bool:
+    """Whether the project's bf16/fp16/fp32 Triton expert kernel computes exactly this
+    layer: unquantized weights in vLLM's standard [E, 2I, H]/[E, H, I] layout (no
+    FlashInfer re-layout), a gated activation it implements, no biases, all experts
+    local (no expert map), no LoRA, weight applied on the output."""
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
+        UnquantizedFusedMoEMethod,
+    )
+
+    from phds_serve.kernels.activation import ACTIVATION_CODES
+
+    experts, cfg = runner.routed_experts, runner.moe_config
+    method = experts.quant_method
+    if type(method) is not UnquantizedFusedMoEMethod:
+        return False
+    if getattr(getattr(method, "unquantized_backend", None), "value", None) != "TRITON":
+        return False
+    if cfg.has_bias or not cfg.is_act_and_mul or cfg.activation.value not in ACTIVATION_CODES:
+        return False
+    if experts.expert_map is not None or cfg.is_lora_enabled or runner.rule.weight_on_input:
+        return False
+    w13, w2 = getattr(experts, "w13_weight", None), getattr(experts, "w2_weight", None)
+    if w13 is None or w2 is None or w13.dim() != 3 or w2.dim() != 3:
+        return False
+    num, two_inter, hidden = w13.shape
+    return num == cfg.num_experts and w2.shape == (num, hidden, two_inter // 2)
 
 
 def _declared_k_moe(hidden_states: torch.Tensor, router_logits: torch.Tensor, layer_name: str) -> torch.Tensor:

@@ -1,0 +1,114 @@
+"""Read a declared-k routing rule off vLLM's own router object.
+
+Which rule a layer routes by is decided by what vLLM built for it (the router
+class and its fields), never by the architecture name: the CPU router, the GPU
+top-k, biased top-k, grouped top-k and custom-function routers all carry the
+same few fields. Only router classes and custom routing functions listed here
+are accepted; anything else is refused with the reason (at start-up), so no
+layer is ever routed by a rule that is not its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from phds_serve.routing import RoutingRule
+
+
+class UnsupportedRouter(NotImplementedError):
+    """This layer's router is not a top-k prefix rule phds-serve can apply per token."""
+
+
+def _custom_function_rule(fn: Callable | None, renormalize: bool) -> dict[str, Any] | None:
+    """Fields of the rule a known custom routing function implements (None: unknown)."""
+    if fn is None:
+        return None
+    qualname = getattr(fn, "__qualname__", repr(fn))
+    if qualname == "Llama4MoE.custom_routing_function":
+        # top-k on the logits, then sigmoid of each: sigmoid is monotone, so it is
+        # the sigmoid rule, weights not renormalised, applied to the expert input.
+        return {"scoring": "sigmoid", "renormalize": False, "weight_on_input": True}
+    raise UnsupportedRouter(
+        f"custom routing function {qualname} is not a rule phds-serve knows to be a "
+        "top-k prefix rule"
+    )
+
+
+def _checked_scoring(router: Any) -> str:
+    scoring = getattr(router, "scoring_func", "softmax")
+    if scoring not in ("softmax", "sigmoid"):
+        raise UnsupportedRouter(f"scoring function {scoring!r} (only softmax and sigmoid)")
+    return scoring
+
+
+def rule_from_router(router: Any, weight_on_input: bool = False) -> RoutingRule:
+    """The declared-k rule of a vLLM router (raises UnsupportedRouter)."""
+    from vllm.model_executor.layers.fused_moe.router.cpu_router import CPURouter
+    from vllm.model_executor.layers.fused_moe.router.custom_routing_router import (
+        CustomRoutingRouter,
+    )
+    from vllm.model_executor.layers.fused_moe.router.fused_topk_bias_router import (
+        FusedTopKBiasRouter,
+    )
+    from vllm.model_executor.layers.fused_moe.router.fused_topk_router import FusedTopKRouter
+    from vllm.model_executor.layers.fused_moe.router.grouped_topk_router import (
+        GroupedTopKRouter,
+    )
+
+    kind = type(router)
+    if getattr(router, "_hash_indices_table", None) is not None:
+        raise UnsupportedRouter("hash routing picks experts from token ids, not by top-k")
+    if getattr(router, "num_fused_shared_experts", 0):
+        raise UnsupportedRouter("shared experts fused into the routed top-k")
+    if getattr(router, "bias_vl", None) is not None:
+        raise UnsupportedRouter("a vision-token routing bias")
+
+    fields: dict[str, Any] = {"weight_on_input": weight_on_input}
+    if kind is CPURouter:
+        custom = _custom_function_rule(router.custom_routing_function, router.renormalize)
+        if custom is not None:
+            return RoutingRule(**{**fields, **custom})
+        fields.update(
+            scoring=_checked_scoring(router),
+            renormalize=bool(router.renormalize),
+            correction_bias=router.e_score_correction_bias,
+            routed_scaling_factor=float(router.routed_scaling_factor),
+        )
+        if router.use_grouped_topk:
+            fields.update(_grouped(router))
+        return RoutingRule(**fields)
+    if kind is FusedTopKRouter:
+        return RoutingRule(
+            **fields, scoring=_checked_scoring(router), renormalize=bool(router.renormalize)
+        )
+    if kind is FusedTopKBiasRouter:
+        return RoutingRule(
+            **fields,
+            scoring=_checked_scoring(router),
+            renormalize=bool(router.renormalize),
+            correction_bias=router.e_score_correction_bias,
+            routed_scaling_factor=float(router.routed_scaling_factor),
+        )
+    if kind is GroupedTopKRouter:
+        return RoutingRule(
+            **fields,
+            scoring=_checked_scoring(router),
+            renormalize=bool(router.renormalize),
+            correction_bias=router.e_score_correction_bias,
+            routed_scaling_factor=float(router.routed_scaling_factor),
+            **_grouped(router),
+        )
+    if kind is CustomRoutingRouter:
+        custom = _custom_function_rule(router.custom_routing_function, router.renormalize)
+        return RoutingRule(**{**fields, **custom})  # type: ignore[arg-type]
+    raise UnsupportedRouter(f"router {kind.__name__} is not one phds-serve declares k for")
+
+
+def _grouped(router: Any) -> dict[str, Any]:
+    """vLLM's grouped top-k: groups ranked by their best two biased scores when the
+    layer has a correction bias (DeepSeek-V3 family), else by their best score."""
+    return {
+        "num_groups": int(router.num_expert_group),
+        "groups_kept": int(router.topk_group),
+        "group_score": "top2_sum" if router.e_score_correction_bias is not None else "max",
+    }
