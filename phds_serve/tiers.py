@@ -259,7 +259,12 @@ def load_tiers(value: str | None) -> TierTable:
 def check_tiers(table: TierTable, allowed: Sequence[int], why: str = "widen with --max-k") -> None:
     """Startup check: every k a tier can run at (nominal to lowest) must be servable by the model."""
     allowed = list(allowed)
-    shown = f"{min(allowed)}..{max(allowed)}" if allowed == list(range(min(allowed), max(allowed) + 1)) else str(allowed)
+    if len(allowed) == 1:
+        shown = f"{allowed[0]} only"
+    elif allowed == list(range(min(allowed), max(allowed) + 1)):
+        shown = f"{min(allowed)}..{max(allowed)}"
+    else:
+        shown = str(allowed)
     for tier in table.tiers.values():
         for k in (tier.k, tier.lowest_k):
             if k not in allowed:

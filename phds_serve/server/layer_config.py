@@ -19,6 +19,7 @@ from argparse import Namespace
 from typing import Any
 
 from phds_serve.declared_k import KContract, KPolicy
+from phds_serve.model_executor.contract import plugin_enabled
 from phds_serve.server.brownout import Objectives
 from phds_serve.server.request_k import LayerConfig
 from phds_serve.server.trust import TrustConfig, parse_key_tiers, parse_networks
@@ -30,39 +31,19 @@ NO_PLUGIN_REASON = (
 )
 
 
-def _plugin_enabled() -> bool:
-    return os.environ.get("PHDS_DISABLE", "0").lower() in ("", "0", "false", "no")
-
-
 def engine_contract(hf_config: Any) -> KContract:
     """The engine's k contract (from the plugin's config hook), never a guess.
 
     The hook sets it while vLLM builds the engine config in this process. No
-    contract means the plugin did not run: only the native k is real then.
+    contract means the hook did not run here: only the native k is real then
+    (and a model without routed experts is no model for phds-serve: ValueError).
     """
-    contract = None
-    try:
-        from phds_serve.model_executor.admission import frontend_contract
-    except ImportError:  # an engine side without the contract API
-        frontend_contract = None
-    if frontend_contract is not None:
-        contract = frontend_contract()
+    from phds_serve.model_executor.admission import frontend_contract
+
+    contract = frontend_contract()
     if contract is not None:
         return contract
-    policy = KPolicy.from_hf_config(hf_config)  # ValueError: not a MoE model
-    if frontend_contract is None and _plugin_enabled():
-        return _legacy_contract(hf_config, policy)
-    return KContract(policy, False, NO_PLUGIN_REASON)
-
-
-def _legacy_contract(hf_config: Any, policy: KPolicy) -> KContract:
-    """Before the engine exposed its contract: declared iff the plugin replaced the model class."""
-    from phds_serve.model_executor.models import DECLARED_K_MODELS
-
-    archs = getattr(hf_config, "architectures", None) or []
-    if any(a in DECLARED_K_MODELS for a in archs):
-        return KContract(policy, True)
-    return KContract(policy, False, f"{archs} is not an architecture phds-serve declares k for")
+    return KContract(KPolicy.from_hf_config(hf_config), False, NO_PLUGIN_REASON)
 
 
 def _tiers(args: Namespace) -> TierTable:
@@ -118,7 +99,7 @@ def precheck(args: Namespace, hf_config: Any) -> None:
     default_k = getattr(args, "phds_default_k", None)
     if default_k is not None and default_k not in policy.allowed:
         raise TierConfigError(f"--default-k {default_k}: {policy.describe()}")
-    if not _plugin_enabled():
+    if not plugin_enabled():
         contract = KContract(policy, False, NO_PLUGIN_REASON)
         _check_against(contract, tiers, default_k)
         if getattr(args, "phds_max_k", None) not in (None, 0):

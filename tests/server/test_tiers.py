@@ -114,3 +114,51 @@ def test_binding_tiers_are_ceilings():
     assert resolve(3, "balanced", TABLE, native_k=4, binding=False).k == 3
     # Binding without a tier header: nothing to bind to.
     assert resolve(4, None, TABLE, native_k=4, binding=True).k == 4
+
+
+# -- ranges (elastic tiers) -----------------------------------------------------------------
+def test_ranges_inline_and_yaml_agree():
+    inline = parse_tier_spec("fast=1,balanced=4..2,quality=8..6:priority=-1")
+    assert inline.tiers["balanced"] == Tier("balanced", 4, None, 2)
+    assert inline.tiers["quality"] == Tier("quality", 8, -1, 6) and inline.tiers["fast"].lowest_k == 1
+    for text in ('fast: 1\nbalanced: "4..2"\nquality: {k: 8, min_k: 6, priority: -1}\n',
+                 'tiers:\n  fast: {k: 1}\n  balanced: {k: "4..2"}\n  quality: {k: "8..6", priority: -1}\n'):
+        assert parse_tier_yaml(text) == inline
+    assert inline.max_rungs() == 2 and inline.has_ranges() and not parse_tier_spec(SPEC).has_ranges()
+    assert inline.as_json()["balanced"] == {"k": 4, "min_k": 2} and inline.as_json()["fast"] == {"k": 1}
+    assert "balanced (k=4..2)" in inline.describe()
+
+
+@pytest.mark.parametrize("spec", ["b=2..4", "b=4..0", "b=4..", "b=..2", "b=4...2", "b=a..2"])
+def test_bad_ranges(spec):
+    with pytest.raises(TierConfigError):
+        parse_tier_spec(spec)
+
+
+def test_bad_range_yaml():
+    for text in ('b: {k: "4..2", min_k: 2}', "b: {k: 2, min_k: 3}", "b: {k: 2, min_k: 0}"):
+        with pytest.raises(TierConfigError):
+            parse_tier_yaml(text)
+
+
+def test_check_tiers_checks_both_ends_of_a_range():
+    check_tiers(parse_tier_spec("b=4..2"), range(1, 5))
+    with pytest.raises(TierConfigError, match="k=1, outside the model's allowed k 2..4"):
+        check_tiers(parse_tier_spec("b=4..1"), [2, 3, 4])
+    with pytest.raises(TierConfigError, match=r"outside the model.s allowed k 4 only \(no reason\)"):
+        check_tiers(parse_tier_spec("b=4..3"), [4], "no reason")
+
+
+def test_brownout_level_lowers_only_a_tiers_k_within_its_range():
+    table = parse_tier_spec("fast=1,balanced=4..2,quality=8..6")
+    for level, want in ((0, 4), (1, 3), (2, 2), (3, 2), (10, 2)):
+        res = resolve(None, "balanced", table, native_k=8, level=level)
+        assert (res.k, res.nominal_k, res.browned_out) == (want, 4, want < 4)
+    assert resolve(None, "quality", table, native_k=8, level=5).k == 6
+    assert resolve(None, "fast", table, native_k=8, level=5).k == 1  # a fixed tier stays put
+    # Explicit k, --default-k and the native k are never lowered.
+    assert resolve(3, "balanced", table, native_k=8, level=2).k == 3
+    assert resolve(None, None, table, native_k=8, default_k=5, level=2).k == 5
+    assert resolve(None, None, table, native_k=8, level=2).k == 8
+    # Binding tiers bind to the nominal k, not the browned-out one.
+    assert resolve(4, "balanced", table, native_k=8, binding=True, level=2).k == 4
