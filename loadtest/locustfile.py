@@ -18,7 +18,7 @@ loadtest/summarize.py turns the CSV into a per-k table.
 Options (all also settable as LOCUST_* environment variables):
   --k-mix 1:0.3,2:0.3,4:0.4   --tier-mix fast:1,quality:1   --api-mix chat:1,completions:1
   --stream-ratio 0.5  --max-tokens 32  --prompt-words 24  --k-field body|xargs  --model NAME
-  --api-key KEY  --require-k-header
+  --api-key KEY  --extra-header 'Name: value'  --require-k-header
 """
 from __future__ import annotations
 
@@ -52,6 +52,8 @@ def _add_options(parser):
     parser.add_argument("--request-timeout", env_var="LOCUST_REQUEST_TIMEOUT", type=float, default=120.0)
     parser.add_argument("--api-key", env_var="LOCUST_API_KEY", default="",
                         help="sent as 'Authorization: Bearer KEY' (a gateway's key, or vLLM's --api-key)")
+    parser.add_argument("--extra-header", env_var="LOCUST_EXTRA_HEADER", default="",
+                        help="one more request header, 'Name: value' (e.g. a gateway's shared secret)")
     parser.add_argument("--require-k-header", env_var="LOCUST_REQUIRE_K_HEADER", action="store_true",
                         help="fail responses without x-phds-k (catches a plain vLLM silently ignoring \"k\")")
 
@@ -114,8 +116,12 @@ class OpenAIUser(HttpUser):
         return resp.json()["data"][0]["id"]
 
     def _auth(self) -> dict:
-        key = self.environment.parsed_options.api_key
-        return {"Authorization": f"Bearer {key}"} if key else {}
+        opts = self.environment.parsed_options
+        headers = {"Authorization": f"Bearer {opts.api_key}"} if opts.api_key else {}
+        if opts.extra_header:
+            name, _, value = opts.extra_header.partition(":")
+            headers[name.strip()] = value.strip()
+        return headers
 
     def _prompt(self) -> str:
         words = "the quick brown fox jumps over the lazy dog while the model routes every token".split()

@@ -44,6 +44,7 @@ def locust_cmd(args, url: str, prefix: Path, k_field: str) -> list[str]:
             "--prompt-words", str(args.prompt_words), "--k-field", k_field,
             *(["--model", args.model_name] if args.model_name else []),
             *(["--api-key", args.api_key] if args.api_key else []),
+            *(["--extra-header", args.extra_header] if args.extra_header else []),
             # "k" in the body is phds-serve's contract; plain vLLM would ignore it without a word.
             *(["--require-k-header"] if k_field == "body" else [])]
 
@@ -83,6 +84,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model-name", default="", help="model name in requests (default: from /v1/models)")
     ap.add_argument("--api-key", default=os.environ.get("API_KEY", ""),
                     help="Bearer key for every request (e.g. a gateway key)")
+    ap.add_argument("--extra-header", default=os.environ.get("EXTRA_HEADER", ""),
+                    help="one more request header, 'Name: value' (e.g. x-phds-gateway-secret: ...)")
     ap.add_argument("--serve-args", default="", help="extra server flags, e.g. '--tiers fast=1,quality=4'")
     ap.add_argument("--expect-k", default=None,
                     help="k values that must succeed (default: those of --k-mix)")

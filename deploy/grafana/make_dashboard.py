@@ -78,6 +78,19 @@ ROWS = [
          "Experts one MoE layer touches in one engine step (weights read from memory), p50 and p95.",
          quantiles("phds_distinct_experts_per_step", by="", sel='instance=~"$instance"')),
     ]),
+    ("Brownout (elastic k under load)", [
+        ("Brownout level and latency pressure", "none",
+         "Level: how many k steps elastic tiers (those with a range, e.g. balanced=4..2) are lowered by; "
+         "0 is every tier at its nominal k. Pressure: worst observed latency quantile / objective over the "
+         "controller's window (above 1: an objective is missed). Both 0 when brownout is off or idle.",
+         [q('max by (instance) (phds_brownout_level{instance=~"$instance"})', "level {{instance}}"),
+          q('max by (instance) (phds_brownout_pressure{instance=~"$instance"})', "pressure {{instance}}")]),
+        ("Requests below their nominal k by tier", "reqps",
+         "Tier requests admitted at a k below the tier's nominal k because of brownout, per second, by tier "
+         "and the k they ran at. Explicit k is never lowered.",
+         [q('sum by (tier, k) (rate(phds_requests_below_nominal_total{instance=~"$instance", tier=~"$tier"}'
+            f'[{RATE}]))', "tier={{tier}} k={{k}}")]),
+    ]),
     ("Engine (vLLM)", [
         ("Running and waiting requests", "none", "Requests in the batch and queued. Waiting > 0 for long: saturated.",
          [q(f'sum({vllm("num_requests_running")})', "running"),

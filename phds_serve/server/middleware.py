@@ -202,6 +202,10 @@ class PhdsMiddleware:
         self._errors, self._gate = errors, gate
         if config.brownout:
             self.brownout = BrownoutDriver(config)
+            # Every (tier, k) a brownout can produce starts at 0, so rate() works from the first scrape.
+            for tier in config.tiers.tiers.values():
+                for k in range(tier.lowest_k, tier.k):
+                    metrics.BELOW_NOMINAL.labels(tier=tier.name, nominal_k=str(tier.k), k=str(k))
         self._config = config
         logger.info(
             "phds-serve layer: %s; tiers: %s; brownout: %s; tier trust: %s",

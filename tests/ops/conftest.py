@@ -18,8 +18,13 @@ if str(REPO) not in sys.path:  # `loadtest` is a top-level folder of the repo, n
 from loadtest import server  # noqa: E402
 
 DEPLOY = REPO / "deploy"
-TIERS = {"fast": 1, "balanced": 2, "quality": 4}  # the server's --tiers in these tests
+TIERS = {"fast": 1, "balanced": 2, "quality": 4}  # nominal k of the server's --tiers in these tests
+TIER_SPEC = "fast=1,balanced=2..1,quality=4"  # balanced is elastic: brownout series exist
 KS = (1, 2, 4)
+# The gateway's shared secret: with it configured, phds-serve honours a tier header only when the
+# request carries it (loopback is not trusted by itself any more), exactly as in deploy/compose.yaml.
+SECRET = "test-gateway-secret-0123456789"
+SECRET_HEADER = {"x-phds-gateway-secret": SECRET}
 
 
 def need_tool(name: str) -> str:
@@ -36,9 +41,10 @@ def need_tool(name: str) -> str:
 # still holds memory and polls) through the rest of the suite.
 @pytest.fixture(scope="package")
 def phds_server(tmp_path_factory):
-    """phds-serve on its bundled model with the test tiers."""
+    """phds-serve on its bundled model with the test tiers, the gateway secret, and brownout on
+    (objective far above what these tests cause: its series exist, the level stays 0)."""
     port = server.free_port()
-    tiers = ["--tiers", ",".join(f"{t}={k}" for t, k in TIERS.items())]
+    tiers = ["--tiers", TIER_SPEC, "--tier-secret", SECRET, "--slo-ttft-ms", "60000"]
     log = tmp_path_factory.mktemp("server") / "server.log"
     srv = server.Server(server.command(port, None, tiers), port, log)
     srv.start(timeout=300)

@@ -57,6 +57,31 @@ def test_prometheus_rules_pass_promtool():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_alert_rules_pass_their_unit_tests():
+    """promtool's rule unit tests: no alert on one malformed request or one lone error, alerts on
+    sustained failures, rejections and brownout (deploy/prometheus/rules_test.yml)."""
+    r = run(need_tool("promtool"), "test", "rules", str(DEPLOY / "prometheus" / "rules_test.yml"))
+    assert r.returncode == 0 and "SUCCESS" in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+def test_compose_publishes_only_the_gateway():
+    """Everything reaches phds-serve through the gateway (which adds the tier and the shared secret);
+    the monitoring UIs listen on the host's loopback only."""
+    services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    assert "ports" not in services["phds-serve"]
+    assert services["gateway"]["ports"] == ["8080:8080"]
+    for name, svc in services.items():
+        if name != "gateway":
+            assert all(str(p).startswith("127.0.0.1:") for p in svc.get("ports", [])), name
+    for name in ("phds-serve", "gateway"):
+        assert services[name]["environment"]["PHDS_TIER_SECRET"].startswith("${PHDS_TIER_SECRET:?")
+    template = (DEPLOY / "gateway" / "templates" / "gateway-secret.conf.template").read_text()
+    assert "${PHDS_TIER_SECRET}" in template
+    assert "./gateway/templates:/etc/nginx/templates:ro" in services["gateway"]["volumes"]
+    gpu = yaml.safe_load((DEPLOY / "compose.gpu.yaml").read_text())["services"]
+    assert all("ports" not in svc for svc in gpu.values())
+
+
 def test_prometheusrule_matches_rules_file():
     """The Operator's PrometheusRule must carry the same rules as the compose stack's rules.yml."""
     rules = yaml.safe_load((DEPLOY / "prometheus" / "rules.yml").read_text())

@@ -1,5 +1,6 @@
 """The nginx gateway example: config passes `nginx -t`, and, run for real in front of phds-serve, it sets
-the tier from the API key or the route and overrides a tier header the client sent itself."""
+the tier from the API key or the route, overrides a tier header the client sent itself, and adds the
+shared secret without which phds-serve refuses a tier header."""
 from __future__ import annotations
 
 import json
@@ -14,17 +15,22 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
-from .conftest import DEPLOY, TIERS, need_tool, server
+from .conftest import DEPLOY, SECRET, TIERS, need_tool, server
 
 CONF = (DEPLOY / "gateway" / "nginx.conf").read_text()
 
 
 def local_conf(upstream_port: int, listen_port: int, work) -> str:
     """The shipped config, pointed at 127.0.0.1 (upstream and listener) and at writable paths."""
-    assert "server phds-serve:8000;" in CONF and "listen 8080;" in CONF
+    include = "include /etc/nginx/phds/gateway-secret.conf;"
+    assert "server phds-serve:8000;" in CONF and "listen 8080;" in CONF and include in CONF
+    # What the nginx image renders from templates/gateway-secret.conf.template at start.
+    template = (DEPLOY / "gateway" / "templates" / "gateway-secret.conf.template").read_text()
+    (work / "gateway-secret.conf").write_text(template.replace("${PHDS_TIER_SECRET}", SECRET))
     text = (CONF.replace("server phds-serve:8000;", f"server 127.0.0.1:{upstream_port};")
             .replace("listen 8080;", f"listen 127.0.0.1:{listen_port};")
-            .replace("access_log /dev/stdout tiered;", f"access_log {work}/access.log tiered;"))
+            .replace("access_log /dev/stdout tiered;", f"access_log {work}/access.log tiered;")
+            .replace(include, f"include {work}/gateway-secret.conf;"))
     # Temp files under the test directory: no writes to /var/lib/nginx, no root-only paths needed.
     temps = "".join(f"    {d}_temp_path {work}/{d};\n" for d in
                     ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
@@ -96,16 +102,27 @@ def test_gateway_rewrites_headers(tmp_path):
                 r = requests.post(url + path, headers=headers, json={}, timeout=10)
                 assert r.status_code == 200, r.text
                 return r.json()
-            got = seen("/v1/completions", {"Authorization": "Bearer demo-key-quality", "x-phds-tier": "fast"})
+            got = seen("/v1/completions", {"Authorization": "Bearer demo-key-quality", "x-phds-tier": "fast",
+                                           "x-phds-gateway-secret": "forged"})
             assert got["path"] == "/v1/completions" and got["headers"]["x-phds-tier"] == "quality"
+            assert got["headers"]["x-phds-gateway-secret"] == SECRET  # the gateway's, not the client's
             assert "authorization" not in got["headers"]
             assert got["headers"].get("connection") != "close"  # upstream keepalive kept
-            got = seen("/tier/fast/v1/chat/completions?a=1", {"x-phds-tier": "quality"})
+            got = seen("/tier/fast/v1/chat/completions?a=1", {"Authorization": "Bearer demo-key-quality",
+                                                             "x-phds-tier": "quality"})
             assert got["path"] == "/v1/chat/completions?a=1" and got["headers"]["x-phds-tier"] == "fast"
             got = requests.get(url + "/health", headers={"x-phds-tier": "quality"}, timeout=10).json()
             assert "x-phds-tier" not in got["headers"]  # a client-sent tier never passes
             r = requests.post(url + "/v1/completions", headers={"x-phds-tier": "fast"}, json={}, timeout=10)
             assert r.status_code == 401
+            # The per-tier route needs a key, and a key may pick only its own tier or a cheaper one.
+            r = requests.post(url + "/tier/fast/v1/completions", json={}, timeout=10)
+            assert r.status_code == 401
+            r = requests.post(url + "/tier/quality/v1/completions", json={}, timeout=10,
+                              headers={"Authorization": "Bearer demo-key-fast"})
+            assert r.status_code == 403
+            got = seen("/tier/fast/v1/completions", {"Authorization": "Bearer demo-key-fast"})
+            assert got["headers"]["x-phds-tier"] == "fast"
     finally:
         echo.shutdown()
         echo.server_close()
@@ -129,10 +146,16 @@ def test_gateway_assigns_tiers_and_ignores_client_tier(gateway, phds_server):
     r = complete(gateway, model, headers={"Authorization": "Bearer demo-key-fast", "x-phds-tier": "quality"})
     assert r.status_code == 200, r.text
     assert r.headers["x-phds-tier"] == "fast" and r.headers["x-phds-k"] == str(TIERS["fast"])
-    # Tier from the route.
-    r = complete(f"{gateway}/tier/quality", model, headers={"x-phds-tier": "fast"})
+    # Tier from the route (with a key entitled to it).
+    r = complete(f"{gateway}/tier/balanced", model, headers={"Authorization": "Bearer demo-key-quality",
+                                                            "x-phds-tier": "fast"})
     assert r.status_code == 200, r.text
-    assert r.headers["x-phds-tier"] == "quality" and r.headers["x-phds-k"] == str(TIERS["quality"])
+    assert r.headers["x-phds-tier"] == "balanced" and r.headers["x-phds-k"] == str(TIERS["balanced"])
+    # Straight to phds-serve, without the gateway's secret: a tier header is refused, not honoured.
+    r = complete(phds_server.url, model, headers={"x-phds-tier": "quality"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "x-phds-tier"
+    r = complete(phds_server.url, model, headers={"x-phds-tier": "quality", "x-phds-gateway-secret": SECRET})
+    assert r.status_code == 200 and r.headers["x-phds-k"] == str(TIERS["quality"])
     # No or unknown key: refused at the gateway, whatever tier the client asks for.
     r = complete(gateway, model, headers={"x-phds-tier": "quality"})
     assert r.status_code == 401

@@ -7,7 +7,7 @@ import sys
 
 from loadtest import summarize
 
-from .conftest import KS, REPO, TIERS
+from .conftest import KS, REPO, SECRET, TIERS
 
 HEADER = ("Type,Name,Request Count,Failure Count,Median Response Time,Average Response Time,"
           "Min Response Time,Max Response Time,Average Content Size,Requests/s,Failures/s,"
@@ -21,7 +21,8 @@ def loadtest(url: str, out, *args: str, timeout: float = 150) -> subprocess.Comp
 
 def test_locust_reports_every_k_without_failures(phds_server, tmp_path):
     r = loadtest(phds_server.url, tmp_path, "--run-time", "30s", "--users", "4",
-                 "--k-mix", ",".join(f"{k}:1" for k in KS), "--tier-mix", "fast:1")
+                 "--k-mix", ",".join(f"{k}:1" for k in KS), "--tier-mix", "fast:1",
+                 "--extra-header", f"x-phds-gateway-secret: {SECRET}")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
     rows = {row["label"]: row for row in json.loads((tmp_path / "report_per_k.json").read_text())}

@@ -17,7 +17,7 @@ import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import DEPLOY, KS, TIERS, need_tool, server
+from .conftest import DEPLOY, KS, SECRET_HEADER, TIERS, need_tool, server
 
 DASHBOARD = json.loads((DEPLOY / "grafana" / "dashboards" / "phds-serve.json").read_text())
 # Dashboard variables -> what "All" selects; the rate window spans many 1 s scrapes.
@@ -43,7 +43,7 @@ def substitute(expr: str) -> str:
 def send_traffic(url: str, rounds: int = 1) -> None:
     """A few requests of every k and tier, chat and completions, streaming and not."""
     model = requests.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
-    targets = [({"k": k}, {}) for k in KS] + [({}, {"x-phds-tier": t}) for t in TIERS]
+    targets = [({"k": k}, {}) for k in KS] + [({}, {"x-phds-tier": t, **SECRET_HEADER}) for t in TIERS]
     for _ in range(rounds):
         for body_extra, headers in targets:
             for stream in (False, True):
@@ -127,7 +127,7 @@ def test_prometheus_scrapes_the_phds_series(prometheus):
                  "phds_distinct_experts_per_step_bucket"):
         result = wait_for(lambda: query(prometheus, name), 20, name)
         assert all(s["metric"]["job"] == "phds-serve" for s in result)
-    ks = {s["metric"]["k"] for s in query(prometheus, "phds_requests_total")}
+    ks = {s["metric"].get("k") for s in query(prometheus, "phds_requests_total")}  # k="" (rejected) has none
     assert {str(k) for k in KS} <= ks
     tiers = {s["metric"].get("tier") for s in query(prometheus, "phds_requests_total")}
     assert set(TIERS) <= tiers
