@@ -13,12 +13,15 @@ Everything in this module is pure (no clock, no I/O): the server feeds it one
 :class:`Window` of observations per tick. The rules:
 
 * **pressure** = the worst ratio of an observed latency quantile to its
-  objective (TTFT, inter-token latency); the age of the oldest request still
-  waiting for its first token counts as a TTFT sample (a leading signal: a
-  queued request has no TTFT yet). No evidence (idle server) is headroom.
-* **lower k fast**: pressure above ``high`` for ``up_after`` ticks raises the
-  level by one, at most once every ``up_dwell`` ticks (the last step must get
-  a chance to show in the latencies).
+  objective: TTFT over requests, inter-token latency over requests' mean
+  inter-token latency. The age of every request still waiting for its first
+  token counts as a TTFT sample (a leading signal: a queued request has no
+  TTFT yet). Fewer than ``min_samples`` samples is no evidence for that
+  objective (a quantile of three requests is their maximum: noise), and no
+  evidence (an idle or lightly loaded server) is headroom.
+* **lower k fast**: pressure above ``high`` for ``up_after`` consecutive ticks
+  raises the level by one, at most once every ``up_dwell`` ticks (the last
+  step must get a chance to show in the latencies).
 * **raise k slowly**: pressure below ``low`` for ``down_after`` consecutive
   ticks lowers the level by one. Between ``low`` and ``high`` (the dead band)
   nothing changes, so a steady load settles on one level.
@@ -30,7 +33,8 @@ Everything in this module is pure (no clock, no I/O): the server feeds it one
   really fallen (lower pressure) goes back up. The memory is forgotten after
   ``forget_after`` idle ticks. As a second guard, a step back up in k that is
   followed by a miss within ``probe`` ticks was premature and the next one
-  waits ``backoff`` times longer (up to ``max_down_after``).
+  waits ``backoff`` times longer (up to ``max_down_after``), until a step
+  holds or the level is back at 0.
 * **no wind-up**: the level is clamped to ``[0, max_level]`` and nothing
   accumulates while it is pinned, so recovering from a long overload takes
   no longer than recovering from a short one.
@@ -50,6 +54,7 @@ class Objectives:
     ttft_s: float | None = None
     itl_s: float | None = None
     quantile: float = 0.9
+    min_samples: int = 5
 
     def __post_init__(self) -> None:
         for name, value in (("TTFT", self.ttft_s), ("inter-token latency", self.itl_s)):
@@ -57,6 +62,8 @@ class Objectives:
                 raise ValueError(f"the {name} objective must be positive, got {value!r}")
         if not 0 < self.quantile <= 1:
             raise ValueError(f"the objective quantile must be in (0, 1], got {self.quantile!r}")
+        if self.min_samples < 1:
+            raise ValueError("min_samples must be >= 1")
 
     @property
     def active(self) -> bool:
@@ -74,9 +81,9 @@ class Objectives:
 class Window:
     """What the server saw during the last observation window."""
 
-    ttft_s: Sequence[float] = ()
-    itl_s: Sequence[float] = ()
-    oldest_pending_s: float | None = None  # age of the oldest request without a first token
+    ttft_s: Sequence[float] = ()  # time to first token of requests that got it
+    itl_s: Sequence[float] = ()  # mean inter-token latency of requests that finished
+    pending_s: Sequence[float] = ()  # ages of requests still waiting for their first token
 
 
 def quantile(values: Sequence[float], q: float) -> float:
@@ -91,16 +98,10 @@ def quantile(values: Sequence[float], q: float) -> float:
 def pressure(window: Window, objectives: Objectives) -> float | None:
     """Worst observed-quantile / objective ratio; None when the window holds no evidence."""
     ratios: list[float] = []
-    if objectives.ttft_s is not None:
-        ttft = list(window.ttft_s)
-        if window.oldest_pending_s is not None:
-            ttft.append(window.oldest_pending_s)
-        if ttft:
-            ratios.append(quantile(ttft, objectives.quantile) / objectives.ttft_s)
-        if window.oldest_pending_s is not None:
-            # One request stuck past the objective is a miss whatever the quantile says.
-            ratios.append(window.oldest_pending_s / objectives.ttft_s)
-    if objectives.itl_s is not None and window.itl_s:
+    ttft = [*window.ttft_s, *window.pending_s]  # a pending request's TTFT is at least its age
+    if objectives.ttft_s is not None and len(ttft) >= objectives.min_samples:
+        ratios.append(quantile(ttft, objectives.quantile) / objectives.ttft_s)
+    if objectives.itl_s is not None and len(window.itl_s) >= objectives.min_samples:
         ratios.append(quantile(window.itl_s, objectives.quantile) / objectives.itl_s)
     return max(ratios) if ratios else None
 
@@ -110,7 +111,7 @@ class ControllerSettings:
     max_level: int
     high: float = 1.0
     low: float = 0.6
-    up_after: int = 1
+    up_after: int = 2
     up_dwell: int = 2
     down_after: int = 10
     probe: int = 20
@@ -185,8 +186,11 @@ class BrownoutController:
             self.rung_ratio.clear()
         p = 0.0 if observed is None else observed
         since_change = self.ticks - self._last_change
-        if self._last_down is not None and self.ticks - self._last_down > s.probe:
-            # The last step back up in k held for a whole probe period: forget the back-off.
+        if (self._last_down is not None and self.ticks - self._last_down > s.probe) or (
+            self.level == 0 and p <= s.high
+        ):
+            # The last step back up in k held for a whole probe period, or every tier is back at
+            # its nominal k: forget the back-off.
             self._down_after = s.down_after
             self._last_down = None
 

@@ -4,11 +4,12 @@ vLLM calls every ``vllm.stat_logger_plugins`` logger once per engine step in
 the API-server process (``AsyncLLM``'s output handler), with the step's
 scheduler stats (running and waiting requests, KV-cache use) and iteration
 stats (the time to first token of requests that got their first token in that
-step, and the inter-token latencies of the step). :class:`PhdsLoadLogger` is
-that plugin: it only appends to :data:`FEED`, an in-process, bounded,
-thread-safe buffer. The layer adds its own observations (the TTFT of streams
-as the client sees it, and the requests still waiting for a first token) and
-its controller reads one :class:`~phds_serve.server.brownout.Window` per tick.
+step, and the requests that finished in it, with their mean inter-token
+latency). :class:`PhdsLoadLogger` is that plugin: it only appends to
+:data:`FEED`, an in-process, bounded, thread-safe buffer. The layer adds its
+own observation, the streams still waiting for their first token (their age
+is a lower bound of a TTFT vLLM cannot report yet), and its controller reads
+one :class:`~phds_serve.server.brownout.Window` per tick.
 
 Notes: vLLM turns on stat collection when any stat-logger plugin is installed
 (also under ``--disable-log-stats``); with ``--api-server-count > 1`` each
@@ -74,7 +75,7 @@ class LoadFeed:
 
     # -- reader ------------------------------------------------------------
     def window(self, span_s: float, now: float | None = None) -> Window:
-        """Samples of the last ``span_s`` seconds and the oldest request without a first token."""
+        """Samples of the last ``span_s`` seconds and the ages of requests without a first token."""
         t = time.monotonic() if now is None else now
         start = t - span_s
         with self._lock:
@@ -83,8 +84,8 @@ class LoadFeed:
                     samples.popleft()
             ttft = [v for ts, v in self._ttft if ts >= start]
             itl = [v for ts, v in self._itl if ts >= start]
-            oldest = min(self._pending.values(), default=None)
-        return Window(ttft, itl, None if oldest is None else max(0.0, t - oldest))
+            pending = [max(0.0, t - since) for since in self._pending.values()]
+        return Window(ttft, itl, pending)
 
 
 FEED = LoadFeed()
@@ -102,8 +103,10 @@ class PhdsLoadLogger(StatLoggerBase):
         if iteration_stats is not None:
             if iteration_stats.time_to_first_tokens_iter:
                 FEED.add_ttft(iteration_stats.time_to_first_tokens_iter)
-            if iteration_stats.inter_token_latencies_iter:
-                FEED.add_itl(iteration_stats.inter_token_latencies_iter)
+            mean_itl = [f.mean_time_per_output_token for f in iteration_stats.finished_requests
+                        if f.num_generation_tokens > 1]
+            if mean_itl:
+                FEED.add_itl(mean_itl)
 
     def log_engine_initialized(self) -> None:
         pass

@@ -434,7 +434,6 @@ class PhdsMiddleware:
                 out += tap.finish()
             if pending is not None and not had_first and tap.first_token_at is not None:
                 FEED.first_token(pending)
-                FEED.add_ttft([tap.first_token_at - started])
             if out or not more:
                 await send({**message, "body": out})
             if not more:

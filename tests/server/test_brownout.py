@@ -56,14 +56,26 @@ def test_quantile_is_nearest_rank():
 
 
 def test_pressure_is_the_worst_objective_ratio():
-    obj = Objectives(ttft_s=0.2, itl_s=0.05, quantile=0.5)
-    assert pressure(Window(ttft_s=[0.1, 0.1, 0.3], itl_s=[0.01, 0.02, 0.1]), obj) == pytest.approx(0.5 / 1)
-    assert pressure(Window(ttft_s=[0.1], itl_s=[0.1, 0.1]), obj) == pytest.approx(2.0)
+    obj = Objectives(ttft_s=0.2, itl_s=0.05, quantile=0.5, min_samples=3)
+    assert pressure(Window(ttft_s=[0.1, 0.1, 0.3], itl_s=[0.01, 0.02, 0.1]), obj) == pytest.approx(0.5)
+    assert pressure(Window(ttft_s=[0.1] * 3, itl_s=[0.1] * 3), obj) == pytest.approx(2.0)
     assert pressure(Window(), obj) is None  # no evidence
-    # A request stuck without its first token is a miss even if finished ones were fast.
-    assert pressure(Window(ttft_s=[0.01] * 50, oldest_pending_s=0.5), obj) == pytest.approx(2.5)
     # ITL samples without an ITL objective are no evidence.
-    assert pressure(Window(itl_s=[9.0]), Objectives(ttft_s=1.0)) is None
+    assert pressure(Window(itl_s=[9.0] * 9), Objectives(ttft_s=1.0)) is None
+
+
+def test_too_few_samples_are_no_evidence():
+    obj = Objectives(ttft_s=0.2, quantile=0.9, min_samples=5)
+    assert pressure(Window(ttft_s=[5.0] * 4), obj) is None  # four slow requests: noise, not a trend
+    assert pressure(Window(ttft_s=[5.0] * 5), obj) == pytest.approx(25.0)
+
+
+def test_requests_waiting_for_their_first_token_count_as_samples():
+    """A queue shows up before any queued request gets its first token (the leading signal)."""
+    obj = Objectives(ttft_s=0.2, quantile=0.9, min_samples=5)
+    assert pressure(Window(ttft_s=[0.05] * 3, pending_s=[0.6] * 7), obj) == pytest.approx(3.0)
+    # One straggler among many fast requests is not a miss at the 90th percentile.
+    assert pressure(Window(ttft_s=[0.05] * 30, pending_s=[0.6]), obj) == pytest.approx(0.25)
 
 
 def test_objectives_validate():
@@ -73,6 +85,8 @@ def test_objectives_validate():
         Objectives(itl_s=-1)
     with pytest.raises(ValueError):
         Objectives(ttft_s=1, quantile=0)
+    with pytest.raises(ValueError):
+        Objectives(ttft_s=1, min_samples=0)
     assert not Objectives().active and Objectives(itl_s=0.1).active
 
 
@@ -140,7 +154,7 @@ def test_steady_noisy_load_in_the_dead_band_never_moves():
 def test_a_stale_backoff_is_forgotten():
     """After a premature step the wait grows; once a step holds, the next burst recovers at the base pace."""
     ctl = BrownoutController(SETTINGS)
-    for p in [2.0] * 3 + [0.1] * 10 + [2.0]:  # up, down after 10, an immediate miss: premature
+    for p in [2.0] * 3 + [0.1] * 10 + [2.0]:  # up, down after 10, a miss right after: premature
         ctl.step(p)
     assert ctl.current_down_after == 2 * SETTINGS.down_after
     for _ in range(200):
@@ -165,7 +179,7 @@ def test_a_learned_rung_still_comes_back_when_the_load_really_falls():
 
 def test_idle_forgets_the_rung_memory():
     ctl = BrownoutController(SETTINGS)
-    for p in [1.1, 0.8, 0.55]:  # step up at tick 1, measured settle=2 ticks later
+    for p in [1.1, 1.1, 0.8, 0.55]:  # step up at tick 2 (two misses), measured settle=2 ticks later
         ctl.step(p)
     assert ctl.level == 1 and ctl.rung_ratio == {1: pytest.approx(2.0)}
     for _ in range(SETTINGS.forget_after):

@@ -1,0 +1,352 @@
+"""Does brownout hold latency objectives under load, and what does it cost? Four arms, one run.
+
+A MoE-heavy OLMoE-shaped checkpoint (benchmarks/k_scaling.py's shape: 32 experts, native k 8,
+expert weights dominate) is served by phds-serve on this machine, and an open-loop locust load
+(benchmarks/brownout_locust.py) ramps from half to twice the rate at which native k first misses
+its objectives, holds, ramps back, with two bursts. The same load, in the same run, against:
+
+  fixed-nominal   every request at the nominal k 8 (a tier with no range)
+  fixed-lowest    every request at the lowest k the operator accepts (a fixed tier at that k)
+  brownout        a tier 8..lowest with the objectives given to phds-serve (--slo-ttft-ms/--slo-itl-ms)
+  vllm-overload   nominal k, with vLLM's own overload answer: --max-num-queued-reqs (HTTP 503 beyond it)
+
+Objectives are set from the unloaded latency measured at the start (TTFT and inter-token latency
+multiples, see --ttft-x/--itl-x). A request *meets the objective* when it succeeded, its TTFT and
+its mean inter-token latency are within them. Per arm: objective attainment (met / sent), goodput
+(met per second), mean applied k, errors, latency quantiles, and timelines. Then, separately, the
+price of each rung for the bundled PHDS model: held-out loss per k beside latency per k measured
+on a running phds-serve (phds-eval --url).
+
+    python benchmarks/brownout.py                 # ~15-20 min on 2 cores; writes docs/brownout/
+    python benchmarks/brownout.py --quick         # shorter plan, for a smoke check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from loadtest import server as srv  # noqa: E402
+
+SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024)
+NUM_EXPERTS, NATIVE_K = 32, 8
+MODEL_NAME = "moe-heavy"
+MAX_NUM_SEQS = 32
+SERVER_COMMON = ["--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", str(MAX_NUM_SEQS),
+                 "--max-num-batched-tokens", "2048", "--gpu-memory-utilization", "0.2", "--enforce-eager",
+                 "--served-model-name", MODEL_NAME, "--no-enable-prefix-caching"]
+LOCUSTFILE = REPO / "benchmarks" / "brownout_locust.py"
+
+
+# --------------------------------------------------------------------------- model and servers
+def build_model(path: Path) -> Path:
+    """Random MoE-heavy OLMoE with a small trained tokenizer (the text is noise; the cost is real)."""
+    from phds_serve.server.bundled_model import build_tokenizer
+    from phds_serve.tiny import build_tiny_checkpoint
+
+    tokenizer = build_tokenizer()
+    build_tiny_checkpoint("olmoe", path, seed=0, router_scale=1.0, num_experts=NUM_EXPERTS,
+                          native_k=NATIVE_K, vocab_size=len(tokenizer), **SHAPE)
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+def start_server(model: Path, extra: list[str], log: Path) -> srv.Server:
+    port = srv.free_port()
+    server = srv.Server(srv.command(port, str(model), [*SERVER_COMMON, *extra]), port, log)
+    print(f"  starting phds-serve {' '.join(extra)}", flush=True)
+    return server.start(timeout=600)
+
+
+def unloaded(url: str, tier: str, n: int = 8) -> tuple[float, float]:
+    """Median TTFT and inter-token latency of sequential requests (the first is a warm-up)."""
+    ttft, itl = [], []
+    for i in range(n + 1):
+        body = {"model": MODEL_NAME, "prompt": "the quick brown fox " * 24, "max_tokens": 32, "temperature": 0,
+                "ignore_eos": True, "stream": True}
+        start = time.monotonic()
+        first = last = None
+        tokens = 0
+        with requests.post(url + "/v1/completions", json=body, headers={"x-phds-tier": tier}, stream=True,
+                           timeout=60) as r:
+            r.raise_for_status()
+            for line in r.iter_lines(chunk_size=None, decode_unicode=True):
+                if line.startswith("data:") and line[5:].strip() != "[DONE]":
+                    now = time.monotonic()
+                    first = now if first is None else first
+                    last, tokens = now, tokens + 1
+        if i:
+            ttft.append(first - start)
+            itl.append((last - first) / max(1, tokens - 1))
+    return statistics.median(ttft), statistics.median(itl)
+
+
+def run_load(url: str, plan: list[list[float]], tier: str, out: Path, prompt_tokens: int, max_tokens: int) -> dict:
+    """One locust run (headless, open loop) over ``plan``; returns the per-request rows and samples."""
+    env = {**os.environ, "BROWNOUT_PLAN": json.dumps(plan), "BROWNOUT_TIER": tier, "BROWNOUT_MODEL": MODEL_NAME,
+           "BROWNOUT_OUT": str(out), "BROWNOUT_PROMPT_TOKENS": str(prompt_tokens),
+           "BROWNOUT_MAX_TOKENS": str(max_tokens)}
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", url,
+           "--only-summary", "--loglevel", "WARNING"]
+    r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=plan[-1][0] + 300)
+    if not out.is_file():
+        raise RuntimeError(f"locust wrote no results (rc {r.returncode}):\n{r.stderr[-3000:]}")
+    return json.loads(out.read_text())
+
+
+# --------------------------------------------------------------------------- analysis
+def met(row: dict, slo: dict) -> bool:
+    return (row["status"] == 200 and row["ttft"] is not None and row["ttft"] <= slo["ttft_s"]
+            and row["itl"] is not None and row["itl"] <= slo["itl_s"])
+
+
+def quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def summarize(data: dict, slo: dict, duration: float) -> dict:
+    rows = data["rows"]
+    ok = [r for r in rows if r["status"] == 200 and r["ttft"] is not None]
+    good = [r for r in rows if met(r, slo)]
+    errors: dict[str, int] = {}
+    for r in rows:
+        if r["status"] != 200:
+            key = "timeout/reset" if not r["status"] else f"HTTP {r['status']}"
+            errors[key] = errors.get(key, 0) + 1
+    ks = [r["k"] for r in ok if r["k"] is not None]
+    return {
+        "sent": len(rows),
+        "met": len(good),
+        "attainment": len(good) / len(rows) if rows else 0.0,
+        "goodput_rps": len(good) / duration,
+        "throughput_rps": len(ok) / duration,
+        "mean_k": statistics.mean(ks) if ks else None,
+        "errors": sum(errors.values()),
+        "errors_by_kind": errors,
+        "ttft_p50_s": quantile([r["ttft"] for r in ok], 0.5),
+        "ttft_p90_s": quantile([r["ttft"] for r in ok], 0.9),
+        "itl_p90_s": quantile([r["itl"] for r in ok], 0.9),
+    }
+
+
+def timeline(data: dict, slo: dict, duration: float, bin_s: float = 5.0) -> dict:
+    """Per bin of request start time: offered and good requests/s, p90 TTFT, mean applied k; level samples."""
+    bins = int(duration // bin_s) + 1
+    out = {"t": [i * bin_s + bin_s / 2 for i in range(bins)], "offered": [0.0] * bins, "goodput": [0.0] * bins,
+           "errors": [0.0] * bins, "ttft_p90": [None] * bins, "mean_k": [None] * bins}
+    per: list[list[dict]] = [[] for _ in range(bins)]
+    for r in data["rows"]:
+        i = int(r["t"] // bin_s)
+        if 0 <= i < bins:
+            per[i].append(r)
+    for i, rows in enumerate(per):
+        out["offered"][i] = len(rows) / bin_s
+        out["goodput"][i] = sum(met(r, slo) for r in rows) / bin_s
+        out["errors"][i] = sum(r["status"] != 200 for r in rows) / bin_s
+        ok = [r for r in rows if r["status"] == 200 and r["ttft"] is not None]
+        out["ttft_p90"][i] = quantile([r["ttft"] for r in ok], 0.9)
+        ks = [r["k"] for r in ok if r["k"] is not None]
+        out["mean_k"][i] = statistics.mean(ks) if ks else None
+    out["level"] = [[s["t"], s.get("phds_brownout_level")] for s in data["samples"]]
+    out["waiting"] = [[s["t"], s.get("vllm:num_requests_waiting")] for s in data["samples"]]
+    return out
+
+
+# --------------------------------------------------------------------------- plan
+def load_plan(rate: float, quick: bool) -> list[list[float]]:
+    """Half to twice ``rate`` and back, with a burst on the way up and one after the way down."""
+    s = 0.5 if quick else 1.0
+    R = rate
+    pts = [[0, 0.5 * R], [20 * s, 1.1 * R], [20 * s + 0.1, 2.5 * R], [26 * s, 2.5 * R], [26 * s + 0.1, 1.3 * R],
+           [45 * s, 2.0 * R], [60 * s, 2.0 * R], [105 * s, 0.5 * R], [118 * s, 0.5 * R],
+           [118 * s + 0.1, 2.5 * R], [126 * s, 2.5 * R], [126 * s + 0.1, 0.5 * R], [150 * s, 0.5 * R]]
+    return [[round(t, 2), round(r, 3)] for t, r in pts]
+
+
+def saturation(url: str, tier: str, slo: dict, start_rate: float, work: Path, args) -> tuple[float, list]:
+    """The first offered rate (steps of x1.35) at which fixed nominal k meets the objective for < 90%."""
+    rate, steps = start_rate, []
+    step_s = 10.0 if args.quick else 15.0
+    for i in range(10):
+        data = run_load(url, [[0, rate], [step_s, rate]], tier, work / f"calib-{i}.json",
+                        args.prompt_tokens, args.max_tokens)
+        rows = [r for r in data["rows"] if r["t"] >= 3.0]  # skip the ramp-in
+        attained = sum(met(r, slo) for r in rows) / max(1, len(rows))
+        steps.append({"rate": rate, "attainment": attained, "sent": len(rows)})
+        print(f"  calibration: {rate:5.2f} req/s -> objective met by {attained:.0%} of {len(rows)}", flush=True)
+        if attained < 0.9:
+            return rate, steps
+        rate *= 1.35
+        time.sleep(3)
+    return rate, steps
+
+
+# --------------------------------------------------------------------------- the rungs
+def rung_price(out: Path, work: Path) -> dict:
+    """Held-out loss per k of the bundled PHDS model beside latency per k from a running phds-serve."""
+    from phds_serve.server.bundled_model import ASSET_DIR
+
+    port = srv.free_port()
+    server = srv.Server(srv.command(port), port, work / "rungs-server.log")
+    print("rung price: bundled model, phds-eval against a running phds-serve", flush=True)
+    with server:
+        cmd = [sys.executable, "-m", "phds_serve.eval.cli", "--checkpoint", str(ASSET_DIR), "--url", server.url,
+               "--max-blocks", "48", "--latency-requests", "12", "--latency-tokens", "32",
+               "--out", str(work / "rungs")]
+        subprocess.run(cmd, check=True, cwd=REPO)
+    result = json.loads((work / "rungs" / "results.json").read_text())
+    for name in ("results.json", "results.png"):
+        (out / f"rungs_{name}").write_bytes((work / "rungs" / name).read_bytes())
+    return result
+
+
+# --------------------------------------------------------------------------- plots and report
+ARMS = ("fixed-nominal", "fixed-lowest", "brownout", "vllm-overload")
+COLORS = {"fixed-nominal": "tab:blue", "fixed-lowest": "tab:green", "brownout": "tab:red", "vllm-overload": "tab:gray"}
+
+
+def plot(path: Path, results: dict, slo: dict, plan: list) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(5, 1, figsize=(10, 15), sharex=True)
+    t = [p[0] for p in plan]
+    axes[0].plot(t, [p[1] for p in plan], "k--", label="offered (plan)")
+    for arm in ARMS:
+        if arm not in results:
+            continue
+        tl = results[arm]["timeline"]
+        c = COLORS[arm]
+        axes[0].plot(tl["t"], tl["goodput"], color=c, label=f"{arm} goodput")
+        axes[1].plot(tl["t"], [v if v is not None else float("nan") for v in tl["ttft_p90"]], color=c, label=arm)
+        axes[2].plot(tl["t"], [v if v is not None else float("nan") for v in tl["mean_k"]], color=c, label=arm)
+        axes[3].plot(tl["t"], tl["errors"], color=c, label=arm)
+        if arm == "brownout":
+            axes[4].step([p[0] for p in tl["level"]], [p[1] or 0 for p in tl["level"]], color=c,
+                         where="post", label="brownout level")
+        w = [(p[0], p[1]) for p in tl["waiting"] if p[1] is not None]
+        if w:
+            axes[4].plot([p[0] for p in w], [p[1] for p in w], color=c, alpha=0.4, lw=1, label=f"{arm} waiting")
+    axes[1].axhline(slo["ttft_s"], color="k", ls=":", label="TTFT objective")
+    axes[1].set_yscale("log")
+    labels = ("requests/s (good)", "p90 TTFT (s)", "mean applied k", "errors/s", "level / waiting requests")
+    for ax, label in zip(axes, labels):
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper right")
+    axes[-1].set_xlabel("seconds into the load plan (by request start)")
+    fig.suptitle("phds-serve brownout: one load plan, four arms")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def table(results: dict) -> str:
+    head = ("| arm | sent | objective met | attainment | goodput req/s | throughput req/s | mean k | errors "
+            "| p50 TTFT ms | p90 TTFT ms | p90 ITL ms |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for arm in ARMS:
+        if arm not in results:
+            continue
+        s = results[arm]["summary"]
+        ms = lambda v: "-" if v is None else f"{v * 1000:.0f}"  # noqa: E731
+        errs = ", ".join(f"{n} {k}" for k, n in s["errors_by_kind"].items()) or "0"
+        lines.append(f"| {arm} | {s['sent']} | {s['met']} | {s['attainment']:.1%} | {s['goodput_rps']:.2f} "
+                     f"| {s['throughput_rps']:.2f} | {s['mean_k'] if s['mean_k'] is None else round(s['mean_k'], 2)} "
+                     f"| {errs} | {ms(s['ttft_p50_s'])} | {ms(s['ttft_p90_s'])} | {ms(s['itl_p90_s'])} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- main
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=REPO / "docs" / "brownout")
+    ap.add_argument("--lowest-k", type=int, default=2, help="lowest k of the elastic tier (and of fixed-lowest)")
+    ap.add_argument("--ttft-x", type=float, default=4.0, help="TTFT objective = this x unloaded TTFT")
+    ap.add_argument("--itl-x", type=float, default=3.0, help="inter-token objective = this x unloaded ITL")
+    ap.add_argument("--prompt-tokens", type=int, default=96, help="words per prompt")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--rate", type=float, default=None, help="skip calibration: native k misses at this req/s")
+    ap.add_argument("--quick", action="store_true", help="half-length plan and calibration steps")
+    ap.add_argument("--skip-rungs", action="store_true")
+    ap.add_argument("--skip-arms", action="store_true")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="phds-brownout-"))
+    started = time.monotonic()
+    report: dict = {"machine": f"{os.cpu_count()} CPU cores, load average {os.getloadavg()}", "args": {
+        k: str(v) for k, v in vars(args).items()}}
+
+    if not args.skip_arms:
+        model = build_model(work / "moe-heavy")
+        print(f"model: OLMoE shape {SHAPE}, {NUM_EXPERTS} experts, native k {NATIVE_K}; work dir {work}", flush=True)
+        L = args.lowest_k
+        results: dict = {}
+        with start_server(model, ["--tiers", f"nominal={NATIVE_K},lowest={L}"], work / "server-fixed.log") as s:
+            ttft0, itl0 = unloaded(s.url, "nominal")
+            slo = {"ttft_s": args.ttft_x * ttft0, "itl_s": args.itl_x * itl0}
+            print(f"unloaded at k={NATIVE_K}: TTFT {ttft0 * 1000:.0f} ms, ITL {itl0 * 1000:.1f} ms -> objectives "
+                  f"TTFT {slo['ttft_s'] * 1000:.0f} ms, ITL {slo['itl_s'] * 1000:.1f} ms", flush=True)
+            lo_ttft, lo_itl = unloaded(s.url, "lowest")
+            print(f"unloaded at k={L}: TTFT {lo_ttft * 1000:.0f} ms, ITL {lo_itl * 1000:.1f} ms", flush=True)
+            if args.rate:
+                rate, steps = args.rate, []
+            else:
+                rate, steps = saturation(s.url, "nominal", slo, start_rate=2.0 / (ttft0 + 32 * itl0), work=work,
+                                         args=args)
+            plan = load_plan(rate, args.quick)
+            duration = plan[-1][0]
+            print(f"native k misses at {rate:.2f} req/s; plan {duration:.0f} s, {0.5 * rate:.2f}..{2.5 * rate:.2f} req/s",
+                  flush=True)
+            for arm, tier in (("fixed-nominal", "nominal"), ("fixed-lowest", "lowest")):
+                print(f"arm {arm}", flush=True)
+                data = run_load(s.url, plan, tier, work / f"{arm}.json", args.prompt_tokens, args.max_tokens)
+                results[arm] = {"summary": summarize(data, slo, duration), "timeline": timeline(data, slo, duration)}
+                time.sleep(5)
+        brownout_flags = ["--tiers", f"elastic={NATIVE_K}..{L}", "--slo-ttft-ms", f"{slo['ttft_s'] * 1000:.1f}",
+                          "--slo-itl-ms", f"{slo['itl_s'] * 1000:.2f}"]
+        for arm, flags, tier in (
+            ("brownout", brownout_flags, "elastic"),
+            ("vllm-overload", ["--tiers", f"nominal={NATIVE_K}", "--max-num-queued-reqs", str(MAX_NUM_SEQS)],
+             "nominal"),
+        ):
+            with start_server(model, flags, work / f"server-{arm}.log") as s:
+                unloaded(s.url, tier, n=2)  # warm-up
+                print(f"arm {arm}", flush=True)
+                data = run_load(s.url, plan, tier, work / f"{arm}.json", args.prompt_tokens, args.max_tokens)
+                results[arm] = {"summary": summarize(data, slo, duration), "timeline": timeline(data, slo, duration)}
+        report.update(slo=slo, unloaded={"native": [ttft0, itl0], "lowest": [lo_ttft, lo_itl]}, saturation_rate=rate,
+                      calibration=steps, plan=plan, lowest_k=L, native_k=NATIVE_K, results=results,
+                      max_num_seqs=MAX_NUM_SEQS, brownout_flags=brownout_flags)
+        plot(args.out / "brownout.png", results, slo, plan)
+        print("\n" + table(results))
+        base = results["fixed-nominal"]["summary"]["goodput_rps"]
+        print("\ngoodput vs fixed-nominal: " + ", ".join(
+            f"{arm} {results[arm]['summary']['goodput_rps'] / base:.2f}x" for arm in ARMS if base))
+
+    if not args.skip_rungs:
+        report["rungs"] = rung_price(args.out, work)
+    report["wall_s"] = time.monotonic() - started
+    (args.out / "brownout.json").write_text(json.dumps(report, indent=1))
+    print(f"\nwrote {args.out}/brownout.json, brownout.png (wall {report['wall_s'] / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Locust load for benchmarks/brownout.py: open-loop arrivals whose rate follows a load shape.
+
+The shape (``BrownoutShape``, a locust ``LoadTestShape``) sets the number of users over time; every
+user is an independent Poisson source of ``PER_USER_RATE`` requests per second that does not wait
+for its responses (open loop: an overloaded server is not relieved by its own slowness, as it would
+be with closed-loop users). So the offered load is ``users x PER_USER_RATE`` requests per second.
+
+Every request is a streaming /v1/completions with ``ignore_eos`` and a fixed length, sent with the
+arm's tier header; per request the file records its start (seconds since the run start), time to
+first token, mean inter-token latency, end-to-end latency, HTTP status, the applied k and the
+brownout level the server reports. A poller records the server's brownout level and vLLM's
+running/waiting requests once a second. Both go to ``$BROWNOUT_OUT`` (JSON) when the run ends.
+
+Configuration by environment (set by benchmarks/brownout.py): BROWNOUT_PLAN (JSON list of
+[seconds, requests/s] points, linear in between), BROWNOUT_TIER, BROWNOUT_MODEL, BROWNOUT_PROMPT_TOKENS,
+BROWNOUT_MAX_TOKENS, BROWNOUT_OUT.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+
+import gevent
+import requests
+from locust import LoadTestShape, User, constant, events, task
+
+PER_USER_RATE = 0.5  # requests/s of one user
+PLAN: list[list[float]] = json.loads(os.environ.get("BROWNOUT_PLAN", "[[0, 1], [10, 1]]"))
+TIER = os.environ.get("BROWNOUT_TIER", "")
+MODEL = os.environ.get("BROWNOUT_MODEL", "")
+PROMPT_TOKENS = int(os.environ.get("BROWNOUT_PROMPT_TOKENS", "96"))
+MAX_TOKENS = int(os.environ.get("BROWNOUT_MAX_TOKENS", "32"))
+OUT = os.environ.get("BROWNOUT_OUT", "brownout_rows.json")
+TIMEOUT_S = float(os.environ.get("BROWNOUT_TIMEOUT_S", "60"))
+WORDS = ("the quick brown fox jumps over the lazy dog while every expert routes a token "
+         "def return import class self value path config").split()
+
+ROWS: list[dict] = []
+SAMPLES: list[dict] = []
+IN_FLIGHT: set = set()
+T0 = [0.0]
+
+
+def rate_at(t: float) -> float:
+    """Offered requests/s at t seconds into the plan (piecewise linear)."""
+    for (t0, r0), (t1, r1) in zip(PLAN, PLAN[1:]):
+        if t0 <= t <= t1:
+            return r0 if t1 == t0 else r0 + (r1 - r0) * (t - t0) / (t1 - t0)
+    return -1.0  # past the end
+
+
+class BrownoutShape(LoadTestShape):
+    def tick(self):
+        rate = rate_at(self.get_run_time())
+        if rate < 0:
+            return None
+        return max(1, round(rate / PER_USER_RATE)), 1000
+
+
+@events.test_start.add_listener
+def _start(environment, **_):
+    T0[0] = time.monotonic()
+    gevent.spawn(_poll, environment.host.rstrip("/"))
+
+
+@events.quitting.add_listener
+def _write(environment, **_):
+    gevent.joinall(list(IN_FLIGHT), timeout=TIMEOUT_S + 5)  # requests still running when the plan ended
+    with open(OUT, "w") as f:
+        json.dump({"rows": ROWS, "samples": SAMPLES, "plan": PLAN, "tier": TIER}, f)
+
+
+def _poll(host: str) -> None:
+    wanted = ("phds_brownout_level", "phds_brownout_pressure", "vllm:num_requests_running",
+              "vllm:num_requests_waiting")
+    while True:
+        t = time.monotonic() - T0[0]
+        try:
+            text = requests.get(host + "/metrics", timeout=5).text
+            sample = {"t": t}
+            for line in text.splitlines():
+                name = line.split("{", 1)[0].split(" ", 1)[0]
+                if name in wanted:
+                    sample[name] = sample.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+            SAMPLES.append(sample)
+        except (requests.RequestException, ValueError):
+            pass
+        gevent.sleep(1.0)
+
+
+def _prompt() -> str:
+    return " ".join(random.choice(WORDS) for _ in range(PROMPT_TOKENS))
+
+
+class OpenLoopSource(User):
+    """One Poisson source; requests run in their own greenlets (open loop)."""
+
+    wait_time = constant(0)
+
+    @task
+    def arrive(self):
+        gevent.sleep(random.expovariate(PER_USER_RATE))
+        g = gevent.spawn(self._request, self.environment)
+        IN_FLIGHT.add(g)
+        g.link(IN_FLIGHT.discard)
+
+    def _request(self, environment) -> None:
+        start = time.monotonic()
+        row = {"t": start - T0[0], "status": None, "ttft": None, "itl": None, "e2e": None, "k": None,
+               "level": None, "tokens": 0}
+        headers = {"x-phds-tier": TIER} if TIER else {}
+        body = {"model": MODEL, "prompt": _prompt(), "max_tokens": MAX_TOKENS, "temperature": 0.0,
+                "ignore_eos": True, "stream": True}
+        exc = None
+        try:
+            with requests.post(environment.host.rstrip("/") + "/v1/completions", json=body, headers=headers,
+                               stream=True, timeout=TIMEOUT_S) as r:
+                row["status"] = r.status_code
+                row["k"] = int(r.headers["x-phds-k"]) if "x-phds-k" in r.headers else None
+                if "x-phds-brownout-level" in r.headers:
+                    row["level"] = int(r.headers["x-phds-brownout-level"])
+                if r.status_code == 200:
+                    first = last = None
+                    for line in r.iter_lines(chunk_size=None, decode_unicode=True):
+                        if not line.startswith("data:") or line[5:].strip() == "[DONE]":
+                            continue
+                        event = json.loads(line[5:])
+                        if event.get("error"):
+                            row["status"] = 599
+                            break
+                        if any(c.get("text") is not None for c in event.get("choices", [])):
+                            now = time.monotonic()
+                            first = now if first is None else first
+                            last = now
+                            row["tokens"] += 1
+                    if first is not None:
+                        row["ttft"] = first - start
+                        row["itl"] = (last - first) / (row["tokens"] - 1) if row["tokens"] > 1 else 0.0
+                else:
+                    r.content
+        except Exception as e:  # timeouts, resets: recorded as failed requests, never dropped
+            exc = e
+            row["status"] = row["status"] or 0
+        row["e2e"] = time.monotonic() - start
+        ROWS.append(row)
+        environment.events.request.fire(
+            request_type="POST", name=f"completions {TIER or 'default'}", response_time=row["e2e"] * 1000,
+            response_length=row["tokens"], exception=exc or (None if row["status"] == 200 else
+                                                             RuntimeError(f"HTTP {row['status']}")),
+            context={})
