@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 # PyPI's torchvision/torchaudio/torchcodec break `import transformers` beside the CPU torch.
 BROKEN_BESIDE_CPU_TORCH := torchvision torchaudio torchcodec
 
-.PHONY: install test-tools serve test test-all bench tiny-model loadtest clean
+.PHONY: install test-tools serve test test-all bench tiny-model loadtest brownout-eval clean
 
 install: $(VENV)/.installed
 
@@ -57,6 +57,13 @@ OUT ?= runs/loadtest
 loadtest: install
 	$(PY) -m loadtest.run --run-time $(RUN_TIME) --users $(USERS) --k-mix "$(K_MIX)" --tier-mix "$(TIER_MIX)" \
 	  --serve-args "$(SERVE_ARGS)" --out $(OUT) $(if $(URL),--url $(URL)) $(LOADTEST_ARGS)
+
+# Brownout evaluation: four arms (fixed nominal k, fixed lowest k, brownout, vLLM's queue limit) under one
+# open-loop locust load plan on a MoE-heavy model, then the price of each k of the bundled model
+# (held-out loss beside measured latency). ~20 min on 2 cores; numbers and plots in docs/brownout/.
+BROWNOUT_OUT ?= docs/brownout
+brownout-eval: install
+	$(PY) benchmarks/brownout.py --out $(BROWNOUT_OUT) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

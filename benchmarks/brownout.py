@@ -44,8 +44,10 @@ SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
 NUM_EXPERTS, NATIVE_K = 32, 8
 MODEL_NAME = "moe-heavy"
 MAX_NUM_SEQS = 32
+# A fixed 512 MiB KV cache (plenty: 32 sequences x 512 tokens x 8 KiB) instead of a fraction of the
+# machine's memory, which on a shared box is gigabytes per engine.
 SERVER_COMMON = ["--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", str(MAX_NUM_SEQS),
-                 "--max-num-batched-tokens", "2048", "--gpu-memory-utilization", "0.2", "--enforce-eager",
+                 "--max-num-batched-tokens", "2048", "--kv-cache-memory-bytes", str(512 * 2**20), "--enforce-eager",
                  "--served-model-name", MODEL_NAME, "--no-enable-prefix-caching"]
 LOCUSTFILE = REPO / "benchmarks" / "brownout_locust.py"
 
@@ -80,7 +82,7 @@ def unloaded(url: str, tier: str, n: int = 8) -> tuple[float, float]:
         first = last = None
         tokens = 0
         with requests.post(url + "/v1/completions", json=body, headers={"x-phds-tier": tier}, stream=True,
-                           timeout=60) as r:
+                           timeout=300 if i == 0 else 60) as r:  # the first request warms the engine up
             r.raise_for_status()
             for line in r.iter_lines(chunk_size=None, decode_unicode=True):
                 if line.startswith("data:") and line[5:].strip() != "[DONE]":
@@ -168,31 +170,43 @@ def timeline(data: dict, slo: dict, duration: float, bin_s: float = 5.0) -> dict
 
 
 # --------------------------------------------------------------------------- plan
-def load_plan(rate: float, quick: bool) -> list[list[float]]:
-    """Half to twice ``rate`` and back, with a burst on the way up and one after the way down."""
-    s = 0.5 if quick else 1.0
+def load_plan(rate: float, duration: float) -> list[list[float]]:
+    """Half to twice ``rate`` and back, with a burst (2.5x) on the way up and one after the way down."""
+    f = duration / 150.0
     R = rate
-    pts = [[0, 0.5 * R], [20 * s, 1.1 * R], [20 * s + 0.1, 2.5 * R], [26 * s, 2.5 * R], [26 * s + 0.1, 1.3 * R],
-           [45 * s, 2.0 * R], [60 * s, 2.0 * R], [105 * s, 0.5 * R], [118 * s, 0.5 * R],
-           [118 * s + 0.1, 2.5 * R], [126 * s, 2.5 * R], [126 * s + 0.1, 0.5 * R], [150 * s, 0.5 * R]]
+    pts = [[0, 0.5 * R], [20 * f, 1.1 * R], [20 * f + 0.1, 2.5 * R], [26 * f, 2.5 * R], [26 * f + 0.1, 1.3 * R],
+           [45 * f, 2.0 * R], [60 * f, 2.0 * R], [105 * f, 0.5 * R], [118 * f, 0.5 * R],
+           [118 * f + 0.1, 2.5 * R], [126 * f, 2.5 * R], [126 * f + 0.1, 0.5 * R], [150 * f, 0.5 * R]]
     return [[round(t, 2), round(r, 3)] for t, r in pts]
 
 
 def saturation(url: str, tier: str, slo: dict, start_rate: float, work: Path, args) -> tuple[float, list]:
-    """The first offered rate (steps of x1.35) at which fixed nominal k meets the objective for < 90%."""
-    rate, steps = start_rate, []
+    """The lowest offered rate, on a x1.35 grid, at which fixed nominal k meets the objective for < 90%
+    of requests: from ``start_rate`` up while it holds (or down while it does not)."""
     step_s = 10.0 if args.quick else 15.0
-    for i in range(10):
-        data = run_load(url, [[0, rate], [step_s, rate]], tier, work / f"calib-{i}.json",
+    steps: list[dict] = []
+
+    def attainment(rate: float) -> float:
+        data = run_load(url, [[0, rate], [step_s, rate]], tier, work / f"calib-{len(steps)}.json",
                         args.prompt_tokens, args.max_tokens)
         rows = [r for r in data["rows"] if r["t"] >= 3.0]  # skip the ramp-in
         attained = sum(met(r, slo) for r in rows) / max(1, len(rows))
         steps.append({"rate": rate, "attainment": attained, "sent": len(rows)})
         print(f"  calibration: {rate:5.2f} req/s -> objective met by {attained:.0%} of {len(rows)}", flush=True)
-        if attained < 0.9:
-            return rate, steps
-        rate *= 1.35
         time.sleep(3)
+        return attained
+
+    rate = start_rate
+    if attainment(rate) < 0.9:
+        for _ in range(8):  # down until it holds; the rate above that is the answer
+            if attainment(rate / 1.35) >= 0.9:
+                return rate, steps
+            rate /= 1.35
+        return rate, steps
+    for _ in range(10):
+        rate *= 1.35
+        if attainment(rate) < 0.9:
+            return rate, steps
     return rate, steps
 
 
@@ -202,7 +216,8 @@ def rung_price(out: Path, work: Path) -> dict:
     from phds_serve.server.bundled_model import ASSET_DIR
 
     port = srv.free_port()
-    server = srv.Server(srv.command(port), port, work / "rungs-server.log")
+    kv = ["--kv-cache-memory-bytes", str(256 * 2**20)]  # the bundled default is a fraction of the machine
+    server = srv.Server(srv.command(port, None, kv), port, work / "rungs-server.log")
     print("rung price: bundled model, phds-eval against a running phds-serve", flush=True)
     with server:
         cmd = [sys.executable, "-m", "phds_serve.eval.cli", "--checkpoint", str(ASSET_DIR), "--url", server.url,
@@ -220,6 +235,18 @@ ARMS = ("fixed-nominal", "fixed-lowest", "brownout", "vllm-overload")
 COLORS = {"fixed-nominal": "tab:blue", "fixed-lowest": "tab:green", "brownout": "tab:red", "vllm-overload": "tab:gray"}
 
 
+def mean_timeline(tls: list[dict]) -> dict:
+    """Bin-wise mean of the passes' timelines (None where no pass had data); level/waiting of pass 1."""
+    def mean(values):
+        vals = [v for v in values if v is not None]
+        return statistics.mean(vals) if vals else None
+
+    out = {"t": tls[0]["t"], "level": tls[0]["level"], "waiting": tls[0]["waiting"]}
+    for key in ("offered", "goodput", "errors", "ttft_p90", "mean_k"):
+        out[key] = [mean(vals) for vals in zip(*(tl[key] for tl in tls))]
+    return out
+
+
 def plot(path: Path, results: dict, slo: dict, plan: list) -> None:
     import matplotlib
 
@@ -232,7 +259,7 @@ def plot(path: Path, results: dict, slo: dict, plan: list) -> None:
     for arm in ARMS:
         if arm not in results:
             continue
-        tl = results[arm]["timeline"]
+        tl = mean_timeline(results[arm]["timelines"])
         c = COLORS[arm]
         axes[0].plot(tl["t"], tl["goodput"], color=c, label=f"{arm} goodput")
         axes[1].plot(tl["t"], [v if v is not None else float("nan") for v in tl["ttft_p90"]], color=c, label=arm)
@@ -252,13 +279,13 @@ def plot(path: Path, results: dict, slo: dict, plan: list) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper right")
     axes[-1].set_xlabel("seconds into the load plan (by request start)")
-    fig.suptitle("phds-serve brownout: one load plan, four arms")
+    fig.suptitle("phds-serve brownout: one load plan, four arms (mean of the passes; level of pass 1)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def table(results: dict) -> str:
-    head = ("| arm | sent | objective met | attainment | goodput req/s | throughput req/s | mean k | errors "
+    head = ("| arm | sent | objective met | attainment (by pass) | goodput req/s | throughput req/s | mean k | errors "
             "| p50 TTFT ms | p90 TTFT ms | p90 ITL ms |\n|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for arm in ARMS:
@@ -267,10 +294,91 @@ def table(results: dict) -> str:
         s = results[arm]["summary"]
         ms = lambda v: "-" if v is None else f"{v * 1000:.0f}"  # noqa: E731
         errs = ", ".join(f"{n} {k}" for k, n in s["errors_by_kind"].items()) or "0"
-        lines.append(f"| {arm} | {s['sent']} | {s['met']} | {s['attainment']:.1%} | {s['goodput_rps']:.2f} "
+        by_pass = ", ".join(f"{p['attainment']:.0%}" for p in results[arm].get("passes", []))
+        lines.append(f"| {arm} | {s['sent']} | {s['met']} | {s['attainment']:.1%} ({by_pass}) | {s['goodput_rps']:.2f} "
                      f"| {s['throughput_rps']:.2f} | {s['mean_k'] if s['mean_k'] is None else round(s['mean_k'], 2)} "
                      f"| {errs} | {ms(s['ttft_p50_s'])} | {ms(s['ttft_p90_s'])} | {ms(s['itl_p90_s'])} |")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the arms
+def wait_level_zero(url: str, timeout: float = 120.0) -> None:
+    """Before a brownout arm: the controller back at level 0 (it also saw the other arms' load)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = requests.get(url + "/metrics", timeout=10).text
+        if any(line.startswith("phds_brownout_level ") and float(line.split()[1]) == 0 for line in text.splitlines()):
+            return
+        time.sleep(1.0)
+    raise RuntimeError("the brownout level did not return to 0 on an idle server")
+
+
+def run_arms(args, work: Path) -> dict:
+    """Servers: S2 (nominal k, vLLM's queue limit) probes the unloaded latency, calibrates and runs
+    vllm-overload; S1 (fixed tiers and the elastic tier with the objectives) runs the other three arms
+    twice in mirrored order; S2 again for the second vllm-overload pass. Mirrored passes cancel a
+    linear drift of the machine's own load."""
+    model = build_model(work / "moe-heavy")
+    print(f"model: OLMoE shape {SHAPE}, {NUM_EXPERTS} experts, native k {NATIVE_K}; work dir {work}", flush=True)
+    L, passes = args.lowest_k, args.passes
+    runs: dict[str, list[dict]] = {arm: [] for arm in ARMS}
+    overload_flags = ["--tiers", f"nominal={NATIVE_K}", "--max-num-queued-reqs", str(MAX_NUM_SEQS)]
+
+    def arm_run(url: str, arm: str, tier: str, i: int) -> None:
+        print(f"arm {arm} (pass {i + 1})", flush=True)
+        if arm == "brownout":
+            wait_level_zero(url)
+        data = run_load(url, plan, tier, work / f"{arm}-{i}.json", args.prompt_tokens, args.max_tokens)
+        runs[arm].append(data)
+        time.sleep(5)
+
+    with start_server(model, overload_flags, work / "server-overload-1.log") as s2:
+        ttft0, itl0 = unloaded(s2.url, "nominal")
+        slo = {"ttft_s": args.ttft_x * ttft0, "itl_s": args.itl_x * itl0}
+        print(f"unloaded at k={NATIVE_K}: TTFT {ttft0 * 1000:.0f} ms, ITL {itl0 * 1000:.1f} ms -> objectives "
+              f"TTFT {slo['ttft_s'] * 1000:.0f} ms, ITL {slo['itl_s'] * 1000:.1f} ms", flush=True)
+        if args.rate:
+            rate, steps = args.rate, []
+        else:
+            rate, steps = saturation(s2.url, "nominal", slo, start_rate=2.0 / (ttft0 + args.max_tokens * itl0),
+                                     work=work, args=args)
+        plan = load_plan(rate, args.duration)
+        print(f"native k misses at {rate:.2f} req/s; plan {args.duration:.0f} s, {0.5 * rate:.2f}..{2.5 * rate:.2f} "
+              f"req/s, {passes} pass(es)", flush=True)
+        arm_run(s2.url, "vllm-overload", "nominal", 0)
+    brownout_flags = ["--slo-ttft-ms", f"{slo['ttft_s'] * 1000:.1f}", "--slo-itl-ms", f"{slo['itl_s'] * 1000:.2f}"]
+    s1_flags = ["--tiers", f"nominal={NATIVE_K},lowest={L},elastic={NATIVE_K}..{L}", *brownout_flags]
+    with start_server(model, s1_flags, work / "server-tiers.log") as s1:
+        lo_ttft, lo_itl = unloaded(s1.url, "lowest")
+        print(f"unloaded at k={L}: TTFT {lo_ttft * 1000:.0f} ms, ITL {lo_itl * 1000:.1f} ms", flush=True)
+        order = [("fixed-nominal", "nominal"), ("fixed-lowest", "lowest"), ("brownout", "elastic")]
+        for i in range(passes):
+            for arm, tier in (order if i % 2 == 0 else order[::-1]):
+                arm_run(s1.url, arm, tier, i)
+    if passes > 1:
+        with start_server(model, overload_flags, work / "server-overload-2.log") as s2:
+            unloaded(s2.url, "nominal", n=2)  # warm-up
+            for i in range(1, passes):
+                arm_run(s2.url, "vllm-overload", "nominal", i)
+
+    results = {}
+    for arm, datas in runs.items():
+        merged = {"rows": [r for d in datas for r in d["rows"]], "samples": []}
+        results[arm] = {
+            "summary": summarize(merged, slo, args.duration * len(datas)),
+            "passes": [summarize(d, slo, args.duration) for d in datas],
+            "timeline": timeline(datas[0], slo, args.duration),
+            "timelines": [timeline(d, slo, args.duration) for d in datas],
+        }
+    plot(args.out / "brownout.png", results, slo, plan)
+    print("\n" + table(results))
+    base = results["fixed-nominal"]["summary"]["goodput_rps"]
+    if base:
+        print("\ngoodput vs fixed-nominal: " + ", ".join(
+            f"{arm} {results[arm]['summary']['goodput_rps'] / base:.2f}x" for arm in ARMS))
+    return dict(slo=slo, unloaded={"native": [ttft0, itl0], "lowest": [lo_ttft, lo_itl]}, saturation_rate=rate,
+                calibration=steps, plan=plan, lowest_k=L, native_k=NATIVE_K, results=results,
+                max_num_seqs=MAX_NUM_SEQS, brownout_flags=brownout_flags, passes=passes)
 
 
 # --------------------------------------------------------------------------- main
@@ -279,70 +387,35 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "brownout")
     ap.add_argument("--lowest-k", type=int, default=2, help="lowest k of the elastic tier (and of fixed-lowest)")
     ap.add_argument("--ttft-x", type=float, default=4.0, help="TTFT objective = this x unloaded TTFT")
-    ap.add_argument("--itl-x", type=float, default=3.0, help="inter-token objective = this x unloaded ITL")
+    ap.add_argument("--itl-x", type=float, default=4.0, help="inter-token objective = this x unloaded ITL")
     ap.add_argument("--prompt-tokens", type=int, default=96, help="words per prompt")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--rate", type=float, default=None, help="skip calibration: native k misses at this req/s")
-    ap.add_argument("--quick", action="store_true", help="half-length plan and calibration steps")
+    ap.add_argument("--duration", type=float, default=100.0, help="seconds of one load plan")
+    ap.add_argument("--passes", type=int, default=2, help="passes over the arms, in mirrored order")
+    ap.add_argument("--quick", action="store_true", help="one pass of a 60 s plan, short calibration steps")
     ap.add_argument("--skip-rungs", action="store_true")
     ap.add_argument("--skip-arms", action="store_true")
     args = ap.parse_args()
+    if args.quick:
+        args.duration, args.passes = 60.0, 1
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="phds-brownout-"))
     started = time.monotonic()
-    report: dict = {"machine": f"{os.cpu_count()} CPU cores, load average {os.getloadavg()}", "args": {
-        k: str(v) for k, v in vars(args).items()}}
+    report: dict = {}
+    if args.skip_arms and (args.out / "brownout.json").is_file():  # add the rungs to an earlier run
+        report = json.loads((args.out / "brownout.json").read_text())
+    report.setdefault("machine", f"{os.cpu_count()} CPU cores, load average at start {os.getloadavg()}")
+    report.setdefault("args", {k: str(v) for k, v in vars(args).items()})
 
     if not args.skip_arms:
-        model = build_model(work / "moe-heavy")
-        print(f"model: OLMoE shape {SHAPE}, {NUM_EXPERTS} experts, native k {NATIVE_K}; work dir {work}", flush=True)
-        L = args.lowest_k
-        results: dict = {}
-        with start_server(model, ["--tiers", f"nominal={NATIVE_K},lowest={L}"], work / "server-fixed.log") as s:
-            ttft0, itl0 = unloaded(s.url, "nominal")
-            slo = {"ttft_s": args.ttft_x * ttft0, "itl_s": args.itl_x * itl0}
-            print(f"unloaded at k={NATIVE_K}: TTFT {ttft0 * 1000:.0f} ms, ITL {itl0 * 1000:.1f} ms -> objectives "
-                  f"TTFT {slo['ttft_s'] * 1000:.0f} ms, ITL {slo['itl_s'] * 1000:.1f} ms", flush=True)
-            lo_ttft, lo_itl = unloaded(s.url, "lowest")
-            print(f"unloaded at k={L}: TTFT {lo_ttft * 1000:.0f} ms, ITL {lo_itl * 1000:.1f} ms", flush=True)
-            if args.rate:
-                rate, steps = args.rate, []
-            else:
-                rate, steps = saturation(s.url, "nominal", slo, start_rate=2.0 / (ttft0 + 32 * itl0), work=work,
-                                         args=args)
-            plan = load_plan(rate, args.quick)
-            duration = plan[-1][0]
-            print(f"native k misses at {rate:.2f} req/s; plan {duration:.0f} s, {0.5 * rate:.2f}..{2.5 * rate:.2f} req/s",
-                  flush=True)
-            for arm, tier in (("fixed-nominal", "nominal"), ("fixed-lowest", "lowest")):
-                print(f"arm {arm}", flush=True)
-                data = run_load(s.url, plan, tier, work / f"{arm}.json", args.prompt_tokens, args.max_tokens)
-                results[arm] = {"summary": summarize(data, slo, duration), "timeline": timeline(data, slo, duration)}
-                time.sleep(5)
-        brownout_flags = ["--tiers", f"elastic={NATIVE_K}..{L}", "--slo-ttft-ms", f"{slo['ttft_s'] * 1000:.1f}",
-                          "--slo-itl-ms", f"{slo['itl_s'] * 1000:.2f}"]
-        for arm, flags, tier in (
-            ("brownout", brownout_flags, "elastic"),
-            ("vllm-overload", ["--tiers", f"nominal={NATIVE_K}", "--max-num-queued-reqs", str(MAX_NUM_SEQS)],
-             "nominal"),
-        ):
-            with start_server(model, flags, work / f"server-{arm}.log") as s:
-                unloaded(s.url, tier, n=2)  # warm-up
-                print(f"arm {arm}", flush=True)
-                data = run_load(s.url, plan, tier, work / f"{arm}.json", args.prompt_tokens, args.max_tokens)
-                results[arm] = {"summary": summarize(data, slo, duration), "timeline": timeline(data, slo, duration)}
-        report.update(slo=slo, unloaded={"native": [ttft0, itl0], "lowest": [lo_ttft, lo_itl]}, saturation_rate=rate,
-                      calibration=steps, plan=plan, lowest_k=L, native_k=NATIVE_K, results=results,
-                      max_num_seqs=MAX_NUM_SEQS, brownout_flags=brownout_flags)
-        plot(args.out / "brownout.png", results, slo, plan)
-        print("\n" + table(results))
-        base = results["fixed-nominal"]["summary"]["goodput_rps"]
-        print("\ngoodput vs fixed-nominal: " + ", ".join(
-            f"{arm} {results[arm]['summary']['goodput_rps'] / base:.2f}x" for arm in ARMS if base))
+        report.update(run_arms(args, work))
+        (args.out / "brownout.json").write_text(json.dumps(report, indent=1))
 
     if not args.skip_rungs:
         report["rungs"] = rung_price(args.out, work)
-    report["wall_s"] = time.monotonic() - started
+    report["load_average_at_end"] = os.getloadavg()
+    report["wall_s"] = report.get("wall_s", 0.0) + time.monotonic() - started
     (args.out / "brownout.json").write_text(json.dumps(report, indent=1))
     print(f"\nwrote {args.out}/brownout.json, brownout.png (wall {report['wall_s'] / 60:.1f} min)")
     return 0
