@@ -146,6 +146,25 @@ def summarize(data: dict, slo: dict, duration: float) -> dict:
     }
 
 
+def phases(duration: float) -> list[tuple[str, float, float]]:
+    """The plan's phases (seconds), a burst counted with the 5 s after it (its queue drains then)."""
+    f = duration / 150.0
+    return [("0.5R-1.1R ramp", 0, 20 * f), ("burst 1 (2.5R) + 5 s", 20 * f, 26 * f + 5),
+            ("1.3R-2R, 2R hold", 26 * f + 5, 60 * f), ("2R-0.5R ramp down", 60 * f, 105 * f),
+            ("0.5R", 105 * f, 118 * f), ("burst 2 (2.5R) + 5 s", 118 * f, 126 * f + 5),
+            ("0.5R tail", 126 * f + 5, duration)]
+
+
+def by_phase(rows: list[dict], slo: dict, duration: float) -> list[dict]:
+    out = []
+    for name, start, end in phases(duration):
+        part = [r for r in rows if start <= r["t"] < end]
+        ks = [r["k"] for r in part if r["status"] == 200 and r["k"] is not None]
+        out.append({"phase": name, "sent": len(part), "attainment": sum(met(r, slo) for r in part) / max(1, len(part)),
+                    "mean_k": statistics.mean(ks) if ks else None})
+    return out
+
+
 def timeline(data: dict, slo: dict, duration: float, bin_s: float = 5.0) -> dict:
     """Per bin of request start time: offered and good requests/s, p90 TTFT, mean applied k; level samples."""
     bins = int(duration // bin_s) + 1
@@ -366,12 +385,18 @@ def run_arms(args, work: Path) -> dict:
         merged = {"rows": [r for d in datas for r in d["rows"]], "samples": []}
         results[arm] = {
             "summary": summarize(merged, slo, args.duration * len(datas)),
+            "phases": by_phase(merged["rows"], slo, args.duration),
             "passes": [summarize(d, slo, args.duration) for d in datas],
             "timeline": timeline(datas[0], slo, args.duration),
             "timelines": [timeline(d, slo, args.duration) for d in datas],
         }
     plot(args.out / "brownout.png", results, slo, plan)
     print("\n" + table(results))
+    print("\n| phase | " + " | ".join(ARMS) + " |\n|---|" + "---|" * len(ARMS))
+    for i, (name, _, _) in enumerate(phases(args.duration)):
+        cells = [f"{results[a]['phases'][i]['attainment']:.0%} (k {results[a]['phases'][i]['mean_k'] or 0:.1f})"
+                 for a in ARMS]
+        print(f"| {name} | " + " | ".join(cells) + " |")
     base = results["fixed-nominal"]["summary"]["goodput_rps"]
     if base:
         print("\ngoodput vs fixed-nominal: " + ", ".join(
