@@ -14,6 +14,7 @@ the config attribute that holds k (``Family.k_attr``) for vLLM's
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -393,6 +394,99 @@ FAMILIES: dict[str, Family] = {
                              layer_types=["sliding_attention", "full_attention"],
                              mlp_layer_types=["sparse", "sparse"]),
            router_rule="softmax -> top-k -> renormalise (expert_selection_fn='sigmoid': sigmoid)"),
+        _f("axk1", "axk1", "AXK1ForCausalLM", "num_experts_per_tok", "n_routed_experts",
+           lambda e, k: dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=e,
+                             num_experts_per_tok=k, n_shared_experts=1, n_group=4, topk_group=2,
+                             first_k_dense_replace=0, norm_topk_prob=True,
+                             routed_scaling_factor=2.5, topk_method="noaux_tc",
+                             scoring_func="sigmoid", **{**_MLA, "q_lora_rank": 64}),
+           bias=("mlp.gate.e_score_correction_bias",), neutralise_attention=True, max_k=4,
+           router_rule="DeepSeek-V3 router (sigmoid, bias, 4 groups keep 2, x 2.5), MLA"),
+        _f("deepseek_v32", "deepseek_v32", "DeepseekV32ForCausalLM", "num_experts_per_tok",
+           "n_routed_experts",
+           lambda e, k: dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=e,
+                             num_experts_per_tok=k, n_shared_experts=1, n_group=4, topk_group=2,
+                             first_k_dense_replace=0, norm_topk_prob=True,
+                             routed_scaling_factor=2.5, num_key_value_heads=2, index_topk=16,
+                             index_head_dim=32, index_n_heads=2, **{**_MLA, "q_lora_rank": 64}),
+           bias=("mlp.gate.e_score_correction_bias",), neutralise_attention=True, max_k=4,
+           router_rule="DeepSeek-V3 router; DSA sparse attention"),
+        _f("glm_moe_dsa", "glm_moe_dsa", "GlmMoeDsaForCausalLM", "num_experts_per_tok",
+           "n_routed_experts",
+           lambda e, k: dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=e,
+                             num_experts_per_tok=k, n_shared_experts=1, n_group=1, topk_group=1,
+                             first_k_dense_replace=0, mlp_layer_types=["sparse", "sparse"],
+                             norm_topk_prob=True, routed_scaling_factor=2.5,
+                             num_key_value_heads=2, index_topk=16, index_head_dim=32,
+                             index_n_heads=2, **{**_MLA, "q_lora_rank": 64}),
+           bias=("mlp.gate.e_score_correction_bias",), neutralise_attention=True,
+           router_rule="GLM-4.5 router; DSA sparse attention (GLM-5)"),
+        _f("kimi_linear", "kimi_linear", "KimiLinearForCausalLM", "num_experts_per_token",
+           "num_experts",
+           lambda e, k: dict(intermediate_size=64, moe_intermediate_size=32, num_experts=e,
+                             num_experts_per_token=k, num_shared_experts=1,
+                             num_expert_group=1, topk_group=1, moe_renormalize=True,
+                             routed_scaling_factor=2.0, mlp_layer_types=["sparse", "sparse"],
+                             layer_types=["linear_attention", "full_attention"],
+                             linear_head_dim=32, linear_num_heads=2,
+                             # read by vLLM (vllm.models.kimi_k3), absent from transformers' config:
+                             use_grouped_topk=True, moe_router_activation_func="sigmoid",
+                             **_MLA),
+           bias=("mlp.gate.e_score_correction_bias",),
+           attn_out=("self_attn.o_proj.weight",), neutralise_attention=True,
+           router_rule="sigmoid; top-k by score+bias; renormalised x scale (KDA + MLA attention)"),
+        _f("hy_v4", "hy_v4", "HYV4ForCausalLM", "num_experts_per_tok", "n_routed_experts",
+           lambda e, k: dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=e,
+                             num_experts_per_tok=k, n_shared_experts=1, n_group=1, topk_group=1,
+                             mlp_layer_types=["sparse", "sparse"], routed_scaling_factor=2.0,
+                             num_key_value_heads=2, index_topk=16, index_head_dim=32,
+                             index_n_heads=2, hc_mult=2, **{**_MLA, "q_lora_rank": 64}),
+           bias=("mlp.gate.e_score_correction_bias",), neutralise_attention=True,
+           router_rule="sigmoid; top-k by score+bias; renormalised x scale (iHC, MLA + indexer)"),
+        _f("minimax_m3", "minimax_m3_vl_text", "MiniMaxM3SparseForCausalLM",
+           "num_experts_per_tok", "num_local_experts",
+           lambda e, k: dict(intermediate_size=32, dense_intermediate_size=64,
+                             shared_intermediate_size=32, num_local_experts=e,
+                             num_experts_per_tok=k, head_dim=64, rotary_dim=32, index_n_heads=1,
+                             index_head_dim=32, index_block_size=8, index_topk_blocks=2,
+                             scoring_func="sigmoid"),
+           bias=("mlp.gate.e_score_correction_bias",),
+           router_rule="sigmoid; top-k by score+bias; renormalised x 2.0"),
+        _f("inkling", "inkling_text", "InklingForCausalLM", "num_experts_per_tok",
+           "n_routed_experts",
+           lambda e, k: dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=e,
+                             num_experts_per_tok=k, n_shared_experts=1, head_dim=64,
+                             swa_num_attention_heads=2, swa_num_key_value_heads=1,
+                             swa_head_dim=64, sliding_window_size=16),
+           bias=("mlp.gate.e_score_correction_bias",),
+           router_rule="sigmoid + bias -> top-k; log-sigmoid renorm with the sink experts"),
+        _f("nemotron_h", "nemotron_h", "NemotronHForCausalLM", "num_experts_per_tok",
+           "n_routed_experts",
+           lambda e, k: dict(layers_block_type=["attention", "moe"], head_dim=64,
+                             intermediate_size=64, moe_intermediate_size=32,
+                             moe_shared_expert_intermediate_size=32, n_routed_experts=e,
+                             num_experts_per_tok=k, n_group=1, topk_group=1,
+                             routed_scaling_factor=2.0, mamba_num_heads=4, mamba_head_dim=32,
+                             ssm_state_size=16, n_groups=1, chunk_size=64),
+           router=("mixer.gate.weight",), bias=("mixer.gate.e_score_correction_bias",),
+           attn_out=("mixer.o_proj.weight", "mixer.out_proj.weight"),
+           router_rule="sigmoid; top-k by score+bias; renormalised x scale; relu2 (non-gated) experts"),
+        _f("deepseek_v4", "deepseek_v4", "DeepseekV4ForCausalLM", "num_experts_per_tok",
+           "n_routed_experts",
+           lambda e, k: dict(moe_intermediate_size=32, n_routed_experts=e, num_experts_per_tok=k,
+                             head_dim=64, q_lora_rank=64, o_groups=2, o_lora_rank=32,
+                             index_n_heads=2, index_head_dim=32, index_topk=16, hc_mult=2,
+                             sliding_window=16, qk_rope_head_dim=16,
+                             mlp_layer_types=["hash_moe", "moe"]),
+           bias=("mlp.gate.e_score_correction_bias",),
+           router_rule="sqrt(softplus) + bias -> top-k; hash-routed layers (not a prefix rule)"),
+        _f("mellum", "mellum", "MellumForCausalLM", "num_experts_per_tok", "num_local_experts",
+           lambda e, k: dict(moe_intermediate_size=32, intermediate_size=64,
+                             num_local_experts=e, num_experts_per_tok=k, norm_topk_prob=True,
+                             head_dim=64, sliding_window=64,
+                             layer_types=["sliding_attention", "full_attention"],
+                             mlp_layer_types=["sparse", "sparse"]),
+           router_rule="softmax -> top-k -> renormalise", vllm_cpu="runs (Transformers modeling backend)"),
         # --- weight on the input ---
         _f("llama4", "llama4_text", "Llama4ForCausalLM", "num_experts_per_tok", "num_local_experts",
            lambda e, k: dict(intermediate_size=32, intermediate_size_mlp=64, num_local_experts=e,
@@ -509,12 +603,21 @@ def build_family_checkpoint(
                 tensor.copy_(torch.randn(tensor.shape, generator=gen) * bias_scale)
             elif fam.logit_bias and tname.endswith(fam.logit_bias):
                 tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.5)
+            elif tname.endswith("tid2eid"):  # DeepSeek-V4 hash routing: distinct experts per token
+                rows = [torch.randperm(num_experts, generator=gen)[: tensor.shape[1]] for _ in range(tensor.shape[0])]
+                tensor.copy_(torch.stack(rows).to(tensor.dtype))
             elif neutralise and tname.endswith(fam.attn_out):
                 tensor.zero_()
     if not found_router:
         raise RuntimeError(f"{name}: no router weight matching {fam.router} in {type(model).__name__}")
     model.config.architectures = [fam.hf_arch]
     model.save_pretrained(path, safe_serialization=True)
+    # Some transformers classes write their own class name; vLLM resolves this one.
+    cfg_file = path / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    if cfg.get("architectures") != [fam.hf_arch]:
+        cfg["architectures"] = [fam.hf_arch]
+        cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return path
 
 
