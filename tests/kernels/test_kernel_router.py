@@ -20,7 +20,9 @@ from phds_serve.kernels.reference import declared_k_topk_stable, route_declared_
 from phds_serve.routing import RoutingRule, declared_k_topk, expert_scores, route_declared_k
 
 SETTINGS = settings(max_examples=12, deadline=None)
-WEIGHT_TOL = dict(rtol=1e-6, atol=1e-7)
+# The interpreter computes exp with numpy (correctly rounded in practice); on a GPU
+# tl.exp is ex2.approx of x * log2(e), about |x| * 6e-8 relative: up to ~1e-6 here.
+WEIGHT_TOL = dict(rtol=1e-6, atol=1e-7) if DEVICE.type == "cpu" else dict(rtol=1e-5, atol=1e-6)
 
 
 @st.composite
@@ -252,13 +254,13 @@ def test_router_reads_strided_logits():
     weights, ids = declared_k_topk_triton(strided[:, ::2], token_k.to(DEVICE), 4, True)
     ref_w, ref_ids = declared_k_topk_stable(logits, token_k, 4, True)
     assert torch.equal(ids.cpu(), ref_ids)
-    torch.testing.assert_close(weights.cpu(), ref_w)
+    torch.testing.assert_close(weights.cpu(), ref_w, **WEIGHT_TOL)
     rule = RoutingRule("sigmoid", True, correction_bias=torch.randn(16, device=DEVICE)[::2])
     weights, ids = declared_k_route_triton(strided[:, ::2], token_k.to(DEVICE), 4, rule)
     ref_w, ref_ids = route_declared_k_stable(logits, token_k, 4, RoutingRule(
         "sigmoid", True, correction_bias=rule.correction_bias.cpu()))
     assert torch.equal(ids.cpu(), ref_ids)
-    torch.testing.assert_close(weights.cpu(), ref_w)
+    torch.testing.assert_close(weights.cpu(), ref_w, **WEIGHT_TOL)
 
 
 def test_router_rejects_bad_arguments():
