@@ -745,3 +745,25 @@ def test_longcat_router_is_a_prefix_rule_but_routes_to_zero_compute_experts():
         assert_rows_match("longcat", k, hf, by_expert(ids.long(), weights), 2.0)
     zero_share = (results[3][0] >= cfg.n_routed_experts).sum(1)
     assert zero_share.max() > 0 and zero_share.min() < zero_share.max(), zero_share
+
+
+@pytest.mark.known_bug(reason="routing.py ranks top-k-on-logits families by sigmoid(logit), which ties in fp32")
+def test_llama4_ranks_by_logit_where_fp32_sigmoid_ties():
+    """Llama 4 (and Cohere2-MoE with sigmoid) take the top k of the *logits*, then the
+    sigmoid. The rule ranks by sigmoid(logit), and fp32 sigmoids collide for large logits
+    (sigmoid(18) == sigmoid(19) == 1.0; sigmoid(10) == sigmoid(10.0005)), so the rule can
+    pick another expert at the same weight ~1. Fix: rank by the logits when the rule has
+    no correction bias (softmax and sigmoid are monotone), in routing.py and the kernel."""
+    family = FAMILIES_BY_NAME["llama4"]
+    cfg, block = build(family, 1)
+    logits = torch.zeros(4, cfg.num_local_experts)
+    logits[0, :2] = torch.tensor([19.0, 18.0])
+    logits[1, :2] = torch.tensor([10.0005, 10.0])
+    logits[2, [0, 2]] = torch.tensor([18.0, 19.0])
+    logits[3, [0, 3]] = torch.tensor([18.0, 19.0])
+    hidden = torch.zeros(1, 4, HIDDEN)
+    hidden[0, :, : cfg.num_local_experts] = logits
+    hf_ids, hf_w = transformers_routing(family, block, hidden)
+    assert hf_ids.flatten().tolist() == [0, 0, 2, 3]  # transformers: the larger logit
+    weights, ids = route_declared_k(logits, torch.ones(4, dtype=torch.long), 1, family.rule(cfg, block))
+    assert ids.flatten().tolist() == hf_ids.flatten().tolist()
