@@ -56,6 +56,13 @@ writes, transformers' alias in brackets; E: routed experts):
   renorm_eps=1e-20, num_groups=``n_group``, groups_kept=``topk_group``,
   group_score=top2_sum, routed_scaling_factor. Max k = topk_group * E / n_group
   (above it HF picks experts of dropped groups at -inf). Prefix rule.
+- Mistral 4 (``Mistral4Config``): softmax, renormalize=``norm_topk_prob``,
+  renorm_eps=1e-20, num_groups=``n_group``, groups_kept=``topk_group``,
+  group_score=top2_sum, routed_scaling_factor (other groups zeroed, as DeepSeek-V2).
+  Prefix rule.
+- Gemma 4 (k: ``top_k_experts``): softmax, renormalize=True, then times
+  ``router.per_expert_scale[id]``: a per-expert factor RoutingRule has no field for
+  (fold it into the experts' w2, or add the field). Prefix rule for the ids.
 - MiniMax-M2: sigmoid, correction_bias=``block.e_score_correction_bias``,
   renormalize=True, renorm_eps=0. Prefix rule.
 - LFM2-MoE: sigmoid, correction_bias=``block.expert_bias`` if ``use_expert_bias``,
@@ -326,6 +333,15 @@ FAMILIES: list[Family] = [
            lambda: _deepseek_v3_config(n_group=2, topk_group=1, scale=1.8, cls="Glm4MoeLiteConfig"),
            lambda c: _module("glm4_moe_lite.modeling_glm4_moe_lite.Glm4MoeLiteMoE")(c),
            deepseek_v3_rule, lambda b: b.gate, bias=lambda b: b.gate.e_score_correction_bias),
+    Family("mistral4",  # softmax scores, grouped top-2 sum, no bias
+           lambda: _t("Mistral4Config")(**_common(
+               n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, norm_topk_prob=True,
+               routed_scaling_factor=1.5, moe_intermediate_size=8, n_shared_experts=1)),
+           lambda c: _module("mistral4.modeling_mistral4.Mistral4MoE")(c),
+           lambda c, b: RoutingRule("softmax", renormalize=bool(c.norm_topk_prob), renorm_eps=1e-20,
+                                    num_groups=c.n_group, groups_kept=c.topk_group, group_score="top2_sum",
+                                    routed_scaling_factor=float(c.routed_scaling_factor)),
+           lambda b: b.gate),
     Family("nemotron_h",
            lambda: _t("NemotronHConfig")(**_common(
                n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, norm_topk_prob=True,
@@ -570,6 +586,39 @@ def test_llama4_weight_goes_on_the_expert_input():
         on_output = shared + (plain * dense.t()[:, :, None]).sum(0)
     torch.testing.assert_close(out.reshape(NUM_TOKENS, HIDDEN), on_input, rtol=1e-5, atol=1e-6)
     assert (out.reshape(NUM_TOKENS, HIDDEN) - on_output).abs().max() > 1e-4
+
+
+def test_gemma4_is_the_softmax_rule_times_a_per_expert_scale():
+    """Gemma 4's router renormalises the softmax top-k, then multiplies each weight by
+    its expert's ``per_expert_scale``: the experts are the rule's at every k, the weights
+    the rule's times that scale, and without it they differ."""
+    cfg = _t("Gemma4TextConfig")(**_common(enable_moe_block=True, num_experts=8, top_k_experts=2,
+                                           moe_intermediate_size=8))
+    assert k_config_attr(cfg) == "top_k_experts"
+    router = _module("gemma4.modeling_gemma4.Gemma4TextRouter")(cfg).eval()
+    _init(router, seed=0)
+    gen = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        router.scale.fill_(1.0)
+        router.proj.weight.zero_()
+        router.proj.weight[:, :8] = torch.eye(8) * HIDDEN
+        router.per_expert_scale.copy_(0.5 + torch.rand(8, generator=gen))
+    hidden = torch.zeros(NUM_TOKENS, HIDDEN)
+    hidden[:, :8] = torch.linspace(-2.5, 2.5, 8)[torch.argsort(torch.rand(NUM_TOKENS, 8, generator=gen), 1)]
+    hidden[:, 8:] = 3.0  # keeps the RMS norm from flattening the logits
+    logits = {}
+    handle = router.proj.register_forward_hook(lambda m, a, out: logits.__setitem__("x", out.detach().float()))
+    rule = RoutingRule("softmax", renormalize=True)
+    for k in (1, 2, 4):
+        cfg.top_k_experts = k
+        with torch.no_grad():
+            _, hf_w, hf_ids = router(hidden)
+        assert separation(logits["x"], rule, 4) > SEPARATION
+        weights, ids = route_declared_k(logits["x"], torch.full((NUM_TOKENS,), k), k, rule)
+        scaled = weights * router.per_expert_scale.detach()[ids.long()]
+        assert_rows_match("gemma4", k, by_expert(hf_ids, hf_w.float()), by_expert(ids.long(), scaled), 1.5)
+        assert not torch.allclose(by_expert(ids.long(), weights)[1], by_expert(hf_ids, hf_w.float())[1], atol=1e-3)
+    handle.remove()
 
 
 # ---------------------------------------------------------------------------------------------
