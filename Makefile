@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 # PyPI's torchvision/torchaudio/torchcodec break `import transformers` beside the CPU torch.
 BROKEN_BESIDE_CPU_TORCH := torchvision torchaudio torchcodec
 
-.PHONY: install test-tools serve test test-all bench tiny-model loadtest clean
+.PHONY: install test-tools serve test test-all bench tiny-model loadtest gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -57,6 +57,16 @@ OUT ?= runs/loadtest
 loadtest: install
 	$(PY) -m loadtest.run --run-time $(RUN_TIME) --users $(USERS) --k-mix "$(K_MIX)" --tier-mix "$(TIER_MIX)" \
 	  --serve-args "$(SERVE_ARGS)" --out $(OUT) $(if $(URL),--url $(URL)) $(LOADTEST_ARGS)
+
+# The declared-k kernels on a CUDA GPU: kernel tests on the device + benchmarks/kernels_gpu.py, results in
+# $(GPU_CHECK_OUT)/results.json. Needs torch (CUDA), triton, pytest, hypothesis, numpy; no vLLM, no install.
+# Fails (exit 2) without a GPU; GPU_CHECK_ARGS=--cpu-dry-run checks the harness on CPU, --quick shortens the
+# benchmark. See docs/KERNELS.md.
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_CHECK_OUT ?= runs/gpu-check
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(GPU_PY) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
