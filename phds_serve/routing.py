@@ -96,9 +96,25 @@ def expert_scores(router_logits: torch.Tensor, rule: RoutingRule) -> torch.Tenso
     return torch.softmax(logits, dim=-1) if rule.scoring == "softmax" else logits.sigmoid()
 
 
-def selection_key(scores: torch.Tensor, rule: RoutingRule) -> torch.Tensor:
-    """[T, E] what experts are ranked by: scores (+ bias), -inf outside the kept groups."""
-    key = scores if rule.correction_bias is None else scores + rule.correction_bias.float()
+def ranks_by_logits(rule: RoutingRule) -> bool:
+    """Without a bias, softmax and sigmoid are monotone in the logit, so experts (and
+    groups by their best expert) rank the same by logit as by score, and the logit
+    does not saturate: fp32 sigmoids of large logits tie where the logits do not
+    (transformers' Llama 4 ranks the logits; vLLM's CPU router does too)."""
+    return rule.correction_bias is None and rule.group_score == "max"
+
+
+def ranking_key(router_logits: torch.Tensor, scores: torch.Tensor, rule: RoutingRule) -> torch.Tensor:
+    """[T, E] what experts are ranked by, before the group mask."""
+    if ranks_by_logits(rule):
+        return router_logits.float()
+    bias = rule.correction_bias
+    return scores if bias is None else scores + bias.float()
+
+
+def selection_key(router_logits: torch.Tensor, scores: torch.Tensor, rule: RoutingRule) -> torch.Tensor:
+    """[T, E] what experts are ranked by: logits or scores (+ bias), -inf outside the kept groups."""
+    key = ranking_key(router_logits, scores, rule)
     if not rule.grouped:
         return key
     num_tokens, num_experts = key.shape
@@ -134,7 +150,7 @@ def route_declared_k(
             f"k_max={k_max} outside [1, {rule.max_k(num_experts)}] for a {rule.describe()} router"
         )
     scores = expert_scores(router_logits, rule)
-    ids = torch.topk(selection_key(scores, rule), k_max, dim=-1, sorted=True).indices
+    ids = torch.topk(selection_key(router_logits, scores, rule), k_max, dim=-1, sorted=True).indices
     valid = slot_mask(token_k, k_max)
     weights = scores.gather(1, ids).masked_fill(~valid, 0.0)
     if rule.renormalize:

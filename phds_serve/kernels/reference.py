@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from phds_serve.routing import RoutingRule, declared_k_topk, expert_scores, slot_mask
+from phds_serve.routing import RoutingRule, declared_k_topk, expert_scores, ranking_key, slot_mask
 
 SCORINGS = ("softmax", "topk_softmax")
 ACTIVATIONS = ("silu", "gelu")
@@ -60,12 +60,8 @@ def declared_k_topk_stable(
         raise ValueError(f"scoring={scoring!r}; expected one of {SCORINGS}")
     logits = router_logits.float()
     valid = slot_mask(token_k, k_max)
-    if scoring == "softmax":
-        weights, ids = _stable_topk(torch.softmax(logits, dim=-1), k_max)
-        weights = weights.masked_fill(~valid, 0.0)
-        if renormalize:
-            denom = weights.sum(dim=-1, keepdim=True)
-            weights = weights / torch.where(denom > 0, denom, torch.ones_like(denom))
+    if scoring == "softmax":  # ranked by logit (routing.ranks_by_logits)
+        return route_declared_k_stable(router_logits, token_k, k_max, RoutingRule(renormalize=renormalize))
     else:
         top, ids = _stable_topk(logits, k_max)
         top = top.masked_fill(~valid, float("-inf"))
@@ -96,7 +92,7 @@ def route_declared_k_stable(
     """:func:`phds_serve.routing.route_declared_k` with deterministic ties (lower expert
     and group index first): the router kernel's exact specification."""
     scores = expert_scores(router_logits, rule)
-    key = scores if rule.correction_bias is None else scores + rule.correction_bias.float()
+    key = ranking_key(router_logits, scores, rule)
     if rule.grouped:
         key = key.masked_fill(~stable_group_mask(key, rule), float("-inf"))
     ids = _stable_topk(key, k_max)[1]

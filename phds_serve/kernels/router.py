@@ -81,7 +81,8 @@ def declared_k_router_kernel(
     else:  # topk_softmax: rank the raw logits, softmax over the kept ones below
         score = logits
 
-    key = score
+    # routing.ranks_by_logits: no bias, groups by max -> rank the raw logits.
+    key = logits if (not HAS_BIAS and not GROUP_TOP2) else score
     if HAS_BIAS:
         key = key + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     # Padding columns are never picked, not even by a group.

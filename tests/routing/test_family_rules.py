@@ -796,7 +796,7 @@ def test_longcat_router_is_a_prefix_rule_but_routes_to_zero_compute_experts():
     assert zero_share.max() > 0 and zero_share.min() < zero_share.max(), zero_share
 
 
-@pytest.mark.known_bug(reason="routing.py ranks top-k-on-logits families by sigmoid(logit), which ties in fp32")
+
 def test_llama4_ranks_by_logit_where_fp32_sigmoid_ties():
     """Llama 4 (and Cohere2-MoE with sigmoid) take the top k of the *logits*, then the
     sigmoid. The rule ranks by sigmoid(logit), and fp32 sigmoids collide for large logits
