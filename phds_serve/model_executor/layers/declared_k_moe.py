@@ -68,6 +68,10 @@ def building_declared_k_model(policy: KPolicy) -> Iterator[None]:
         _BUILDING = previous
 
 
+def declared_k_layers_being_built() -> bool:
+    return _BUILDING is not None
+
+
 @RoutedExperts.register_oot
 class DeclaredKRoutedExperts(RoutedExperts):
     """RoutedExperts that, inside a declared-k model, never get a monolithic kernel."""

@@ -32,6 +32,20 @@ DECLARED_K_MODELS: dict[str, str] = {
     "Qwen3_5MoeForCausalLM": f"{_PKG}.qwen3_5:DeclaredKQwen3_5MoeForCausalLM",
     "Qwen3_5MoeForConditionalGeneration": f"{_PKG}.qwen3_5:DeclaredKQwen3_5MoeForConditionalGeneration",
 }
+# vLLM's Transformers modelling backend: architectures it serves through it, and
+# the backend class itself (``--model-impl transformers``).
+_TRANSFORMERS = f"{_PKG}.transformers_moe:DeclaredKTransformersMoEForCausalLM"
+DECLARED_K_MODELS.update(
+    {
+        arch: _TRANSFORMERS
+        for arch in (
+            "FlexOlmoForCausalLM",
+            "HunYuanMoEV1ForCausalLM",
+            "MellumForCausalLM",
+            "TransformersMoEForCausalLM",
+        )
+    }
+)
 
 _DSV4 = "DeepSeek-V4 hash-routed layers pick experts from token ids, not by a top-k"
 REFUSED_ARCHS: dict[str, str] = {
