@@ -44,9 +44,8 @@ def test_declared_configuration(tiny_checkpoints):
         (dict(enable_lora=True, max_lora_rank=8), "LoRA"),
         (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2,
                                   "prompt_lookup_max": 2}), "speculative decoding"),
-        (dict(model_impl="transformers"), "Transformers modelling backend"),
     ],
-    ids=["lora", "spec-decode", "transformers-backend"],
+    ids=["lora", "spec-decode"],
 )
 def test_configurations_that_refuse_declared_k(tiny_checkpoints, overrides, reason):
     try:
