@@ -45,6 +45,10 @@ def refusal_reason(vllm_config) -> str | None:
         return f"{arch} is not an architecture phds-serve declares k for (see docs/COMPATIBILITY.md)"
     if model_config.runner_type == "pooling":
         return "pooling models generate no tokens"
+    from phds_serve.model_executor.families import family_refusal
+
+    if (why := family_refusal(arch, model_config.hf_config)) is not None:
+        return why
     if vllm_config.speculative_config is not None:
         return (
             "speculative decoding: drafts and verification carry no per-request k "

@@ -253,3 +253,14 @@ def test_v1_runner_on_cuda_runs_declared_k_without_graphs():
         cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE))
     _force_eager(config)
     assert config.compilation_config.cudagraph_mode == CUDAGraphMode.NONE
+
+
+def test_dbrx_p_norm_is_refused():
+    """DBRX renormalises by a p-norm; only p = 1 is the rule vLLM's router computes."""
+    import transformers as tf
+
+    from phds_serve.model_executor.families import family_refusal
+
+    config = tf.DbrxConfig(ffn_config={"moe_normalize_expert_weights": 2.0})
+    assert "2.0-norm" in family_refusal("DbrxForCausalLM", config)
+    assert family_refusal("DbrxForCausalLM", tf.DbrxConfig(ffn_config={"moe_normalize_expert_weights": 1.0})) is None
