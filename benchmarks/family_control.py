@@ -107,16 +107,23 @@ def worker(spec: dict) -> dict:
         llm.llm_engine.engine_core.shutdown()
 
 
-_ERR = re.compile(r"^\s*(?:\(\w+ pid=\d+\)\s*)?(?:[\w.]+\.)?(\w*(?:Error|Exception)|AssertionError|NotImplementedError)\b:?(.*)$")
+_ERR = re.compile(r"\b[A-Z]\w*(?:Error|Exception)\b:?.*$")
+
+
+_GENERIC = ("EngineDeadError", "EngineCoreError", "Engine core initialization failed",
+            "WorkerProc initialization failed", "Worker failed with error", "See stack trace",
+            "please check the stack trace")
 
 
 def summarise_error(text: str) -> str:
     """The most specific exception line in a worker's output (root causes come first)."""
-    lines = [ln for ln in text.splitlines() if _ERR.match(ln)]
-    generic = ("EngineDeadError", "EngineCoreError", "RuntimeError: Engine core initialization failed")
+    lines = [m.group(0) for ln in text.splitlines() if (m := _ERR.search(ln))]
     for ln in lines:
-        if not any(g in ln for g in generic):
-            return re.sub(r"^\s*\(\w+ pid=\d+\)\s*", "", ln).strip()[:300]
+        if not any(g in ln for g in _GENERIC):
+            return ln.strip()[:300]
+    worker = re.search(r"Worker failed with error '(.*?)', please", text)
+    if worker:
+        return worker.group(1)[:300]
     return (lines[0].strip() if lines else text.strip().splitlines()[-1] if text.strip() else "?")[:300]
 
 
@@ -125,13 +132,15 @@ def run_engine(spec: dict, timeout: int) -> dict:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec_path.write_text(json.dumps(spec))
         env = dict(os.environ)
-        env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        env.setdefault("VLLM_LOGGING_LEVEL", "INFO")
         cmd = [sys.executable, __file__, "--worker", str(spec_path), str(out_path)]
         try:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as e:
             return {"error": f"timeout after {timeout}s", "log": (e.stderr or "")[-4000:] if isinstance(e.stderr, str) else ""}
         log = proc.stdout + proc.stderr
+        if spec.get("log_file"):
+            Path(spec["log_file"]).write_text(log)
         if proc.returncode == 0 and out_path.exists():
             out = json.loads(out_path.read_text())
             out["log"] = log[-2000:]
@@ -194,7 +203,9 @@ def run_family(name: str, root: Path, mode: str, ks_arg: list[str], neutralise: 
     )
     ref = Reference(name, path)
     records = []
+    (root / "logs").mkdir(exist_ok=True)
     for spec in specs:
+        spec["log_file"] = str(root / "logs" / f"{path.name}-{mode}-k{'-'.join(map(str, spec['ks']))}.log")
         t1 = time.time()
         out = run_engine(spec, timeout)
         secs = round(time.time() - t1, 1)

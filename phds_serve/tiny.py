@@ -160,7 +160,9 @@ def _nested(dotted: str, value) -> dict[str, Any]:
     return out
 
 
-_MLA = dict(kv_lora_rank=64, q_lora_rank=None, qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=64)
+# vLLM CPU's MLA kernels support one latent size: kv_lora_rank + qk_rope_head_dim = 576.
+_MLA = dict(kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, qk_nope_head_dim=32, v_head_dim=64,
+            num_key_value_heads=2)
 
 
 def _f(name, model_type, hf_arch, k_attr, experts_attr, config, **kw) -> Family:
@@ -256,8 +258,7 @@ FAMILIES: dict[str, Family] = {
         _f("gpt_oss", "gpt_oss", "GptOssForCausalLM", "num_experts_per_tok", "num_local_experts",
            lambda e, k: dict(intermediate_size=32, num_local_experts=e, num_experts_per_tok=k,
                              head_dim=64, sliding_window=64,
-                             layer_types=["sliding_attention", "full_attention"],
-                             rope_parameters={"rope_type": "default", "rope_theta": 150000.0}),
+                             layer_types=["sliding_attention", "full_attention"]),
            router=("mlp.router.weight",), logit_bias=("mlp.router.bias",),
            router_rule="top-k on logits (+ router bias) -> softmax over the k"),
         _f("granitemoe", "granitemoe", "GraniteMoeForCausalLM", "num_experts_per_tok",
@@ -407,8 +408,8 @@ FAMILIES: dict[str, Family] = {
            lambda e, k: dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=e,
                              num_experts_per_tok=k, n_shared_experts=1, n_group=4, topk_group=2,
                              first_k_dense_replace=0, norm_topk_prob=True,
-                             routed_scaling_factor=2.5, num_key_value_heads=2, index_topk=16,
-                             index_head_dim=32, index_n_heads=2, **{**_MLA, "q_lora_rank": 64}),
+                             routed_scaling_factor=2.5, index_topk=16, index_head_dim=128,
+                             index_n_heads=2, **{**_MLA, "q_lora_rank": 64}),
            bias=("mlp.gate.e_score_correction_bias",), neutralise_attention=True, max_k=4,
            router_rule="DeepSeek-V3 router; DSA sparse attention"),
         _f("glm_moe_dsa", "glm_moe_dsa", "GlmMoeDsaForCausalLM", "num_experts_per_tok",
@@ -417,7 +418,7 @@ FAMILIES: dict[str, Family] = {
                              num_experts_per_tok=k, n_shared_experts=1, n_group=1, topk_group=1,
                              first_k_dense_replace=0, mlp_layer_types=["sparse", "sparse"],
                              norm_topk_prob=True, routed_scaling_factor=2.5,
-                             num_key_value_heads=2, index_topk=16, index_head_dim=32,
+                             index_topk=16, index_head_dim=128,
                              index_n_heads=2, **{**_MLA, "q_lora_rank": 64}),
            bias=("mlp.gate.e_score_correction_bias",), neutralise_attention=True,
            router_rule="GLM-4.5 router; DSA sparse attention (GLM-5)"),
@@ -439,7 +440,7 @@ FAMILIES: dict[str, Family] = {
            lambda e, k: dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=e,
                              num_experts_per_tok=k, n_shared_experts=1, n_group=1, topk_group=1,
                              mlp_layer_types=["sparse", "sparse"], routed_scaling_factor=2.0,
-                             num_key_value_heads=2, index_topk=16, index_head_dim=32,
+                             index_topk=16, index_head_dim=128,
                              index_n_heads=2, hc_mult=2, **{**_MLA, "q_lora_rank": 64}),
            bias=("mlp.gate.e_score_correction_bias",), neutralise_attention=True,
            router_rule="sigmoid; top-k by score+bias; renormalised x scale (iHC, MLA + indexer)"),
@@ -504,7 +505,7 @@ FAMILIES: dict[str, Family] = {
         _f("longcat_flash", "longcat_flash", "LongcatFlashForCausalLM", "moe_topk", "n_routed_experts",
            lambda e, k: dict(num_layers=1, ffn_hidden_size=64, expert_ffn_hidden_size=32,
                              n_routed_experts=e, zero_expert_num=2, moe_topk=k,
-                             routed_scaling_factor=2.0, head_dim=32, **{**_MLA, "q_lora_rank": 64}),
+                             routed_scaling_factor=2.0, head_dim=64, **{**_MLA, "q_lora_rank": 64}),
            router=("mlp.router.classifier.weight",),
            bias=("mlp.router.e_score_correction_bias",),
            attn_out=("self_attn.0.o_proj.weight", "self_attn.1.o_proj.weight"),
