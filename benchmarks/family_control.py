@@ -181,15 +181,17 @@ def compare(ref: Reference, res: dict, nk: int) -> dict:
 
 # --------------------------------------------------------------------------- driver
 def run_family(name: str, root: Path, mode: str, ks_arg: list[str], neutralise: str,
-               timeout: int, rebuild: bool) -> list[dict]:
+               timeout: int, rebuild: bool, bias_scale: float = 0.1) -> list[dict]:
     nk = native_k(name)
     ks = sorted({nk if k == "native" else int(k) for k in ks_arg})
-    path = root / (name if neutralise == "auto" else f"{name}-attn-{neutralise}")
+    path = root / (name + ("" if neutralise == "auto" else f"-attn-{neutralise}")
+                   + ("" if bias_scale == 0.1 else f"-bias{bias_scale:g}"))
     t0 = time.time()
     try:
         if rebuild or not (path / "config.json").exists():
             neut = None if neutralise == "auto" else neutralise == "on"
-            tiny.build_family_checkpoint(name, path, native_k=nk, neutralise_attention=neut)
+            tiny.build_family_checkpoint(name, path, native_k=nk, neutralise_attention=neut,
+                                         bias_scale=bias_scale)
     except Exception as e:  # transformers cannot build it
         return [dict(family=name, k=k, mode=mode, status="build-error", error=f"{type(e).__name__}: {e}"[:300]) for k in ks]
     fam = tiny.FAMILIES[name]
@@ -252,6 +254,8 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "phds-families")
     ap.add_argument("--neutralise", choices=["auto", "on", "off"], default="auto",
                     help="zero attention output projections (auto: the family's default, on for MLA)")
+    ap.add_argument("--bias-scale", type=float, default=0.1,
+                    help="std of the random selection biases (0: all-zero biases)")
     ap.add_argument("--rebuild", action="store_true", help="rebuild checkpoints that exist")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per engine")
     ap.add_argument("--out", type=Path, default=None, help="JSON results (default: print only)")
@@ -263,7 +267,8 @@ def main() -> None:
     args.root.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
     for name in names:
-        records += run_family(name, args.root, args.mode, args.ks, args.neutralise, args.timeout, args.rebuild)
+        records += run_family(name, args.root, args.mode, args.ks, args.neutralise, args.timeout,
+                              args.rebuild, args.bias_scale)
         if args.out:
             args.out.write_text(json.dumps(records, indent=1))
     print_table(records)

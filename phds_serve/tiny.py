@@ -161,6 +161,9 @@ def _nested(dotted: str, value) -> dict[str, Any]:
 
 
 # vLLM CPU's MLA kernels support one latent size: kv_lora_rank + qk_rope_head_dim = 576.
+# DeepSeek-V3-style configs as released: vLLM reads topk_method / scoring_func, which
+# transformers' DeepSeek-V3 config no longer carries (it is always noaux_tc + sigmoid).
+_NOAUX = dict(topk_method="noaux_tc", scoring_func="sigmoid")
 _MLA = dict(kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, qk_nope_head_dim=32, v_head_dim=64,
             num_key_value_heads=2)
 
@@ -287,7 +290,7 @@ FAMILIES: dict[str, Family] = {
            lambda e, k: dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=e,
                              num_experts_per_tok=k, n_shared_experts=1, n_group=4, topk_group=2,
                              first_k_dense_replace=0, norm_topk_prob=True,
-                             routed_scaling_factor=2.5, **_MLA),
+                             routed_scaling_factor=2.5, **_NOAUX, **_MLA),
            bias=("mlp.gate.e_score_correction_bias",), neutralise_attention=True, max_k=4,
            router_rule="sigmoid; groups by top-2 sum of score+bias (4 groups, keep 2); "
                        "top-k by score+bias; unbiased weights renormalised x 2.5"),
@@ -296,7 +299,7 @@ FAMILIES: dict[str, Family] = {
            lambda e, k: dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=e,
                              num_experts_per_tok=k, n_shared_experts=1, n_group=1, topk_group=1,
                              first_k_dense_replace=0, norm_topk_prob=True,
-                             routed_scaling_factor=2.827, **_MLA),
+                             routed_scaling_factor=2.827, **_NOAUX, **_MLA),
            bias=("mlp.gate.e_score_correction_bias",), neutralise_attention=True,
            router_rule="DeepSeek-V3 with one group (Kimi K2)"),
         _f("deepseek_v2", "deepseek_v2", "DeepseekV2ForCausalLM", "num_experts_per_tok",
@@ -409,7 +412,7 @@ FAMILIES: dict[str, Family] = {
                              num_experts_per_tok=k, n_shared_experts=1, n_group=4, topk_group=2,
                              first_k_dense_replace=0, norm_topk_prob=True,
                              routed_scaling_factor=2.5, index_topk=16, index_head_dim=128,
-                             index_n_heads=2, **{**_MLA, "q_lora_rank": 64}),
+                             index_n_heads=2, **_NOAUX, **{**_MLA, "q_lora_rank": 64}),
            bias=("mlp.gate.e_score_correction_bias",), neutralise_attention=True, max_k=4,
            router_rule="DeepSeek-V3 router; DSA sparse attention"),
         _f("glm_moe_dsa", "glm_moe_dsa", "GlmMoeDsaForCausalLM", "num_experts_per_tok",
@@ -419,7 +422,7 @@ FAMILIES: dict[str, Family] = {
                              first_k_dense_replace=0, mlp_layer_types=["sparse", "sparse"],
                              norm_topk_prob=True, routed_scaling_factor=2.5,
                              index_topk=16, index_head_dim=128,
-                             index_n_heads=2, **{**_MLA, "q_lora_rank": 64}),
+                             index_n_heads=2, **_NOAUX, **{**_MLA, "q_lora_rank": 64}),
            bias=("mlp.gate.e_score_correction_bias",), neutralise_attention=True,
            router_rule="GLM-4.5 router; DSA sparse attention (GLM-5)"),
         _f("kimi_linear", "kimi_linear", "KimiLinearForCausalLM", "num_experts_per_token",
