@@ -107,16 +107,23 @@ def worker(spec: dict) -> dict:
         llm.llm_engine.engine_core.shutdown()
 
 
-_ERR = re.compile(r"^\s*(?:\(\w+ pid=\d+\)\s*)?(?:[\w.]+\.)?(\w*(?:Error|Exception)|AssertionError|NotImplementedError)\b:?(.*)$")
+_ERR = re.compile(r"\b[A-Z]\w*(?:Error|Exception)\b:?.*$")
+
+
+_GENERIC = ("EngineDeadError", "EngineCoreError", "Engine core initialization failed",
+            "WorkerProc initialization failed", "Worker failed with error", "See stack trace",
+            "please check the stack trace")
 
 
 def summarise_error(text: str) -> str:
     """The most specific exception line in a worker's output (root causes come first)."""
-    lines = [ln for ln in text.splitlines() if _ERR.match(ln)]
-    generic = ("EngineDeadError", "EngineCoreError", "RuntimeError: Engine core initialization failed")
+    lines = [m.group(0) for ln in text.splitlines() if (m := _ERR.search(ln))]
     for ln in lines:
-        if not any(g in ln for g in generic):
-            return re.sub(r"^\s*\(\w+ pid=\d+\)\s*", "", ln).strip()[:300]
+        if not any(g in ln for g in _GENERIC):
+            return ln.strip()[:300]
+    worker = re.search(r"Worker failed with error '(.*?)', please", text)
+    if worker:
+        return worker.group(1)[:300]
     return (lines[0].strip() if lines else text.strip().splitlines()[-1] if text.strip() else "?")[:300]
 
 
@@ -125,13 +132,15 @@ def run_engine(spec: dict, timeout: int) -> dict:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec_path.write_text(json.dumps(spec))
         env = dict(os.environ)
-        env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        env.setdefault("VLLM_LOGGING_LEVEL", "INFO")
         cmd = [sys.executable, __file__, "--worker", str(spec_path), str(out_path)]
         try:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as e:
             return {"error": f"timeout after {timeout}s", "log": (e.stderr or "")[-4000:] if isinstance(e.stderr, str) else ""}
         log = proc.stdout + proc.stderr
+        if spec.get("log_file"):
+            Path(spec["log_file"]).write_text(log)
         if proc.returncode == 0 and out_path.exists():
             out = json.loads(out_path.read_text())
             out["log"] = log[-2000:]
@@ -172,15 +181,17 @@ def compare(ref: Reference, res: dict, nk: int) -> dict:
 
 # --------------------------------------------------------------------------- driver
 def run_family(name: str, root: Path, mode: str, ks_arg: list[str], neutralise: str,
-               timeout: int, rebuild: bool) -> list[dict]:
+               timeout: int, rebuild: bool, bias_scale: float = 0.1) -> list[dict]:
     nk = native_k(name)
     ks = sorted({nk if k == "native" else int(k) for k in ks_arg})
-    path = root / (name if neutralise == "auto" else f"{name}-attn-{neutralise}")
+    path = root / (name + ("" if neutralise == "auto" else f"-attn-{neutralise}")
+                   + ("" if bias_scale == 0.1 else f"-bias{bias_scale:g}"))
     t0 = time.time()
     try:
         if rebuild or not (path / "config.json").exists():
             neut = None if neutralise == "auto" else neutralise == "on"
-            tiny.build_family_checkpoint(name, path, native_k=nk, neutralise_attention=neut)
+            tiny.build_family_checkpoint(name, path, native_k=nk, neutralise_attention=neut,
+                                         bias_scale=bias_scale)
     except Exception as e:  # transformers cannot build it
         return [dict(family=name, k=k, mode=mode, status="build-error", error=f"{type(e).__name__}: {e}"[:300]) for k in ks]
     fam = tiny.FAMILIES[name]
@@ -194,7 +205,9 @@ def run_family(name: str, root: Path, mode: str, ks_arg: list[str], neutralise: 
     )
     ref = Reference(name, path)
     records = []
+    (root / "logs").mkdir(exist_ok=True)
     for spec in specs:
+        spec["log_file"] = str(root / "logs" / f"{path.name}-{mode}-k{'-'.join(map(str, spec['ks']))}.log")
         t1 = time.time()
         out = run_engine(spec, timeout)
         secs = round(time.time() - t1, 1)
@@ -241,6 +254,8 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "phds-families")
     ap.add_argument("--neutralise", choices=["auto", "on", "off"], default="auto",
                     help="zero attention output projections (auto: the family's default, on for MLA)")
+    ap.add_argument("--bias-scale", type=float, default=0.1,
+                    help="std of the random selection biases (0: all-zero biases)")
     ap.add_argument("--rebuild", action="store_true", help="rebuild checkpoints that exist")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per engine")
     ap.add_argument("--out", type=Path, default=None, help="JSON results (default: print only)")
@@ -252,7 +267,8 @@ def main() -> None:
     args.root.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
     for name in names:
-        records += run_family(name, args.root, args.mode, args.ks, args.neutralise, args.timeout, args.rebuild)
+        records += run_family(name, args.root, args.mode, args.ks, args.neutralise, args.timeout,
+                              args.rebuild, args.bias_scale)
         if args.out:
             args.out.write_text(json.dumps(records, indent=1))
     print_table(records)

@@ -160,7 +160,12 @@ def _nested(dotted: str, value) -> dict[str, Any]:
     return out
 
 
-_MLA = dict(kv_lora_rank=64, q_lora_rank=None, qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=64)
+# vLLM CPU's MLA kernels support one latent size: kv_lora_rank + qk_rope_head_dim = 576.
+# DeepSeek-V3-style configs as released: vLLM reads topk_method / scoring_func, which
+# transformers' DeepSeek-V3 config no longer carries (it is always noaux_tc + sigmoid).
+_NOAUX = dict(topk_method="noaux_tc", scoring_func="sigmoid")
+_MLA = dict(kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, qk_nope_head_dim=32, v_head_dim=64,
+            num_key_value_heads=2)
 
 
 def _f(name, model_type, hf_arch, k_attr, experts_attr, config, **kw) -> Family:
@@ -256,8 +261,7 @@ FAMILIES: dict[str, Family] = {
         _f("gpt_oss", "gpt_oss", "GptOssForCausalLM", "num_experts_per_tok", "num_local_experts",
            lambda e, k: dict(intermediate_size=32, num_local_experts=e, num_experts_per_tok=k,
                              head_dim=64, sliding_window=64,
-                             layer_types=["sliding_attention", "full_attention"],
-                             rope_parameters={"rope_type": "default", "rope_theta": 150000.0}),
+                             layer_types=["sliding_attention", "full_attention"]),
            router=("mlp.router.weight",), logit_bias=("mlp.router.bias",),
            router_rule="top-k on logits (+ router bias) -> softmax over the k"),
         _f("granitemoe", "granitemoe", "GraniteMoeForCausalLM", "num_experts_per_tok",
@@ -286,7 +290,7 @@ FAMILIES: dict[str, Family] = {
            lambda e, k: dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=e,
                              num_experts_per_tok=k, n_shared_experts=1, n_group=4, topk_group=2,
                              first_k_dense_replace=0, norm_topk_prob=True,
-                             routed_scaling_factor=2.5, **_MLA),
+                             routed_scaling_factor=2.5, **_NOAUX, **_MLA),
            bias=("mlp.gate.e_score_correction_bias",), neutralise_attention=True, max_k=4,
            router_rule="sigmoid; groups by top-2 sum of score+bias (4 groups, keep 2); "
                        "top-k by score+bias; unbiased weights renormalised x 2.5"),
@@ -295,7 +299,7 @@ FAMILIES: dict[str, Family] = {
            lambda e, k: dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=e,
                              num_experts_per_tok=k, n_shared_experts=1, n_group=1, topk_group=1,
                              first_k_dense_replace=0, norm_topk_prob=True,
-                             routed_scaling_factor=2.827, **_MLA),
+                             routed_scaling_factor=2.827, **_NOAUX, **_MLA),
            bias=("mlp.gate.e_score_correction_bias",), neutralise_attention=True,
            router_rule="DeepSeek-V3 with one group (Kimi K2)"),
         _f("deepseek_v2", "deepseek_v2", "DeepseekV2ForCausalLM", "num_experts_per_tok",
@@ -327,7 +331,7 @@ FAMILIES: dict[str, Family] = {
            lambda e, k: dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=e,
                              num_experts_per_tok=k, n_shared_experts=1, n_group=1, topk_group=1,
                              mlp_layer_types=["sparse", "sparse"], norm_topk_prob=True,
-                             routed_scaling_factor=1.8, **_MLA),
+                             routed_scaling_factor=1.8, first_k_dense_replace=0, **_MLA),
            bias=("mlp.gate.e_score_correction_bias",), neutralise_attention=True,
            router_rule="GLM-4.5 router, MLA attention"),
         _f("exaone_moe", "exaone_moe", "ExaoneMoeForCausalLM", "num_experts_per_tok", "num_experts",
@@ -345,8 +349,13 @@ FAMILIES: dict[str, Family] = {
                              num_experts_per_tok=k, n_group=1, topk_group=1, norm_topk_prob=True,
                              routed_scaling_factor=1.0, head_dim=64, v_head_dim=64,
                              sliding_window=64, layer_types=["full_attention", "sliding_attention"],
-                             mlp_layer_types=["sparse", "sparse"]),
-           bias=("mlp.gate.e_score_correction_bias",),
+                             mlp_layer_types=["sparse", "sparse"],
+                             # vLLM reads the remote-code config format of the release:
+                             hybrid_layer_pattern=[0, 1], moe_layer_freq=[1, 1],
+                             sliding_window_size=64, swa_num_attention_heads=2,
+                             swa_num_key_value_heads=1, swa_head_dim=64, swa_v_head_dim=64,
+                             layernorm_epsilon=1e-5, rms_norm_eps=1e-5),
+           bias=("mlp.gate.e_score_correction_bias",), neutralise_attention=True,
            router_rule="sigmoid; top-k by score+bias; unbiased weights renormalised"),
         _f("afmoe", "afmoe", "AfmoeForCausalLM", "num_experts_per_tok", "num_experts",
            lambda e, k: dict(intermediate_size=64, moe_intermediate_size=32, num_experts=e,
@@ -361,7 +370,9 @@ FAMILIES: dict[str, Family] = {
            lambda e, k: dict(intermediate_size=64, moe_intermediate_size=32, expert_hidden_dim=32,
                              num_experts=e, num_experts_per_tok=k, num_shared_experts=1,
                              mlp_layer_types=["sparse", "sparse"], router_scaling_factor=2.0,
-                             route_norm=True, head_dim=64),
+                             head_dim=64,
+                             # read by vLLM, absent from transformers' config:
+                             route_norm=True, first_k_dense_replace=0),
            router=("mlp.gate.weight",), bias=("mlp.e_score_correction_bias",),
            router_rule="sigmoid; top-k by score+bias; weights renormalised x router_scaling_factor"),
         _f("lfm2_moe", "lfm2_moe", "Lfm2MoeForCausalLM", "num_experts_per_tok", "num_experts",
@@ -375,7 +386,7 @@ FAMILIES: dict[str, Family] = {
         _f("minimax_m2", "minimax_m2", "MiniMaxM2ForCausalLM", "num_experts_per_tok",
            "num_local_experts",
            lambda e, k: dict(intermediate_size=32, num_local_experts=e, num_experts_per_tok=k,
-                             head_dim=64, scoring_func="sigmoid", use_qk_norm=True),
+                             head_dim=64, scoring_func="sigmoid", use_qk_norm=True, rotary_dim=64),
            router=("mlp.gate.weight",), bias=("mlp.e_score_correction_bias",),
            router_rule="sigmoid; top-k by score+bias; unbiased weights renormalised"),
         _f("laguna", "laguna", "LagunaForCausalLM", "num_experts_per_tok", "num_experts",
@@ -407,8 +418,8 @@ FAMILIES: dict[str, Family] = {
            lambda e, k: dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=e,
                              num_experts_per_tok=k, n_shared_experts=1, n_group=4, topk_group=2,
                              first_k_dense_replace=0, norm_topk_prob=True,
-                             routed_scaling_factor=2.5, num_key_value_heads=2, index_topk=16,
-                             index_head_dim=32, index_n_heads=2, **{**_MLA, "q_lora_rank": 64}),
+                             routed_scaling_factor=2.5, index_topk=16, index_head_dim=128,
+                             index_n_heads=2, **_NOAUX, **{**_MLA, "q_lora_rank": 64}),
            bias=("mlp.gate.e_score_correction_bias",), neutralise_attention=True, max_k=4,
            router_rule="DeepSeek-V3 router; DSA sparse attention"),
         _f("glm_moe_dsa", "glm_moe_dsa", "GlmMoeDsaForCausalLM", "num_experts_per_tok",
@@ -417,8 +428,8 @@ FAMILIES: dict[str, Family] = {
                              num_experts_per_tok=k, n_shared_experts=1, n_group=1, topk_group=1,
                              first_k_dense_replace=0, mlp_layer_types=["sparse", "sparse"],
                              norm_topk_prob=True, routed_scaling_factor=2.5,
-                             num_key_value_heads=2, index_topk=16, index_head_dim=32,
-                             index_n_heads=2, **{**_MLA, "q_lora_rank": 64}),
+                             index_topk=16, index_head_dim=128,
+                             index_n_heads=2, **_NOAUX, **{**_MLA, "q_lora_rank": 64}),
            bias=("mlp.gate.e_score_correction_bias",), neutralise_attention=True,
            router_rule="GLM-4.5 router; DSA sparse attention (GLM-5)"),
         _f("kimi_linear", "kimi_linear", "KimiLinearForCausalLM", "num_experts_per_token",
@@ -439,7 +450,7 @@ FAMILIES: dict[str, Family] = {
            lambda e, k: dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=e,
                              num_experts_per_tok=k, n_shared_experts=1, n_group=1, topk_group=1,
                              mlp_layer_types=["sparse", "sparse"], routed_scaling_factor=2.0,
-                             num_key_value_heads=2, index_topk=16, index_head_dim=32,
+                             index_topk=16, index_head_dim=128,
                              index_n_heads=2, hc_mult=2, **{**_MLA, "q_lora_rank": 64}),
            bias=("mlp.gate.e_score_correction_bias",), neutralise_attention=True,
            router_rule="sigmoid; top-k by score+bias; renormalised x scale (iHC, MLA + indexer)"),
@@ -477,7 +488,7 @@ FAMILIES: dict[str, Family] = {
                              head_dim=64, q_lora_rank=64, o_groups=2, o_lora_rank=32,
                              index_n_heads=2, index_head_dim=32, index_topk=16, hc_mult=2,
                              sliding_window=16, qk_rope_head_dim=16,
-                             mlp_layer_types=["hash_moe", "moe"]),
+                             mlp_layer_types=["hash_moe", "moe"], num_hash_layers=1),
            bias=("mlp.gate.e_score_correction_bias",),
            router_rule="sqrt(softplus) + bias -> top-k; hash-routed layers (not a prefix rule)"),
         _f("mellum", "mellum", "MellumForCausalLM", "num_experts_per_tok", "num_local_experts",
@@ -504,7 +515,9 @@ FAMILIES: dict[str, Family] = {
         _f("longcat_flash", "longcat_flash", "LongcatFlashForCausalLM", "moe_topk", "n_routed_experts",
            lambda e, k: dict(num_layers=1, ffn_hidden_size=64, expert_ffn_hidden_size=32,
                              n_routed_experts=e, zero_expert_num=2, moe_topk=k,
-                             routed_scaling_factor=2.0, head_dim=32, **{**_MLA, "q_lora_rank": 64}),
+                             routed_scaling_factor=2.0, head_dim=64, zero_expert_type="identity",
+                             mla_scale_q_lora=True, mla_scale_kv_lora=True,
+                             **{**_MLA, "q_lora_rank": 64}),
            router=("mlp.router.classifier.weight",),
            bias=("mlp.router.e_score_correction_bias",),
            attn_out=("self_attn.0.o_proj.weight", "self_attn.1.o_proj.weight"),
@@ -523,6 +536,9 @@ def family_config(name: str, num_experts: int = 8, native_k: int = 4, **override
     kwargs.update(fam.config(num_experts, native_k))
     kwargs.update(overrides)
     config = AutoConfig.for_model(fam.model_type, **kwargs)
+    for key, value in kwargs.items():  # fields some config classes drop (vLLM reads them)
+        if not hasattr(config, key):
+            setattr(config, key, value)
     config.architectures = [fam.hf_arch]
     return config
 
