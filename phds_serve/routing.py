@@ -18,7 +18,8 @@ The families differ only in the fields of :class:`RoutingRule`:
   Granite MoE, is the same rule with renormalisation);
 * sigmoid + correction bias + grouped top-k + routed scaling: DeepSeek-V3,
   GLM-4.5, ...; softmax + group-limited greedy: DeepSeek-V2;
-* sigmoid without renormalisation, weight applied on the input: Llama 4.
+* sigmoid without renormalisation, weight applied on the input: Llama 4;
+* softmax, renormalised, then times a learnt per-expert scale: Gemma 4.
 
 Expert-compute references live beside the kernels (:mod:`phds_serve.kernels.reference`).
 """
@@ -51,6 +52,8 @@ class RoutingRule:
     group_score: GroupScore = "max"
     # Multiplies the weights once (1.0 where vLLM scales the layer output instead).
     routed_scaling_factor: float = 1.0
+    # [E] multiplies each chosen expert's weight after renormalisation (Gemma 4).
+    expert_scale: torch.Tensor | None = None
     # The expert kernel multiplies each expert's input, not its output, by the weight.
     weight_on_input: bool = False
 
@@ -85,6 +88,8 @@ class RoutingRule:
         parts.append("renormalised" if self.renormalize else "not renormalised")
         if self.routed_scaling_factor != 1.0:
             parts.append(f"x{self.routed_scaling_factor:g}")
+        if self.expert_scale is not None:
+            parts.append("x per-expert scale")
         if self.weight_on_input:
             parts.append("weight on input")
         return ", ".join(parts)
@@ -158,6 +163,8 @@ def route_declared_k(
         weights = weights / torch.where(denom > 0, denom, torch.ones_like(denom))
     if rule.routed_scaling_factor != 1.0:
         weights = weights * rule.routed_scaling_factor
+    if rule.expert_scale is not None:
+        weights = weights * rule.expert_scale.float()[ids]
     ids = ids.to(torch.int32)
     return weights, ids if keep_ids else ids.masked_fill(~valid, -1)
 

@@ -49,6 +49,7 @@ SLOW_FAMILIES = [
     "hy_v3",
     "afmoe",
     "laguna",
+    "gemma4_moe",
 ]
 
 

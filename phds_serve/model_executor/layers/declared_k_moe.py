@@ -268,6 +268,8 @@ def triton_kernels_valid_for(runner: DeclaredKMoERunner) -> bool:
         return False
     if experts.expert_map is not None or cfg.is_lora_enabled or runner.rule.weight_on_input:
         return False
+    if runner.rule.expert_scale is not None:  # the router kernel has no per-expert scale
+        return False
     w13, w2 = getattr(experts, "w13_weight", None), getattr(experts, "w2_weight", None)
     if w13 is None or w2 is None or w13.dim() != 3 or w2.dim() != 3:
         return False

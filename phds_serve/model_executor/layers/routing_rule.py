@@ -23,8 +23,17 @@ def _custom_function_rule(fn: Callable | None, renormalize: bool) -> dict[str, A
     """Fields of the rule a known custom routing function implements (None: unknown)."""
     if fn is None:
         return None
-    qualname = getattr(fn, "__qualname__", repr(fn))
-    if qualname == "Llama4MoE.custom_routing_function":
+    from vllm.model_executor.models.gemma4 import Gemma4Router
+    from vllm.model_executor.models.llama4 import Llama4MoE
+
+    function = getattr(fn, "__func__", fn)  # bound methods: the function itself
+    qualname = getattr(function, "__qualname__", repr(fn))
+    if function is Gemma4Router.routing_function:
+        # Softmax over all experts, top-k, renormalised, then times the router's
+        # learnt per-expert scale (a parameter: loading weights fills it in place).
+        return {"scoring": "softmax", "renormalize": True,
+                "expert_scale": fn.__self__.per_expert_scale}
+    if function is Llama4MoE.custom_routing_function:
         # top-k on the logits, then sigmoid of each: sigmoid is monotone, so it is
         # the sigmoid rule, weights not renormalised, applied to the expert input.
         return {"scoring": "sigmoid", "renormalize": False, "weight_on_input": True}

@@ -29,6 +29,7 @@ DECLARED_K_MODELS: dict[str, str] = {
     "Llama4ForCausalLM": f"{_PKG}.llama4:DeclaredKLlama4ForCausalLM",
     "JambaForCausalLM": f"{_PKG}.jamba:DeclaredKJambaForCausalLM",
     "Qwen3VLMoeForConditionalGeneration": f"{_PKG}.qwen3_vl_moe:DeclaredKQwen3VLMoeForConditionalGeneration",
+    "Gemma4ForCausalLM": f"{_PKG}.gemma4:DeclaredKGemma4ForCausalLM",
     "Qwen3_5MoeForCausalLM": f"{_PKG}.qwen3_5:DeclaredKQwen3_5MoeForCausalLM",
     "Qwen3_5MoeForConditionalGeneration": f"{_PKG}.qwen3_5:DeclaredKQwen3_5MoeForConditionalGeneration",
 }
