@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 # PyPI's torchvision/torchaudio/torchcodec break `import transformers` beside the CPU torch.
 BROKEN_BESIDE_CPU_TORCH := torchvision torchaudio torchcodec
 
-.PHONY: install test-tools serve test test-all bench tiny-model loadtest brownout-eval clean
+.PHONY: install test-tools serve test test-all bench tiny-model loadtest brownout-eval gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -60,10 +60,20 @@ loadtest: install
 
 # Brownout evaluation: four arms (fixed nominal k, fixed lowest k, brownout, vLLM's queue limit) under one
 # open-loop locust load plan on a MoE-heavy model, then the price of each k of the bundled model
-# (held-out loss beside measured latency). ~20 min on 2 cores; numbers and plots in docs/brownout/.
+# (held-out loss beside measured latency). ~23 min on 2 cores; numbers and plots in docs/brownout/.
 BROWNOUT_OUT ?= docs/brownout
 brownout-eval: install
 	$(PY) benchmarks/brownout.py --out $(BROWNOUT_OUT) $(ARGS)
+
+# The declared-k kernels on a CUDA GPU: kernel tests on the device + benchmarks/kernels_gpu.py, results in
+# $(GPU_CHECK_OUT)/results.json. Needs torch (CUDA), triton, pytest, hypothesis, numpy; no vLLM, no install.
+# Fails (exit 2) without a GPU; GPU_CHECK_ARGS=--cpu-dry-run checks the harness on CPU, --quick shortens the
+# benchmark. See docs/KERNELS.md.
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_CHECK_OUT ?= runs/gpu-check
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(GPU_PY) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -13,21 +13,34 @@ For each model's MoE layer shape, each k in 1..native k and each T in
                    (1.0 = at the roofline)
 
 plus a mixed batch (k_i uniform in 1..native k) against vLLM at native k (what
-stock vLLM would run it at), the router kernel against the torch rule, and both
-expert paths (decode GEMV, aligned GEMM) at small T to tune ``decode_max_pairs``.
+stock vLLM would run it at), and both expert paths (decode GEMV, aligned GEMM)
+at small T to tune ``decode_max_pairs``.
+
+Router: ``declared_k_route_triton`` against the torch rule ``route_declared_k``
+(time, and ids/weights agreement on the GPU) for each rule family at its real
+width: softmax (OLMoE 64, Qwen3 128 experts), DeepSeek-V3 (256 experts, sigmoid
++ bias, 8 groups keep 4 by top-2 sum, x2.5) and Kimi K2 (384 experts, sigmoid +
+bias, one group).
+
+vLLM is optional: without it the vllm rows are skipped (``make gpu-check`` runs
+this on a machine with torch and triton only).
 
     python benchmarks/kernels_gpu.py                      # both models, all k and T
     python benchmarks/kernels_gpu.py --model olmoe --tokens 1 64 --timer events
     python benchmarks/kernels_gpu.py --bandwidth-gbs 3350 --peak-tflops 989 --csv out.csv
+    python benchmarks/kernels_gpu.py --quick --json runs/gpu-check/bench.json
 
 Peak numbers come from a small table by device name (override them for your
-part and clocks); the measured device-to-device copy bandwidth is printed too.
+part and clocks; an unknown part falls back to the measured copy bandwidth and a
+memory-only roofline); the measured device-to-device copy bandwidth is printed too.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -39,6 +52,17 @@ MODELS = {  # one MoE layer: hidden H, expert intermediate I, routed experts E, 
     "qwen3": dict(name="Qwen3-30B-A3B", hidden=2048, inter=768, experts=128, native_k=8),
 }
 TOKENS = (1, 8, 64, 512, 4096)
+QUICK_TOKENS = (1, 64, 4096)
+# Router-only shapes: (name, experts, k, rule kwargs); the bias is drawn at run time.
+ROUTERS = (
+    ("softmax E64 (OLMoE)", 64, 8, dict(scoring="softmax", renormalize=False)),
+    ("softmax E128 renorm (Qwen3)", 128, 8, dict(scoring="softmax", renormalize=True)),
+    ("DeepSeek-V3 E256 groups 4/8 top2", 256, 8,
+     dict(scoring="sigmoid", renormalize=True, renorm_eps=1e-20, num_groups=8, groups_kept=4,
+          group_score="top2_sum", routed_scaling_factor=2.5, bias=True)),
+    ("Kimi K2 E384", 384, 8,
+     dict(scoring="sigmoid", renormalize=True, renorm_eps=1e-20, routed_scaling_factor=2.827, bias=True)),
+)
 DEVICE = "cuda"
 # Dense bf16 tensor-core peak (TFLOP/s) and HBM bandwidth (GB/s) by device-name substring.
 DEVICE_PEAKS = (
@@ -71,6 +95,16 @@ class Row:
         return self.roofline_ms / self.ms if self.ms > 0 else float("nan")
 
 
+@dataclass
+class RouterRow:
+    router: str
+    tokens: int
+    triton_us: float
+    torch_us: float
+    ids_equal_fraction: float  # rows whose ids equal torch's (ties may legitimately differ)
+    max_weight_err: float  # on the rows whose ids agree
+
+
 def log(msg: str) -> None:
     print(msg, flush=True)
 
@@ -81,7 +115,10 @@ def device_peaks(args) -> tuple[float, float, str]:
     peak = args.peak_tflops or peak
     bw = args.bandwidth_gbs or bw
     if peak is None or bw is None:
-        sys.exit(f"unknown GPU {name!r}: pass --peak-tflops and --bandwidth-gbs")
+        log(f"[warn] unknown GPU {name!r}: pass --peak-tflops and --bandwidth-gbs; using the measured "
+            "copy bandwidth and a memory-only roofline")
+        peak = peak or math.inf
+        bw = bw or copy_bandwidth_gbs()
     return peak, bw, name
 
 
@@ -135,14 +172,13 @@ def compact(weights: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Ten
 def bench_model(key: str, args, timer, peak: float, bw: float, vllm_fn) -> list[Row]:
     from phds_serve.kernels import declared_k_topk_triton, fused_declared_k_moe
     from phds_serve.kernels.fused_moe import MoEKernelConfig, default_config
-    from phds_serve.routing import declared_k_topk
 
     m = MODELS[key]
     hidden, inter, experts, native_k = m["hidden"], m["inter"], m["experts"], m["native_k"]
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     w13 = (torch.randn(experts, 2 * inter, hidden, device=DEVICE, generator=gen) / hidden**0.5).bfloat16()
     w2 = (torch.randn(experts, hidden, inter, device=DEVICE, generator=gen) / inter**0.5).bfloat16()
-    ks = args.k or list(range(1, native_k + 1))
+    ks = args.k or (sorted({1, native_k // 2, native_k}) if args.quick else list(range(1, native_k + 1)))
     rows: list[Row] = []
 
     def record(k, tokens, variant, fn, ids):
@@ -180,9 +216,34 @@ def bench_model(key: str, args, timer, peak: float, bw: float, vllm_fn) -> list[
                 logits, torch.full_like(mixed_k, native_k), native_k, renormalize=False
             )
             record("mixed", tokens, "vllm[native k]", lambda: vllm_fn(x, w13, w2, full_w, full_ids), full_ids)
-        router_ms = timer(lambda: declared_k_topk_triton(logits, mixed_k, native_k, False))
-        torch_ms = timer(lambda: declared_k_topk(logits, mixed_k, native_k, False))
-        log(f"  router T={tokens}: triton {router_ms * 1e3:.1f} us, torch rule {torch_ms * 1e3:.1f} us")
+    return rows
+
+
+def bench_routers(args, timer) -> list[RouterRow]:
+    """Router kernel vs the torch rule for each family's rule at its real width."""
+    from phds_serve.kernels import declared_k_route_triton
+    from phds_serve.routing import RoutingRule, route_declared_k
+
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    rows: list[RouterRow] = []
+    for name, experts, k_max, kwargs in ROUTERS:
+        kwargs = dict(kwargs)
+        bias = torch.randn(experts, device=DEVICE, generator=gen) * 0.05 if kwargs.pop("bias", False) else None
+        rule = RoutingRule(correction_bias=bias, **kwargs)
+        for tokens in args.tokens:
+            logits = torch.randn(tokens, experts, device=DEVICE, generator=gen) * 2
+            token_k = torch.randint(1, k_max + 1, (tokens,), device=DEVICE, generator=gen, dtype=torch.int32)
+            w, ids = declared_k_route_triton(logits, token_k, k_max, rule)
+            ref_w, ref_ids = route_declared_k(logits, token_k, k_max, rule)
+            same = (ids == ref_ids).all(dim=1)
+            err = float((w - ref_w)[same].abs().max()) if bool(same.any()) else float("nan")
+            row = RouterRow(name, tokens,
+                            timer(lambda: declared_k_route_triton(logits, token_k, k_max, rule)) * 1e3,
+                            timer(lambda: route_declared_k(logits, token_k, k_max, rule)) * 1e3,
+                            float(same.float().mean()), err)
+            rows.append(row)
+            log(f"  router {name:<34} T={tokens:<5} triton {row.triton_us:8.1f} us  torch rule "
+                f"{row.torch_us:8.1f} us  ids equal {row.ids_equal_fraction:6.1%}  max |dw| {err:.1e}")
     return rows
 
 
@@ -203,22 +264,60 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak, TFLOP/s")
     parser.add_argument("--bandwidth-gbs", type=float, help="HBM bandwidth, GB/s")
     parser.add_argument("--csv", help="write every row to this CSV file")
+    parser.add_argument("--json", help="write device, expert rows and router rows to this JSON file")
+    parser.add_argument("--interpret-smoke", action="store_true",
+                        help="no GPU: run every code path once in the Triton interpreter on tiny shapes "
+                             "(needs TRITON_INTERPRET=1; timings meaningless; what make gpu-check's CPU dry run does)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"T in {QUICK_TOKENS} and k in {{1, native/2, native}} (unless --tokens/--k given)")
     args = parser.parse_args(argv)
+    if args.quick and args.tokens == list(TOKENS):
+        args.tokens = list(QUICK_TOKENS)
 
+    if args.interpret_smoke:
+        return interpret_smoke(args)
     if not torch.cuda.is_available():
         print("kernels_gpu.py needs a CUDA GPU: torch.cuda.is_available() is False here. "
               "On CPU, run the interpreter tests instead: pytest tests/kernels", file=sys.stderr)
         return 2
     peak, bw, name = device_peaks(args)
+    measured_bw = copy_bandwidth_gbs()
     log(f"device {name}: peak {peak:.0f} TFLOP/s bf16, bandwidth {bw:.0f} GB/s (table/flags); "
-        f"measured copy bandwidth {copy_bandwidth_gbs():.0f} GB/s; timer {args.timer}")
+        f"measured copy bandwidth {measured_bw:.0f} GB/s; timer {args.timer}")
     timer = make_timer(args.timer)
     vllm_fn = vllm_fused_experts()
+    return run(args, timer, peak, bw, name, measured_bw, vllm_fn)
+
+
+def interpret_smoke(args) -> int:
+    """Every benchmark code path once, on CPU under the Triton interpreter, tiny shapes:
+    proves the script runs (no timing, no vLLM) before a GPU is at hand."""
+    import os
+
+    global DEVICE, MODELS
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        print("--interpret-smoke needs TRITON_INTERPRET=1 in the environment", file=sys.stderr)
+        return 2
+    DEVICE = "cpu"
+    MODELS = {"tiny": dict(name="tiny", hidden=48, inter=24, experts=8, native_k=4)}
+    args.model, args.tokens = ["tiny"], [1, 9]
+
+    def timer(fn) -> float:  # one call, wall clock: checks the path runs, measures nothing
+        begin = time.perf_counter()
+        fn()
+        return (time.perf_counter() - begin) * 1e3
+
+    return run(args, timer, 1.0, 1.0, "cpu (Triton interpreter, timings meaningless)", float("nan"), None)
+
+
+def run(args, timer, peak: float, bw: float, name: str, measured_bw: float, vllm_fn) -> int:
     rows: list[Row] = []
     start = time.time()
     for key in args.model:
         rows += bench_model(key, args, timer, peak, bw, vllm_fn)
     summarize(rows)
+    log("\nrouter kernel vs torch rule (mixed k)")
+    router_rows = bench_routers(args, timer)
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             writer = csv.writer(f)
@@ -226,6 +325,18 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows:
                 writer.writerow([*asdict(r).values(), f"{r.fraction:.4f}"])
         log(f"wrote {len(rows)} rows to {args.csv}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({
+                "device": name,
+                "capability": list(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None,
+                "interpret_smoke": bool(args.interpret_smoke),
+                "peak_tflops": peak if math.isfinite(peak) else None, "bandwidth_gbs": bw, "measured_copy_gbs": measured_bw,
+                "timer": args.timer, "vllm": vllm_fn is not None,
+                "rows": [{**asdict(r), "fraction": r.fraction} for r in rows],
+                "routers": [asdict(r) for r in router_rows],
+            }, f, indent=1, default=str)
+        log(f"wrote {args.json}")
     log(f"done in {time.time() - start:.0f} s")
     return 0
 

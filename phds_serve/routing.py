@@ -18,7 +18,8 @@ The families differ only in the fields of :class:`RoutingRule`:
   Granite MoE, is the same rule with renormalisation);
 * sigmoid + correction bias + grouped top-k + routed scaling: DeepSeek-V3,
   GLM-4.5, ...; softmax + group-limited greedy: DeepSeek-V2;
-* sigmoid without renormalisation, weight applied on the input: Llama 4.
+* sigmoid without renormalisation, weight applied on the input: Llama 4;
+* softmax, renormalised, then times a learnt per-expert scale: Gemma 4.
 
 Expert-compute references live beside the kernels (:mod:`phds_serve.kernels.reference`).
 """
@@ -51,6 +52,8 @@ class RoutingRule:
     group_score: GroupScore = "max"
     # Multiplies the weights once (1.0 where vLLM scales the layer output instead).
     routed_scaling_factor: float = 1.0
+    # [E] multiplies each chosen expert's weight after renormalisation (Gemma 4).
+    expert_scale: torch.Tensor | None = None
     # The expert kernel multiplies each expert's input, not its output, by the weight.
     weight_on_input: bool = False
 
@@ -85,6 +88,8 @@ class RoutingRule:
         parts.append("renormalised" if self.renormalize else "not renormalised")
         if self.routed_scaling_factor != 1.0:
             parts.append(f"x{self.routed_scaling_factor:g}")
+        if self.expert_scale is not None:
+            parts.append("x per-expert scale")
         if self.weight_on_input:
             parts.append("weight on input")
         return ", ".join(parts)
@@ -96,9 +101,25 @@ def expert_scores(router_logits: torch.Tensor, rule: RoutingRule) -> torch.Tenso
     return torch.softmax(logits, dim=-1) if rule.scoring == "softmax" else logits.sigmoid()
 
 
-def selection_key(scores: torch.Tensor, rule: RoutingRule) -> torch.Tensor:
-    """[T, E] what experts are ranked by: scores (+ bias), -inf outside the kept groups."""
-    key = scores if rule.correction_bias is None else scores + rule.correction_bias.float()
+def ranks_by_logits(rule: RoutingRule) -> bool:
+    """Without a bias, softmax and sigmoid are monotone in the logit, so experts (and
+    groups by their best expert) rank the same by logit as by score, and the logit
+    does not saturate: fp32 sigmoids of large logits tie where the logits do not
+    (transformers' Llama 4 ranks the logits; vLLM's CPU router does too)."""
+    return rule.correction_bias is None and rule.group_score == "max"
+
+
+def ranking_key(router_logits: torch.Tensor, scores: torch.Tensor, rule: RoutingRule) -> torch.Tensor:
+    """[T, E] what experts are ranked by, before the group mask."""
+    if ranks_by_logits(rule):
+        return router_logits.float()
+    bias = rule.correction_bias
+    return scores if bias is None else scores + bias.float()
+
+
+def selection_key(router_logits: torch.Tensor, scores: torch.Tensor, rule: RoutingRule) -> torch.Tensor:
+    """[T, E] what experts are ranked by: logits or scores (+ bias), -inf outside the kept groups."""
+    key = ranking_key(router_logits, scores, rule)
     if not rule.grouped:
         return key
     num_tokens, num_experts = key.shape
@@ -134,7 +155,7 @@ def route_declared_k(
             f"k_max={k_max} outside [1, {rule.max_k(num_experts)}] for a {rule.describe()} router"
         )
     scores = expert_scores(router_logits, rule)
-    ids = torch.topk(selection_key(scores, rule), k_max, dim=-1, sorted=True).indices
+    ids = torch.topk(selection_key(router_logits, scores, rule), k_max, dim=-1, sorted=True).indices
     valid = slot_mask(token_k, k_max)
     weights = scores.gather(1, ids).masked_fill(~valid, 0.0)
     if rule.renormalize:
@@ -142,6 +163,8 @@ def route_declared_k(
         weights = weights / torch.where(denom > 0, denom, torch.ones_like(denom))
     if rule.routed_scaling_factor != 1.0:
         weights = weights * rule.routed_scaling_factor
+    if rule.expert_scale is not None:
+        weights = weights * rule.expert_scale.float()[ids]
     ids = ids.to(torch.int32)
     return weights, ids if keep_ids else ids.masked_fill(~valid, -1)
 

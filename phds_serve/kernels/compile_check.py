@@ -31,6 +31,8 @@ class KernelSpec:
 
 def _specs(dtype: str) -> list[KernelSpec]:
     """Every kernel at the tiles :func:`fused_moe.default_config` launches on a GPU."""
+    import triton
+
     from phds_serve.kernels import align, decode, grouped_gemm, reduce, router
     from phds_serve.kernels.fused_moe import LARGE_BATCH_CONFIG, SMALL_BATCH_CONFIG
 
@@ -47,14 +49,27 @@ def _specs(dtype: str) -> list[KernelSpec]:
             raise ValueError(f"{fn.__name__}: no type or constexpr for {missing}")
         return KernelSpec(f"{fn.__name__}{tag}", fn, signature, constexprs, options)
 
+    router_types = {"logits_ptr": act, "bias_ptr": ptr_f32, "token_k_ptr": ptr_i32, "weights_ptr": ptr_f32,
+                    "ids_ptr": ptr_i32, "num_tokens": i32, "num_experts": i32, "stride_logits": i32,
+                    "renorm_eps": "fp32", "scaling": "fp32"}
+
+    def router_spec(tag: str, experts: int, k: int, scoring: str, groups: int = 1, kept: int = 1,
+                    top2: bool = False, bias: bool = False, renormalize: bool = True) -> KernelSpec:
+        return spec(
+            tag, router.declared_k_router_kernel, router_types,
+            dict(K_MAX=k, BLOCK_T=router.router_block_t(experts, groups > 1), BLOCK_E=triton.next_power_of_2(experts),
+                 BLOCK_K=triton.next_power_of_2(k), SCORING=router.SCORING_CODES[scoring], HAS_BIAS=bias,
+                 RENORMALIZE=renormalize, NUM_GROUPS=groups, GROUP_SIZE=experts // groups, GROUPS_KEPT=kept,
+                 BLOCK_G=triton.next_power_of_2(groups), GROUP_TOP2=top2),
+        )
+
+    # One router variant per rule family, at that family's real width.
     specs = [
-        spec(
-            "", router.declared_k_router_kernel,
-            {"logits_ptr": act, "token_k_ptr": ptr_i32, "weights_ptr": ptr_f32, "ids_ptr": ptr_i32,
-             "num_tokens": i32, "num_experts": i32, "stride_logits": i32},
-            dict(K_MAX=8, BLOCK_T=router.router_block_t(128), BLOCK_E=128, BLOCK_K=8,
-                 RENORMALIZE=True, TOPK_FIRST=False),
-        ),
+        router_spec("[softmax]", 128, 8, "softmax"),  # Qwen3-30B-A3B
+        router_spec("[topk_softmax]", 32, 4, "topk_softmax", renormalize=False),  # gpt-oss-20b
+        router_spec("[sigmoid-bias-groups]", 256, 8, "sigmoid", 8, 4, top2=True, bias=True),  # DeepSeek-V3
+        router_spec("[sigmoid-bias-384]", 384, 8, "sigmoid", bias=True),  # Kimi K2
+        router_spec("[softmax-groups-max]", 160, 6, "softmax", 8, 3, renormalize=False),  # DeepSeek-V2
     ]
     specs += [
         spec("", align.count_pairs_kernel, {"ids_ptr": ptr_i32, "counts_ptr": ptr_i32, "num_pairs": i32},

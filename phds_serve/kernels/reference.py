@@ -1,11 +1,13 @@
 """Torch references for the declared-k kernels: the specification the tests check.
 
-Routing: :func:`phds_serve.routing.declared_k_topk` is the engine's rule. It uses
-``torch.topk``, whose order among exactly tied scores is unspecified (it differs
-between CPU and CUDA and between k). The kernels break ties by the lower expert
-index, the convention of a stable sort (and of ``torch.topk`` in deterministic
-mode); :func:`declared_k_topk_stable` is that rule and equals
-``declared_k_topk`` whenever the top k_max scores are untied.
+Routing: :func:`phds_serve.routing.route_declared_k` is the engine's rule. It uses
+``torch.topk``, whose order among exactly tied values is unspecified (it differs
+between CPU and CUDA and between k). The router kernel breaks ties, between
+experts and between groups, by the lower index, the convention of a stable sort;
+:func:`route_declared_k_stable` is that rule for any
+:class:`~phds_serve.routing.RoutingRule` and equals ``route_declared_k`` whenever
+the top k_max selection keys and the kept groups are untied.
+:func:`declared_k_topk_stable` is the same for the first, softmax-only API.
 
 Experts: two independent formulations of the same sum, a per-expert masked loop
 and a dense gate matrix over all experts, so a kernel bug cannot hide behind a
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from phds_serve.routing import declared_k_topk, slot_mask
+from phds_serve.routing import RoutingRule, declared_k_topk, expert_scores, ranking_key, slot_mask
 
 SCORINGS = ("softmax", "topk_softmax")
 ACTIVATIONS = ("silu", "gelu")
@@ -29,6 +31,7 @@ __all__ = [
     "gated_activation",
     "moe_dense_reference",
     "moe_loop_reference",
+    "route_declared_k_stable",
 ]
 
 
@@ -57,17 +60,48 @@ def declared_k_topk_stable(
         raise ValueError(f"scoring={scoring!r}; expected one of {SCORINGS}")
     logits = router_logits.float()
     valid = slot_mask(token_k, k_max)
-    if scoring == "softmax":
-        weights, ids = _stable_topk(torch.softmax(logits, dim=-1), k_max)
-        weights = weights.masked_fill(~valid, 0.0)
-        if renormalize:
-            denom = weights.sum(dim=-1, keepdim=True)
-            weights = weights / torch.where(denom > 0, denom, torch.ones_like(denom))
+    if scoring == "softmax":  # ranked by logit (routing.ranks_by_logits)
+        return route_declared_k_stable(router_logits, token_k, k_max, RoutingRule(renormalize=renormalize))
     else:
         top, ids = _stable_topk(logits, k_max)
         top = top.masked_fill(~valid, float("-inf"))
         weights = torch.softmax(top, dim=-1).nan_to_num(0.0)  # k_i = 0: all -inf -> 0
         weights = weights.masked_fill(~valid, 0.0)
+    return weights, ids.to(torch.int32).masked_fill(~valid, -1)
+
+
+def stable_group_mask(key: torch.Tensor, rule: RoutingRule) -> torch.Tensor:
+    """[T, E] bool: experts in the ``groups_kept`` best groups, ties to the lower group."""
+    num_tokens, num_experts = key.shape
+    grouped = key.view(num_tokens, rule.num_groups, num_experts // rule.num_groups)
+    if rule.group_score == "top2_sum":
+        group_scores = torch.sort(grouped, dim=-1, descending=True, stable=True).values[..., :2].sum(-1)
+    else:
+        group_scores = grouped.max(dim=-1).values
+    kept = torch.sort(group_scores, dim=-1, descending=True, stable=True).indices[:, : rule.groups_kept]
+    group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
+    return group_mask.repeat_interleave(num_experts // rule.num_groups, dim=1)
+
+
+def route_declared_k_stable(
+    router_logits: torch.Tensor,
+    token_k: torch.Tensor,
+    k_max: int,
+    rule: RoutingRule,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`phds_serve.routing.route_declared_k` with deterministic ties (lower expert
+    and group index first): the router kernel's exact specification."""
+    scores = expert_scores(router_logits, rule)
+    key = ranking_key(router_logits, scores, rule)
+    if rule.grouped:
+        key = key.masked_fill(~stable_group_mask(key, rule), float("-inf"))
+    ids = _stable_topk(key, k_max)[1]
+    valid = slot_mask(token_k, k_max)
+    weights = scores.gather(1, ids).masked_fill(~valid, 0.0)
+    if rule.renormalize:
+        denom = weights.sum(dim=-1, keepdim=True) + rule.renorm_eps
+        weights = weights / torch.where(denom > 0, denom, torch.ones_like(denom))
+    weights = weights * rule.routed_scaling_factor
     return weights, ids.to(torch.int32).masked_fill(~valid, -1)
 
 

@@ -38,16 +38,17 @@ def refusal_reason(vllm_config) -> str | None:
     arch = _architecture(vllm_config)
     if not plugin_enabled():
         return "PHDS_DISABLE is set: stock vLLM"
-    if str(getattr(model_config, "model_impl", "auto")).lower().endswith("transformers") or (
-        arch.startswith("Transformers")
-    ):
-        return "the Transformers modelling backend runs its own MoE layers (--model-impl transformers)"
     if arch in REFUSED_ARCHS:
         return f"{arch}: {REFUSED_ARCHS[arch]}"
-    if arch not in DECLARED_K_MODELS:
+    on_transformers_backend = uses_transformers_backend(vllm_config)
+    if arch not in DECLARED_K_MODELS and not on_transformers_backend:
         return f"{arch} is not an architecture phds-serve declares k for (see docs/COMPATIBILITY.md)"
     if model_config.runner_type == "pooling":
         return "pooling models generate no tokens"
+    from phds_serve.model_executor.families import family_refusal
+
+    if (why := family_refusal(arch, model_config.hf_config)) is not None:
+        return why
     if vllm_config.speculative_config is not None:
         return (
             "speculative decoding: drafts and verification carry no per-request k "
@@ -69,6 +70,69 @@ def refusal_reason(vllm_config) -> str | None:
         return "EPLB: replicated experts are routed by vLLM's own router"
     if getattr(parallel, "use_ubatching", False) or parallel.enable_dbo:
         return "dual-batch overlap / micro-batching splits a step's tokens"
+    if on_transformers_backend:
+        return transformers_backend_reason(vllm_config)
+    return None
+
+
+def uses_transformers_backend(vllm_config) -> bool:
+    """Whether vLLM serves this model with its Transformers modelling backend."""
+    from vllm.model_executor.models.registry import _TRANSFORMERS_SUPPORTED_MODELS
+
+    model_config = vllm_config.model_config
+    arch = _architecture(vllm_config)
+    impl = str(getattr(model_config, "model_impl", "auto")).lower()
+    return impl.endswith("transformers") or arch.startswith("Transformers") or (
+        arch in _TRANSFORMERS_SUPPORTED_MODELS
+    )
+
+
+def transformers_backend_reason(vllm_config) -> str | None:
+    """Replays vLLM's own decision for each MoE block of the HF model (built on the meta
+    device, as vLLM builds it): a block vLLM fuses gets vLLM's router and our runner;
+    a block transformers routes itself runs once per k with its top-k attribute set
+    (CPU only: grouping tokens by k is a host decision, not CUDA-graph safe)."""
+    import torch
+    import transformers
+    from vllm.model_executor.models.transformers.fusers.moe import MoEBlockFuser
+    from vllm.platforms import current_platform
+
+    from phds_serve.model_executor.models.transformers_moe import EXPERTS_NAME, top_k_slots
+
+    model_config = vllm_config.model_config
+    if model_config.runner_type != "generate" or model_config.is_multimodal_model:
+        return "the Transformers backend: declared k covers its text generation models only"
+    hf_config = model_config.hf_config
+    try:
+        with torch.device("meta"):
+            hf_model = transformers.AutoModel.from_config(
+                hf_config, trust_remote_code=model_config.trust_remote_code
+            )
+    except Exception as exc:  # the backend itself would fail the same way
+        return f"the Transformers backend could not build the model to inspect it ({exc})"
+    native = native_k_of(hf_config)
+    fp16_shared_scale = (
+        getattr(hf_config, "routed_scaling_factor", 1.0) != 1.0 and model_config.dtype == torch.float16
+    )
+    blocks = 0
+    for name, block in hf_model.named_modules():
+        experts = getattr(block, EXPERTS_NAME, None)
+        if not isinstance(experts, torch.nn.Module):
+            continue
+        params = list(experts.parameters())
+        if not (isinstance(experts, torch.nn.ModuleList) or (params and all(p.ndim == 3 for p in params))):
+            continue
+        blocks += 1
+        fuser = MoEBlockFuser.match(block, EXPERTS_NAME)
+        if fuser is not None and not (fp16_shared_scale and fuser.shared_name is not None):
+            continue  # vLLM's router, our runner
+        if not current_platform.is_cpu():
+            return (f"the Transformers backend routes {type(block).__name__} in transformers; "
+                    "declared k for such blocks runs on CPU only")
+        if not top_k_slots(block, native):
+            return f"the Transformers backend routes {type(block).__name__} in transformers, with no top-k attribute to set"
+    if blocks == 0:
+        return "the Transformers backend found no MoE block to declare k for"
     return None
 
 

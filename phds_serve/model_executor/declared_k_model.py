@@ -34,6 +34,7 @@ class DeclaredKModelMixin:
     prefix rule (see :mod:`phds_serve.routing`)."""
 
     def __init__(self, *, vllm_config, prefix: str = "", **kwargs) -> None:
+        self._phds_vllm_config = vllm_config
         contract = contract_of(vllm_config)
         if contract is None or not contract.declared:
             super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
@@ -71,9 +72,21 @@ class DeclaredKModelMixin:
                                        positions.shape[-1], positions.device))
         return super().forward(input_ids, positions, *args, **kwargs)
 
-    @classmethod
-    def get_model_state_cls(cls):
-        """V2 model runner (GPU): per-request k enters through the model state."""
-        from phds_serve.model_executor.v2_state import DeclaredKModelState
+    def get_model_state_cls(self):
+        """V2 model runner (GPU): per-request k enters through the model state, mixed
+        into the state vLLM would have picked for this model (default, Mamba hybrid,
+        the model's own, ...)."""
+        from phds_serve.model_executor.v2_state import with_declared_k
 
-        return DeclaredKModelState
+        return with_declared_k(self._stock_model_state_cls())
+
+    def _stock_model_state_cls(self):
+        own = getattr(super(), "get_model_state_cls", None)
+        if own is not None:
+            return own()
+        import types
+
+        from vllm.v1.worker.gpu.model_states import resolve_model_state_cls
+
+        # vLLM's own resolution for a model that defines no hook (it reads modules() only).
+        return resolve_model_state_cls(self._phds_vllm_config, types.SimpleNamespace(modules=self.modules))

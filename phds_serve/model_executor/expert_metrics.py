@@ -48,15 +48,23 @@ def counts_here() -> bool:
         return True
 
 
-def record_layer_step(plan: "StepPlan", topk_ids: torch.Tensor) -> None:
-    """Count one MoE layer's work for one step (CPU path: cheap, host-side)."""
+def record_groups(plan: "StepPlan") -> bool:
+    """Count one MoE layer's tokens and (token, expert) pairs for one step, by k.
+    Returns whether this step is counted here."""
     if not ENABLED or not plan.real or not counts_here():
-        return
+        return False
     total = plan.token_k.shape[0]
     for k, rows in plan.groups:
         n = total if rows is None else rows.numel()
         EXPERT_ACTIVATIONS.labels(k=str(k)).inc(n * k)
         MOE_TOKENS.labels(k=str(k)).inc(n)
+    return True
+
+
+def record_layer_step(plan: "StepPlan", topk_ids: torch.Tensor) -> None:
+    """Count one MoE layer's work for one step (CPU path: cheap, host-side)."""
+    if not record_groups(plan):
+        return
     valid = topk_ids[topk_ids >= 0]
     DISTINCT_EXPERTS.observe(int(torch.unique(valid).numel()))
 

@@ -33,3 +33,15 @@ def family_max_k(arch: str, hf_config: Any, num_experts: int) -> KLimit:
         limit = kept * (num_experts // groups)
         return KLimit(limit, f"grouped top-k keeps {kept} of {groups} groups, {limit} experts")
     return KLimit(num_experts, f"the model has {num_experts} routed experts")
+
+
+def family_refusal(arch: str, hf_config: Any) -> str | None:
+    """A family whose config makes its routing something other than the rule vLLM's
+    router (and so ours) computes."""
+    config = text_config(hf_config)
+    if arch == "DbrxForCausalLM":
+        p = getattr(getattr(config, "ffn_config", None), "moe_normalize_expert_weights", 1)
+        if p not in (None, 1, 1.0):
+            return (f"DBRX with moe_normalize_expert_weights={p} renormalises by a {p}-norm, "
+                    "which vLLM's router does not compute")
+    return None

@@ -12,18 +12,20 @@ branch on device data: CUDA-graph safe. Not exercised on a GPU yet
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
 import torch
-from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 
 from phds_serve.model_executor import expert_metrics
 from phds_serve.model_executor.contract import contract_of
 from phds_serve.model_executor.step_k import expand_row_k
 
 
-class DeclaredKModelState(DefaultModelState):
+class DeclaredKModelState:
+    """Mixed in before the model state vLLM picks for the model (see :func:`with_declared_k`)."""
+
     def __init__(self, vllm_config, model, encoder_cache, device: torch.device) -> None:
         super().__init__(vllm_config, model, encoder_cache, device)
         self.contract = contract_of(vllm_config) if model.k_policy is not None else None
@@ -74,3 +76,9 @@ class DeclaredKModelState(DefaultModelState):
     @property
     def num_moe_layers(self) -> int:
         return len(self.vllm_config.compilation_config.static_all_moe_layers)
+
+
+@functools.cache
+def with_declared_k(base: type) -> type:
+    """``base`` (DefaultModelState, MambaHybridModelState, ...) with declared k mixed in."""
+    return type(f"DeclaredK{base.__name__}", (DeclaredKModelState, base), {})

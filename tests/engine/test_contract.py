@@ -44,9 +44,8 @@ def test_declared_configuration(tiny_checkpoints):
         (dict(enable_lora=True, max_lora_rank=8), "LoRA"),
         (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2,
                                   "prompt_lookup_max": 2}), "speculative decoding"),
-        (dict(model_impl="transformers"), "Transformers modelling backend"),
     ],
-    ids=["lora", "spec-decode", "transformers-backend"],
+    ids=["lora", "spec-decode"],
 )
 def test_configurations_that_refuse_declared_k(tiny_checkpoints, overrides, reason):
     try:
@@ -254,3 +253,14 @@ def test_v1_runner_on_cuda_runs_declared_k_without_graphs():
         cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE))
     _force_eager(config)
     assert config.compilation_config.cudagraph_mode == CUDAGraphMode.NONE
+
+
+def test_dbrx_p_norm_is_refused():
+    """DBRX renormalises by a p-norm; only p = 1 is the rule vLLM's router computes."""
+    import transformers as tf
+
+    from phds_serve.model_executor.families import family_refusal
+
+    config = tf.DbrxConfig(ffn_config={"moe_normalize_expert_weights": 2.0})
+    assert "2.0-norm" in family_refusal("DbrxForCausalLM", config)
+    assert family_refusal("DbrxForCausalLM", tf.DbrxConfig(ffn_config={"moe_normalize_expert_weights": 1.0})) is None

@@ -163,3 +163,14 @@ def test_mixed_k_stress(engine, tiny_checkpoints, metrics_dir):
         tokens = samples[("phds_moe_tokens_total", str(k))]
         assert tokens > 0
         assert samples[("phds_expert_activations_total", str(k))] == k * tokens
+
+
+def test_parallel_sampling_keeps_k(engine, tiny_checkpoints):
+    """n > 1: every sample of the request runs at its k."""
+    path = tiny_checkpoints["olmoe"]
+    prompt = random_prompts([25], seed=9)[0]
+    params = sampling_params_at_k(1, n=3, max_tokens=5, temperature=1.0, seed=3, logprobs=0)
+    out = engine.generate([{"prompt_token_ids": prompt}], [params], use_tqdm=False)[0]
+    assert len(out.outputs) == 3
+    for completion in out.outputs:
+        assert decode_error(path, 1, prompt, completion) < TOL

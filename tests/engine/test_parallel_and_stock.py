@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import pytest
 from prometheus_client import CollectorRegistry, multiprocess
-from vllm.exceptions import VLLMValidationError
 
 from phds_serve.offline import sampling_params_at_k
 
@@ -60,24 +59,37 @@ def test_tensor_parallel_mixed_k(tiny_checkpoints, tmp_path, monkeypatch):
         assert tokens[str(k)] == expected, (k, tokens)
 
 
-def test_transformers_backend_is_stock_and_refuses_other_k(tiny_checkpoints):
+def test_transformers_backend_declares_k(tiny_checkpoints):
+    """``--model-impl transformers``: vLLM fuses OLMoE's HF block (its own router, our
+    runner), so the backend serves every k exactly too."""
     path = tiny_checkpoints["olmoe"]
-    prompt = random_prompts([20], seed=12)[0]
-    try:
-        engine = vllm_engine(path, model_impl="transformers")
-        llm = engine.__enter__()
-    except Exception as exc:  # pragma: no cover - depends on vLLM CPU's backend support
-        pytest.skip(f"vLLM CPU cannot run the Transformers backend for OLMoE: {exc}")
-    try:
-        with pytest.raises(VLLMValidationError, match="k=1 is not available.*Transformers modelling backend"):
-            llm.generate([{"prompt_token_ids": prompt}], [sampling_params_at_k(1, max_tokens=2)],
-                         use_tqdm=False)
-        requests = [(prompt, None), (prompt, NATIVE_K)]
+    prompts = random_prompts([9, 31], seed=12)
+    requests = [(p, k) for p in prompts for k in (1, 2, None)]
+    with vllm_engine(path, model_impl="transformers") as llm:
         outputs = llm.generate(
             [{"prompt_token_ids": p} for p, _ in requests],
             [sampling_params_at_k(k, max_tokens=4, temperature=0, logprobs=0) for _, k in requests],
             use_tqdm=False,
         )
-    finally:
-        engine.__exit__(None, None, None)
     assert _decode_errors(path, requests, outputs) < TOL
+
+
+def test_unsupported_transformers_backend_block_is_refused_not_guessed(tiny_checkpoints, tmp_path, monkeypatch):
+    """A block transformers routes itself runs per k on CPU only; elsewhere the model
+    serves native k and says why (GPU simulated: the platform says it is not a CPU)."""
+    from vllm.platforms import current_platform
+
+    from phds_serve.model_executor.contract import transformers_backend_reason
+
+    from .test_contract import engine_config
+
+    config = engine_config(tiny_checkpoints["olmoe"], model_impl="transformers")
+    assert transformers_backend_reason(config) is None  # fused: declared everywhere
+    # HunYuan-MoE-V1's block is not one vLLM's fuser matches: transformers routes it.
+    from phds_serve.tiny import build_family_checkpoint
+
+    hunyuan = engine_config(build_family_checkpoint("hunyuan_moe", tmp_path / "hunyuan"))
+    assert transformers_backend_reason(hunyuan) is None  # CPU: per-k HF routing
+    monkeypatch.setattr(type(current_platform), "is_cpu", lambda self=None: False)
+    reason = transformers_backend_reason(hunyuan)
+    assert reason is not None and "CPU only" in reason

@@ -124,3 +124,20 @@ def _zero_expert_router():
 
     return ZeroExpertRouter(top_k=TOP_K, global_num_experts=E + 2, e_score_correction_bias=_bias(6),
                             num_logical_experts=E, zero_expert_type="identity")
+
+
+def test_gemma4_routing_function_is_softmax_renorm_times_expert_scale():
+    from vllm.model_executor.models.gemma4 import Gemma4Router, gemma4_routing_function_torch
+
+    scale = torch.rand(E) + 0.5
+    gemma_router = Gemma4Router.__new__(Gemma4Router)
+    torch.nn.Module.__init__(gemma_router)
+    gemma_router.per_expert_scale = torch.nn.Parameter(scale)
+    rule = rule_from_router(cpu_router(custom_routing_function=gemma_router.routing_function))
+    assert rule.expert_scale is gemma_router.per_expert_scale
+    assert rule.renormalize and rule.scoring == "softmax"
+    logits = _logits(7)
+    ref_w, ref_ids = gemma4_routing_function_torch(logits, TOP_K, scale)
+    w, ids = route_declared_k(logits, torch.full((T,), TOP_K), TOP_K, rule)
+    assert _as_sets(ids) == _as_sets(ref_ids)
+    torch.testing.assert_close(w.sort(dim=1).values, ref_w.sort(dim=1).values, rtol=1e-5, atol=1e-6)

@@ -1,10 +1,20 @@
-"""Shared data builders and tolerances for the kernel tests (seeded, no hidden state)."""
+"""Shared data builders and tolerances for the kernel tests (seeded, no hidden state).
+
+Data is drawn on the CPU from seeded generators (the same numbers on every
+machine) and moved to :data:`DEVICE`, where the kernels run: ``cpu`` (the Triton
+interpreter, the default) or ``cuda`` (``PHDS_KERNEL_TEST_DEVICE=cuda``, what
+``make gpu-check`` sets).
+"""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
+
+DEVICE_ENV = "PHDS_KERNEL_TEST_DEVICE"
+DEVICE = torch.device(os.environ.get(DEVICE_ENV, "cpu"))
 
 # Max abs error relative to the reference's max abs value.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -72,7 +82,7 @@ def moe_case(
     x = torch.randn(num_tokens, hidden, generator=gen).to(dtype)
     w13, w2 = expert_weights(num_experts, hidden, inter, dtype, gen)
     weights, ids = routing(num_tokens, num_experts, k_max, gen, skew, drop)
-    return MoECase(x, w13, w2, weights, ids)
+    return MoECase(*(t.to(DEVICE) for t in (x, w13, w2, weights, ids)))
 
 
 def compact(weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,5 +96,5 @@ def compact(weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, tor
 def fill_dropped(weights: torch.Tensor, ids: torch.Tensor, num_experts: int, seed: int):
     """Full k: every -1 slot gets a real expert and weight exactly 0."""
     gen = torch.Generator().manual_seed(seed)
-    filler = torch.randint(0, num_experts, ids.shape, generator=gen, dtype=torch.int32)
+    filler = torch.randint(0, num_experts, ids.shape, generator=gen, dtype=torch.int32).to(ids.device)
     return weights.masked_fill(ids < 0, 0.0), torch.where(ids < 0, filler, ids)

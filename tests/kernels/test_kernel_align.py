@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import pytest
 
-from kernel_cases import routing
+from kernel_cases import DEVICE, routing
 from phds_serve.kernels.align import align_pairs_by_expert, align_pairs_by_expert_torch, max_padded_pairs
 
 ALIGNERS = {"triton": align_pairs_by_expert, "torch": align_pairs_by_expert_torch}
@@ -27,7 +27,7 @@ ALIGNERS = {"triton": align_pairs_by_expert, "torch": align_pairs_by_expert_torc
 )
 def test_every_valid_pair_grouped_once(impl, num_tokens, num_experts, k_max, block_m, skew, drop, seed):
     k_max = min(k_max, num_experts)
-    _, ids = routing(num_tokens, num_experts, k_max, torch.Generator().manual_seed(seed), skew, drop)
+    ids = routing(num_tokens, num_experts, k_max, torch.Generator().manual_seed(seed), skew, drop)[1].to(DEVICE)
     al = ALIGNERS[impl](ids, num_experts, block_m)
     flat = ids.reshape(-1)
     num_pairs = flat.numel()
@@ -35,7 +35,7 @@ def test_every_valid_pair_grouped_once(impl, num_tokens, num_experts, k_max, blo
     placed = al.sorted_pair_ids[al.sorted_pair_ids != num_pairs].long()
     assert torch.equal(torch.sort(placed).values, torch.nonzero(flat >= 0).flatten())
 
-    block_of_slot = torch.arange(al.sorted_pair_ids.numel()) // block_m
+    block_of_slot = torch.arange(al.sorted_pair_ids.numel(), device=DEVICE) // block_m
     real = al.sorted_pair_ids != num_pairs
     assert torch.equal(
         al.block_expert_ids[block_of_slot[real]].long(), flat[al.sorted_pair_ids[real].long()].long()
@@ -55,7 +55,7 @@ def test_active_blocks_shrink_with_k(impl):
     in a large batch it is proportional to sum(k_i), and it is 0 when every k_i is 0.
     """
     num_tokens, num_experts, block_m = 512, 64, 16
-    _, ids = routing(num_tokens, num_experts, 8, torch.Generator().manual_seed(0), drop=0.0)
+    ids = routing(num_tokens, num_experts, 8, torch.Generator().manual_seed(0), drop=0.0)[1].to(DEVICE)
     active = {}
     for k in range(8, -1, -1):
         masked = ids.clone()
@@ -70,7 +70,7 @@ def test_active_blocks_shrink_with_k(impl):
 def test_kernels_and_torch_group_alike():
     """Same block owners; same pairs in each block (order inside a group is free)."""
     gen = torch.Generator().manual_seed(7)
-    _, ids = routing(70, 33, 8, gen, skew=1.0, drop=0.3)
+    ids = routing(70, 33, 8, gen, skew=1.0, drop=0.3)[1].to(DEVICE)
     a = align_pairs_by_expert(ids, 33, 16)
     b = align_pairs_by_expert_torch(ids, 33, 16)
     assert torch.equal(a.block_expert_ids, b.block_expert_ids)

@@ -7,7 +7,7 @@ import torch
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
-from kernel_cases import DTYPES, TOLERANCE, compact, fill_dropped, moe_case, nan_alloc, rel_err
+from kernel_cases import DEVICE, DTYPES, TOLERANCE, compact, fill_dropped, moe_case, nan_alloc, rel_err
 from phds_serve.kernels import fused_declared_k_moe
 from phds_serve.kernels.fused_moe import MoEKernelConfig, default_config
 from phds_serve.kernels.reference import moe_dense_reference, moe_loop_reference
@@ -160,9 +160,10 @@ def test_real_layer_shape_decode_with_gpu_tiles():
 
     gen = torch.Generator().manual_seed(0)
     hidden, inter, experts = 2048, 768, 128
-    x = torch.randn(2, hidden, generator=gen).bfloat16()
-    w13 = (torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden**0.5).bfloat16()
-    w2 = (torch.randn(experts, hidden, inter, generator=gen) / inter**0.5).bfloat16()
-    weights, ids = declared_k_topk_triton(torch.randn(2, experts, generator=gen), torch.tensor([8, 3]), 8, True)
+    x = torch.randn(2, hidden, generator=gen).bfloat16().to(DEVICE)
+    w13 = (torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden**0.5).bfloat16().to(DEVICE)
+    w2 = (torch.randn(experts, hidden, inter, generator=gen) / inter**0.5).bfloat16().to(DEVICE)
+    logits = torch.randn(2, experts, generator=gen).to(DEVICE)
+    weights, ids = declared_k_topk_triton(logits, torch.tensor([8, 3], device=DEVICE), 8, True)
     out = fused_declared_k_moe(x, w13, w2, weights, ids, config=SMALL_BATCH_CONFIG, alloc=nan_alloc)
     assert rel_err(out, moe_loop_reference(x, w13, w2, weights, ids)) <= TOLERANCE[torch.bfloat16]

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
 
 from phds_serve.kernels import align, fused_moe, router
 from phds_serve.kernels.fused_moe import MoEKernelConfig
+from phds_serve.routing import RoutingRule
 
 ALIGN_KERNELS = ("count_pairs_kernel", "block_layout_kernel", "scatter_pairs_kernel")
 KERNELS = (
@@ -80,3 +82,24 @@ def test_router_wrapper_launches_without_host_reads(launches):
                                                  meta(64, dtype=torch.int32), 8, True)
     assert weights.shape == ids.shape == (64, 8)
     assert [name for name, _ in launches] == ["router"]
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        RoutingRule(renormalize=True),
+        # DeepSeek-V3: sigmoid, bias, 8 groups keep 4 by top-2 sum, eps, x2.5
+        RoutingRule("sigmoid", True, 1e-20, meta(256, dtype=torch.float32), 8, 4, "top2_sum", 2.5),
+        # DeepSeek-V2 group-limited greedy: softmax, groups by max, x16
+        RoutingRule("softmax", False, 0.0, None, 8, 3, "max", 16.0),
+    ],
+    ids=["softmax", "deepseek-v3", "deepseek-v2"],
+)
+def test_rule_router_wrapper_launches_without_host_reads(launches, rule):
+    """declared_k_route_triton, the call the engine's CUDA branch makes: one launch,
+    grid from shapes only, the bias passed as a device pointer (never read here)."""
+    weights, ids = router.declared_k_route_triton(meta(48, 256, dtype=torch.bfloat16),
+                                                  meta(48, dtype=torch.int32), 8, rule)
+    assert weights.shape == ids.shape == (48, 8)
+    assert weights.device.type == ids.device.type == "meta"
+    assert launches == [("router", (triton.cdiv(48, router.router_block_t(256, rule.grouped)),))]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from triton import cdiv
 
-from kernel_cases import compact, fill_dropped, moe_case
+from kernel_cases import DEVICE, compact, fill_dropped, moe_case
 from phds_serve.kernels import fused_declared_k_moe
 from phds_serve.kernels.align import align_pairs_by_expert
 from phds_serve.kernels.fused_moe import MoEKernelConfig
@@ -27,7 +27,7 @@ EXPERTS = {"aligned": 4, "decode": 16}
 
 
 def tiles_loaded(case, ids, weights, path: str) -> int:
-    counter = torch.zeros(1, dtype=torch.int32)
+    counter = torch.zeros(1, dtype=torch.int32, device=DEVICE)
     fused_declared_k_moe(case.x, case.w13, case.w2, weights, ids, config=CONFIG[path], work_counter=counter)
     return int(counter)
 

@@ -68,6 +68,10 @@ def building_declared_k_model(policy: KPolicy) -> Iterator[None]:
         _BUILDING = previous
 
 
+def declared_k_layers_being_built() -> bool:
+    return _BUILDING is not None
+
+
 @RoutedExperts.register_oot
 class DeclaredKRoutedExperts(RoutedExperts):
     """RoutedExperts that, inside a declared-k model, never get a monolithic kernel."""
@@ -263,6 +267,8 @@ def triton_kernels_valid_for(runner: DeclaredKMoERunner) -> bool:
     if cfg.has_bias or not cfg.is_act_and_mul or cfg.activation.value not in ACTIVATION_CODES:
         return False
     if experts.expert_map is not None or cfg.is_lora_enabled or runner.rule.weight_on_input:
+        return False
+    if runner.rule.expert_scale is not None:  # the router kernel has no per-expert scale
         return False
     w13, w2 = getattr(experts, "w13_weight", None), getattr(experts, "w2_weight", None)
     if w13 is None or w2 is None or w13.dim() != 3 or w2.dim() != 3:

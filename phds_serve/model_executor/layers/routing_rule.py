@@ -23,8 +23,17 @@ def _custom_function_rule(fn: Callable | None, renormalize: bool) -> dict[str, A
     """Fields of the rule a known custom routing function implements (None: unknown)."""
     if fn is None:
         return None
-    qualname = getattr(fn, "__qualname__", repr(fn))
-    if qualname == "Llama4MoE.custom_routing_function":
+    from vllm.model_executor.models.gemma4 import Gemma4Router
+    from vllm.model_executor.models.llama4 import Llama4MoE
+
+    function = getattr(fn, "__func__", fn)  # bound methods: the function itself
+    qualname = getattr(function, "__qualname__", repr(fn))
+    if function is Gemma4Router.routing_function:
+        # Softmax over all experts, top-k, renormalised, then times the router's
+        # learnt per-expert scale (a parameter: loading weights fills it in place).
+        return {"scoring": "softmax", "renormalize": True,
+                "expert_scale": fn.__self__.per_expert_scale}
+    if function is Llama4MoE.custom_routing_function:
         # top-k on the logits, then sigmoid of each: sigmoid is monotone, so it is
         # the sigmoid rule, weights not renormalised, applied to the expert input.
         return {"scoring": "sigmoid", "renormalize": False, "weight_on_input": True}
@@ -64,44 +73,24 @@ def rule_from_router(router: Any, weight_on_input: bool = False) -> RoutingRule:
         raise UnsupportedRouter("a vision-token routing bias")
 
     fields: dict[str, Any] = {"weight_on_input": weight_on_input}
-    if kind is CPURouter:
+    if kind in (CPURouter, CustomRoutingRouter):
         custom = _custom_function_rule(router.custom_routing_function, router.renormalize)
         if custom is not None:
             return RoutingRule(**{**fields, **custom})
-        fields.update(
-            scoring=_checked_scoring(router),
-            renormalize=bool(router.renormalize),
-            correction_bias=router.e_score_correction_bias,
-            routed_scaling_factor=float(router.routed_scaling_factor),
-        )
-        if router.use_grouped_topk:
-            fields.update(_grouped(router))
-        return RoutingRule(**fields)
-    if kind is FusedTopKRouter:
-        return RoutingRule(
-            **fields, scoring=_checked_scoring(router), renormalize=bool(router.renormalize)
-        )
-    if kind is FusedTopKBiasRouter:
-        return RoutingRule(
-            **fields,
-            scoring=_checked_scoring(router),
-            renormalize=bool(router.renormalize),
-            correction_bias=router.e_score_correction_bias,
-            routed_scaling_factor=float(router.routed_scaling_factor),
-        )
-    if kind is GroupedTopKRouter:
-        return RoutingRule(
-            **fields,
-            scoring=_checked_scoring(router),
-            renormalize=bool(router.renormalize),
-            correction_bias=router.e_score_correction_bias,
-            routed_scaling_factor=float(router.routed_scaling_factor),
-            **_grouped(router),
-        )
-    if kind is CustomRoutingRouter:
-        custom = _custom_function_rule(router.custom_routing_function, router.renormalize)
-        return RoutingRule(**{**fields, **custom})  # type: ignore[arg-type]
-    raise UnsupportedRouter(f"router {kind.__name__} is not one phds-serve declares k for")
+        if kind is CustomRoutingRouter:
+            raise UnsupportedRouter("a custom routing router without a routing function")
+    if kind not in (CPURouter, FusedTopKRouter, FusedTopKBiasRouter, GroupedTopKRouter):
+        raise UnsupportedRouter(f"router {kind.__name__} is not one phds-serve declares k for")
+    # The top-k routers share these fields (FusedTopKRouter has no bias and no scaling).
+    fields.update(
+        scoring=_checked_scoring(router),
+        renormalize=bool(router.renormalize),
+        correction_bias=getattr(router, "e_score_correction_bias", None),
+        routed_scaling_factor=float(getattr(router, "routed_scaling_factor", 1.0)),
+    )
+    if kind is GroupedTopKRouter or (kind is CPURouter and router.use_grouped_topk):
+        fields.update(_grouped(router))
+    return RoutingRule(**fields)
 
 
 def _grouped(router: Any) -> dict[str, Any]:

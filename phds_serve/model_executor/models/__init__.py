@@ -5,12 +5,48 @@ rule: declared k cannot be exact there, so they serve their native k only and
 a request for another k is refused with the reason given here.
 """
 
+_PKG = "phds_serve.model_executor.models"
+
 DECLARED_K_MODELS: dict[str, str] = {
-    "OlmoeForCausalLM": "phds_serve.model_executor.models.olmoe:DeclaredKOlmoeForCausalLM",
-    "Qwen2MoeForCausalLM": "phds_serve.model_executor.models.qwen2_moe:DeclaredKQwen2MoeForCausalLM",
-    "MixtralForCausalLM": "phds_serve.model_executor.models.mixtral:DeclaredKMixtralForCausalLM",
-    "Qwen3MoeForCausalLM": "phds_serve.model_executor.models.qwen3_moe:DeclaredKQwen3MoeForCausalLM",
+    "OlmoeForCausalLM": f"{_PKG}.olmoe:DeclaredKOlmoeForCausalLM",
+    "Qwen2MoeForCausalLM": f"{_PKG}.qwen2_moe:DeclaredKQwen2MoeForCausalLM",
+    "MixtralForCausalLM": f"{_PKG}.mixtral:DeclaredKMixtralForCausalLM",
+    "Qwen3MoeForCausalLM": f"{_PKG}.qwen3_moe:DeclaredKQwen3MoeForCausalLM",
+    "Glm4MoeForCausalLM": f"{_PKG}.glm4_moe:DeclaredKGlm4MoeForCausalLM",
+    "GptOssForCausalLM": f"{_PKG}.gpt_oss:DeclaredKGptOssForCausalLM",
+    "GraniteMoeForCausalLM": f"{_PKG}.granitemoe:DeclaredKGraniteMoeForCausalLM",
+    "GraniteMoeSharedForCausalLM": f"{_PKG}.granitemoeshared:DeclaredKGraniteMoeSharedForCausalLM",
+    "GraniteMoeHybridForCausalLM": f"{_PKG}.granitemoehybrid:DeclaredKGraniteMoeHybridForCausalLM",
+    "DeepseekForCausalLM": f"{_PKG}.deepseek_v2:DeclaredKDeepseekForCausalLM",
+    "DeepseekV2ForCausalLM": f"{_PKG}.deepseek_v2:DeclaredKDeepseekV2ForCausalLM",
+    "DeepseekV3ForCausalLM": f"{_PKG}.deepseek_v2:DeclaredKDeepseekV3ForCausalLM",
+    "DbrxForCausalLM": f"{_PKG}.dbrx:DeclaredKDbrxForCausalLM",
+    "Ernie4_5_MoeForCausalLM": f"{_PKG}.ernie45_moe:DeclaredKErnie4_5_MoeForCausalLM",
+    "MiniMaxM2ForCausalLM": f"{_PKG}.minimax_m2:DeclaredKMiniMaxM2ForCausalLM",
+    "Qwen3NextForCausalLM": f"{_PKG}.qwen3_next:DeclaredKQwen3NextForCausalLM",
+    "BailingMoeForCausalLM": f"{_PKG}.bailing_moe:DeclaredKBailingMoeForCausalLM",
+    "BailingMoeV2ForCausalLM": f"{_PKG}.bailing_moe:DeclaredKBailingMoeV2ForCausalLM",
+    "Llama4ForCausalLM": f"{_PKG}.llama4:DeclaredKLlama4ForCausalLM",
+    "JambaForCausalLM": f"{_PKG}.jamba:DeclaredKJambaForCausalLM",
+    "Qwen3VLMoeForConditionalGeneration": f"{_PKG}.qwen3_vl_moe:DeclaredKQwen3VLMoeForConditionalGeneration",
+    "Gemma4ForCausalLM": f"{_PKG}.gemma4:DeclaredKGemma4ForCausalLM",
+    "Qwen3_5MoeForCausalLM": f"{_PKG}.qwen3_5:DeclaredKQwen3_5MoeForCausalLM",
+    "Qwen3_5MoeForConditionalGeneration": f"{_PKG}.qwen3_5:DeclaredKQwen3_5MoeForConditionalGeneration",
 }
+# vLLM's Transformers modelling backend: architectures it serves through it, and
+# the backend class itself (``--model-impl transformers``).
+_TRANSFORMERS = f"{_PKG}.transformers_moe:DeclaredKTransformersMoEForCausalLM"
+DECLARED_K_MODELS.update(
+    {
+        arch: _TRANSFORMERS
+        for arch in (
+            "FlexOlmoForCausalLM",
+            "HunYuanMoEV1ForCausalLM",
+            "MellumForCausalLM",
+            "TransformersMoEForCausalLM",
+        )
+    }
+)
 
 _DSV4 = "DeepSeek-V4 hash-routed layers pick experts from token ids, not by a top-k"
 REFUSED_ARCHS: dict[str, str] = {

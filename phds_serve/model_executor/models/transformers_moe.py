@@ -1,0 +1,175 @@
+"""Declared k on vLLM's Transformers modelling backend (FlexOlmo, HunYuan-MoE-V1, Mellum,
+and any MoE model served with ``--model-impl transformers``).
+
+vLLM's backend replaces each HF MoE block's experts in one of two ways:
+
+* **fused** (vLLM's ``MoEBlockFuser`` recognises the block): vLLM's own router and
+  a stock ``MoERunner``, which register_oot turns into our declared-k runner, as
+  for every native model;
+* **external routing** (``TransformersMoERunner``): the HF block runs its own
+  router and hands the chosen experts to vLLM's kernel. Here each step's tokens
+  are split by k and the HF block runs once per k with its top-k attribute set
+  to k, so the routing *is* transformers' at ``num_experts_per_tok = k`` and
+  the expert kernel sees exactly k slots (never -1). After each call the
+  expert ids the HF router handed over are checked to be k wide: a block that
+  reads k from anywhere else is refused, never run at another k. Splitting by
+  k is a host-side decision, so this path is declared on CPU only
+  (:func:`phds_serve.model_executor.contract.transformers_backend_reason`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.library import Library
+from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+from vllm.model_executor.models.transformers import TransformersMoEForCausalLM
+from vllm.model_executor.layers.fused_moe.runner.moe_runner_interface import MoERunnerInterface
+from vllm.model_executor.models.transformers.moe import (
+    TransformersMoERunner,
+    TransformersRoutedExperts,
+)
+from vllm.utils.torch_utils import direct_register_custom_op
+
+from phds_serve.model_executor import expert_metrics
+from phds_serve.model_executor.declared_k_model import DeclaredKModelMixin
+from phds_serve.model_executor.layers.declared_k_moe import (
+    DECLARED_K_ROUTING_METHOD,
+    DeclaredKMoERunner,
+    declared_k_layers_being_built,
+)
+from phds_serve.model_executor.step_k import current_plan, plan_from_token_k
+
+# Attribute names HF MoE blocks and routers keep their top-k under.
+TOP_K_ATTRS = ("top_k", "num_experts_per_tok", "moe_topk", "topk", "moe_k", "num_experts_per_token")
+EXPERTS_NAME = "experts"
+
+# block name -> block, for the custom op (per worker process, like vLLM's layer registry).
+_BLOCKS: dict[str, nn.Module] = {}
+
+
+def top_k_slots(block: nn.Module, native_k: int) -> list[tuple[nn.Module, str]]:
+    """(module, attribute) pairs in an HF MoE block holding its top-k (the native k)."""
+    slots = []
+    for module in block.modules():
+        if module is getattr(block, EXPERTS_NAME, None):
+            continue
+        for name in TOP_K_ATTRS:
+            value = module.__dict__.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value == native_k:
+                slots.append((module, name))
+    return slots
+
+
+@contextlib.contextmanager
+def routing_at(slots: list[tuple[nn.Module, str]], k: int) -> Iterator[None]:
+    saved = [getattr(m, n) for m, n in slots]
+    for m, n in slots:
+        setattr(m, n, k)
+    try:
+        yield
+    finally:
+        for (m, n), value in zip(slots, saved):
+            setattr(m, n, value)
+
+
+class DeclaredKHFBlock(nn.Module):
+    """Mixed into an HF MoE block (by class swap, so weight names do not change)."""
+
+    _phds_slots: list[tuple[nn.Module, str]]
+    _phds_name: str
+    _phds_native_k: int
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if args or kwargs:
+            raise NotImplementedError(f"{self._phds_name}: MoE block called with extra arguments")
+        return torch.ops.phds.declared_k_hf_block(hidden_states, self._phds_name)
+
+    def _routed_at(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        with routing_at(self._phds_slots, k):
+            out = super().forward(x)
+        ids = getattr(self, EXPERTS_NAME)._moe_state.topk_ids
+        if ids is None or ids.shape[-1] != k:
+            raise NotImplementedError(
+                f"{self._phds_name}: transformers routed "
+                f"{None if ids is None else ids.shape[-1]} experts per token with its top-k set "
+                f"to {k}; this block reads k from elsewhere, so declared k cannot be applied"
+            )
+        return out
+
+    def declared_k_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        flat = hidden_states.reshape(-1, shape[-1])
+        plan = current_plan()
+        if plan is None:  # a dummy run: native k
+            plan = plan_from_token_k(
+                torch.full((flat.shape[0],), self._phds_native_k).numpy(), flat.device, real=False
+            )
+        if plan.token_k.shape[0] != flat.shape[0]:
+            raise NotImplementedError(
+                f"{self._phds_name}: {flat.shape[0]} tokens but the step planned {plan.token_k.shape[0]}"
+            )
+        expert_metrics.record_groups(plan)
+        if len(plan.groups) == 1:
+            return self._routed_at(hidden_states, plan.groups[0][0])
+        out = torch.empty_like(flat)
+        for k, rows in plan.groups:
+            assert rows is not None
+            out[rows] = self._routed_at(flat[rows].unsqueeze(0), k).reshape(-1, shape[-1])
+        return out.view(shape)
+
+
+def _hf_block(hidden_states: torch.Tensor, block_name: str) -> torch.Tensor:
+    return _BLOCKS[block_name].declared_k_forward(hidden_states)
+
+
+def _hf_block_fake(hidden_states: torch.Tensor, block_name: str) -> torch.Tensor:
+    return torch.empty_like(hidden_states)
+
+
+_LIB = Library("phds", "FRAGMENT")
+direct_register_custom_op(
+    op_name="declared_k_hf_block", op_func=_hf_block, fake_impl=_hf_block_fake, target_lib=_LIB
+)
+
+
+@RoutedExperts.register_oot(name="TransformersRoutedExperts")
+class DeclaredKTransformersRoutedExperts(TransformersRoutedExperts):
+    """As DeclaredKRoutedExperts: inside a declared-k model, no monolithic kernel."""
+
+    def __init__(self, layer_name, params_dtype, moe_config, *args, **kwargs) -> None:
+        if declared_k_layers_being_built():
+            moe_config.routing_method = DECLARED_K_ROUTING_METHOD
+        super().__init__(layer_name, params_dtype, moe_config, *args, **kwargs)
+
+
+class DeclaredKTransformersMoEForCausalLM(DeclaredKModelMixin, TransformersMoEForCausalLM):
+    def _check_runners(self) -> None:
+        """Blocks vLLM routes externally (TransformersMoERunner) run per k through the HF
+        block; every other MoE layer must be our declared-k runner."""
+        assert self.k_policy is not None
+        native = self.k_policy.native_k
+        for name, block in self.named_modules():
+            if not isinstance(getattr(block, EXPERTS_NAME, None), TransformersMoERunner):
+                continue
+            slots = top_k_slots(block, native)
+            if not slots:
+                raise NotImplementedError(
+                    f"declared k cannot be applied exactly to {name} ({type(block).__name__}): "
+                    "transformers routes it and no top-k attribute was found to set"
+                )
+            block.__class__ = type(f"DeclaredK{type(block).__name__}", (DeclaredKHFBlock, type(block)), {})
+            block._phds_slots, block._phds_name, block._phds_native_k = slots, name, native
+            _BLOCKS[name] = block
+        runners = [m for m in self.modules() if isinstance(m, MoERunnerInterface)]
+        external = [m for m in runners if isinstance(m, TransformersMoERunner)]
+        blocks = [m for m in self.modules() if isinstance(m, DeclaredKHFBlock)]
+        foreign = [m for m in runners if not isinstance(m, (DeclaredKMoERunner, TransformersMoERunner))]
+        if not runners or foreign or len(external) != len(blocks):
+            raise NotImplementedError(
+                f"declared k cannot be applied exactly to {type(self).__name__}: MoE layers "
+                f"{sorted({type(m).__name__ for m in foreign}) or 'not found'}"
+            )
