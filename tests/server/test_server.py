@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,10 +27,10 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 HERE = Path(__file__).resolve().parent
 TIERS = "fast=1:priority=-10,balanced=2,quality=4,elastic=4..1"
-# Brownout on the elastic tier only: TTFT objective 100 ms (a lone request here: ~15-30 ms; a burst
-# of 32 concurrent streams of the long prompt: several times that), quick ticks so the test sees it
-# go up and come back.
-BROWNOUT = ["--slo-ttft-ms", "100", "--brownout-interval-ms", "250", "--brownout-window-ms", "1000",
+# Brownout on the elastic tier only: TTFT objective 50 ms (a lone request here: ~15-30 ms; 48
+# concurrent streams of the long prompt: several times that), quick ticks so the test sees it go up
+# and come back.
+BROWNOUT = ["--slo-ttft-ms", "50", "--brownout-interval-ms", "250", "--brownout-window-ms", "1000",
             "--brownout-down-after", "4"]
 ORIGIN = "https://app.example"
 MAX_TOKENS = 16
@@ -190,7 +191,7 @@ def test_models_show_k_range_native_k_and_tiers(server, native_k):
                           "elastic": {"k": 4, "min_k": 1}}
     assert m["tier_header"] == "x-phds-tier" and m["binding_tiers"] is False and m["declared_k"] is True
     assert m["declared_k_reason"] is None
-    assert m["brownout"]["objectives"]["ttft_ms"] == 100 and m["brownout"]["max_level"] == 3
+    assert m["brownout"]["objectives"]["ttft_ms"] == 50 and m["brownout"]["max_level"] == 3
 
 
 # -- k reaches the engine -----------------------------------------------------------------
@@ -346,14 +347,22 @@ def test_metrics_per_k_beside_vllm(server, native_k):
     assert any(name.startswith("vllm:") for name, _ in after), "vLLM's own series must stay"
 
 
+def _outcomes(server: Server) -> dict[tuple[str, str], float]:
+    """(k, outcome) -> count of phds_requests_total, untiered requests."""
+    return {(dict(labels)["k"], dict(labels)["outcome"]): v for (name, labels), v in server.metrics().items()
+            if name == "phds_requests_total" and dict(labels).get("tier") == ""}
+
+
 def test_client_leaving_a_stream_is_counted_and_harmless(server):
-    """A client that hangs up mid-stream is counted as aborted; the server keeps serving.
+    """A client that hangs up mid-stream is counted once, as aborted; the server keeps serving.
 
     The client sends the request and hangs up at once, without waiting for the
     first event: a tiny model on the CPU can write a whole stream in one burst,
-    so waiting for an event first would race the end of the stream."""
-    key = ("phds_requests_total", (("k", "2"), ("outcome", "aborted"), ("tier", "")))
-    before = server.metrics().get(key, 0.0)
+    so waiting for an event first would race the end of the stream. If the server
+    is busy, the hang-up can reach it before the layer read the body (uvicorn then
+    reports the disconnect instead of the body): still one abort, with no k known
+    (``k=""``). Either way: exactly one abort and nothing else."""
+    before = _outcomes(server)
     body = json.dumps({"model": server.model, "prompt": SHORT[0], "max_tokens": 400,
                        "stream": True, "k": 2, "ignore_eos": True}).encode()
     host, port = server.base.split("//")[1].split(":")
@@ -363,16 +372,18 @@ def test_client_leaving_a_stream_is_counted_and_harmless(server):
             b"Content-Length: %d\r\n\r\n%s" % (host.encode(), len(body), body)
         )
         time.sleep(0.05)  # let the server take the request, then hang up
+
+    def delta() -> dict:
+        after = _outcomes(server)
+        return {key: after[key] - before.get(key, 0.0) for key in after if after[key] != before.get(key, 0.0)}
+
     deadline = time.monotonic() + 60
-    while server.metrics().get(key, 0.0) < before + 1:
-        assert time.monotonic() < deadline, "the aborted stream was never counted"
+    while not delta():
+        assert time.monotonic() < deadline, "the hung-up stream was never counted"
         time.sleep(0.5)
-    success = ("phds_requests_total", (("k", "2"), ("outcome", "success"), ("tier", "")))
-    ok_before = server.metrics().get(success, 0.0)
-    assert_serves(server)
     time.sleep(1.0)
-    assert server.metrics().get(key) == before + 1  # counted once, as aborted ...
-    assert server.metrics().get(success, 0.0) == ok_before  # ... and never also as a success
+    assert delta() in ({("2", "aborted"): 1.0}, {("", "aborted"): 1.0}), delta()
+    assert_serves(server)
 
 
 # -- every generation route ---------------------------------------------------------------
@@ -473,13 +484,26 @@ def test_a_burst_raises_the_brownout_level_and_its_end_brings_it_back(server, re
             h = raw.headers
             return int(h["x-phds-k"]), int(h["x-phds-nominal-k"]), int(h["x-phds-brownout-level"]), text
 
-    results, peak, pressures = [], 0.0, []
-    with ThreadPoolExecutor(max_workers=32) as pool:
-        for _ in range(4):  # waves of 32 concurrent streams
-            results += pool.map(stream, range(32))
-            peak = max(peak, _level(server))
-            pressures.append(_pressure(server))
-    assert peak >= 1, f"a burst over the TTFT objective should raise the level (pressure: {pressures})"
+    stop, levels = threading.Event(), []
+
+    def poll() -> None:
+        while not stop.is_set():
+            levels.append((_level(server), _pressure(server)))
+            time.sleep(0.25)
+
+    def client(_) -> list:
+        out, end = [], time.monotonic() + 8.0
+        while time.monotonic() < end:  # back to back: 48 streams in flight for 8 s
+            out.append(stream(0))
+        return out
+
+    with ThreadPoolExecutor(max_workers=49) as pool:
+        poller = pool.submit(poll)
+        results = [r for rs in pool.map(client, range(48)) for r in rs]
+        stop.set()
+        poller.result()
+    peak = max(level for level, _ in levels)
+    assert peak >= 1, f"a burst over the TTFT objective should raise the level (level, pressure: {levels})"
     lowered = [r for r in results if r[0] < r[1]]
     assert lowered, "requests admitted during the burst ran below the tier's nominal k"
     for k, nominal, level, text in results:
