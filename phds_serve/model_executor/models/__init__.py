@@ -40,7 +40,6 @@ DECLARED_K_MODELS: dict[str, str] = {
     "HYV3ForCausalLM": f"{_PKG}.hy_v3:DeclaredKHYV3ForCausalLM",
     "K2HorizonForCausalLM": f"{_PKG}.k2_horizon:DeclaredKK2HorizonForCausalLM",
     "Lfm2MoeForCausalLM": f"{_PKG}.lfm2_moe:DeclaredKLfm2MoeForCausalLM",
-    "LagunaForCausalLM": f"{_PKG}.laguna:DeclaredKLagunaForCausalLM",
     "MiMoV2FlashForCausalLM": f"{_PKG}.mimo_v2:DeclaredKMiMoV2FlashForCausalLM",
     "MiMoV2ForCausalLM": f"{_PKG}.mimo_v2:DeclaredKMiMoV2ForCausalLM",
     "NemotronHForCausalLM": f"{_PKG}.nemotron_h:DeclaredKNemotronHForCausalLM",
