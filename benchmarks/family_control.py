@@ -70,7 +70,7 @@ def worker(spec: dict) -> dict:
 
     kwargs = dict(
         model=spec["model"], dtype=spec["dtype"], skip_tokenizer_init=True,
-        gpu_memory_utilization=0.15, max_model_len=512, enforce_eager=True, seed=0,
+        gpu_memory_utilization=spec.get("mem", 0.15), max_model_len=512, enforce_eager=True, seed=0,
     )
     if spec.get("hf_overrides"):
         kwargs["hf_overrides"] = spec["hf_overrides"]
@@ -115,9 +115,12 @@ _GENERIC = ("EngineDeadError", "EngineCoreError", "Engine core initialization fa
             "please check the stack trace")
 
 
+_TRANSIENT = ("Available memory on node", "less than desired CPU memory")
+
+
 def summarise_error(text: str) -> str:
     """The most specific exception line in a worker's output (root causes come first)."""
-    lines = [m.group(0) for ln in text.splitlines() if (m := _ERR.search(ln))]
+    lines = [m.group(0) for ln in text.splitlines() if (m := _ERR.search(ln)) and "raise " not in ln]
     for ln in lines:
         if not any(g in ln for g in _GENERIC):
             return ln.strip()[:300]
@@ -181,7 +184,7 @@ def compare(ref: Reference, res: dict, nk: int) -> dict:
 
 # --------------------------------------------------------------------------- driver
 def run_family(name: str, root: Path, mode: str, ks_arg: list[str], neutralise: str,
-               timeout: int, rebuild: bool, bias_scale: float = 0.1) -> list[dict]:
+               timeout: int, rebuild: bool, bias_scale: float = 0.1, mem: float = 0.15) -> list[dict]:
     nk = native_k(name)
     ks = sorted({nk if k == "native" else int(k) for k in ks_arg})
     path = root / (name + ("" if neutralise == "auto" else f"-attn-{neutralise}")
@@ -207,9 +210,15 @@ def run_family(name: str, root: Path, mode: str, ks_arg: list[str], neutralise: 
     records = []
     (root / "logs").mkdir(exist_ok=True)
     for spec in specs:
+        spec["mem"] = mem
         spec["log_file"] = str(root / "logs" / f"{path.name}-{mode}-k{'-'.join(map(str, spec['ks']))}.log")
         t1 = time.time()
-        out = run_engine(spec, timeout)
+        for attempt in range(6):  # other engines on the machine can hold the NUMA node's memory
+            out = run_engine(spec, timeout)
+            if "error" not in out or not any(m in out["error"] for m in _TRANSIENT):
+                break
+            print(f"# {name}: {out['error'][:80]}... retrying in 60 s", file=sys.stderr, flush=True)
+            time.sleep(60)
         secs = round(time.time() - t1, 1)
         if "error" in out:
             for k in spec["ks"]:
@@ -258,6 +267,8 @@ def main() -> None:
                     help="std of the random selection biases (0: all-zero biases)")
     ap.add_argument("--rebuild", action="store_true", help="rebuild checkpoints that exist")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per engine")
+    ap.add_argument("--mem", type=float, default=0.15,
+                    help="gpu_memory_utilization: the fraction of the NUMA node's memory vLLM CPU reserves")
     ap.add_argument("--out", type=Path, default=None, help="JSON results (default: print only)")
     args = ap.parse_args()
     names = args.families or list(tiny.FAMILIES)
@@ -268,7 +279,7 @@ def main() -> None:
     records: list[dict] = []
     for name in names:
         records += run_family(name, args.root, args.mode, args.ks, args.neutralise, args.timeout,
-                              args.rebuild, args.bias_scale)
+                              args.rebuild, args.bias_scale, args.mem)
         if args.out:
             args.out.write_text(json.dumps(records, indent=1))
     print_table(records)

@@ -149,6 +149,8 @@ def decide_contract(vllm_config) -> KContract | None:
     reason = refusal_reason(vllm_config)
     if reason is None:
         limit = family_max_k(_architecture(vllm_config), hf_config, policy.num_experts)
+        if policy.native_k > limit.k:  # not even the checkpoint's own k: stock behaviour
+            return KContract(policy, False, limit.why)
         if policy.max_k > limit.k:
             raise ValueError(
                 f"declared k up to {policy.max_k} is not possible for this model: {limit.why} "

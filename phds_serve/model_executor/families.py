@@ -23,7 +23,7 @@ class KLimit:
 def family_max_k(arch: str, hf_config: Any, num_experts: int) -> KLimit:
     """The largest k this model's routing can serve exactly."""
     config = text_config(hf_config)
-    if arch in WEIGHT_ON_INPUT_ARCHS:
+    if arch in WEIGHT_ON_INPUT_ARCHS or getattr(config, "moe_apply_router_weight_on_input", False):
         return KLimit(1, "the routing weight is applied on the expert input, which vLLM's "
                          "expert kernels support at k = 1 only")
     groups, kept = getattr(config, "n_group", None), getattr(config, "topk_group", None)

@@ -128,6 +128,11 @@ class RowK:
         assert self.contract is not None, "declared-k model not configured"
         native = self.contract.policy.native_k
         if tokens_per_row is None:
+            if any(self.row_k):
+                raise RuntimeError(
+                    "declared k: a step with requests in the batch but no token layout in its "
+                    "attention metadata; refusing to run it at the native k"
+                )
             return plan_from_token_k(np.full(num_tokens, native, dtype=np.int64), device, real=False)
         rows = len(tokens_per_row)
         row_k = np.array((self.row_k + [0] * rows)[:rows], dtype=np.int64)
@@ -143,6 +148,22 @@ class RowK:
 ROWS = RowK()
 
 
+def _query_start_loc(metadata) -> list[int] | None:
+    """Row boundaries of the step from one layer's attention metadata: standard
+    attention keeps ``query_start_loc``; Mamba layers keep their decode rows
+    (first in the batch) and prefill rows apart."""
+    qsl = getattr(metadata, "query_start_loc", None)
+    if qsl is not None:
+        return qsl.tolist()
+    decode, prefill = getattr(metadata, "query_start_loc_d", None), getattr(metadata, "query_start_loc_p", None)
+    if decode is None and prefill is None:
+        return None
+    bounds = decode.tolist() if decode is not None else [0]
+    if prefill is not None:
+        bounds += [bounds[-1] + b for b in prefill.tolist()[1:]]
+    return bounds
+
+
 def tokens_per_row_from_forward_context() -> list[int] | None:
     """Tokens scheduled per batch row this step, from the attention metadata
     (None in a dummy run, which has none)."""
@@ -153,13 +174,14 @@ def tokens_per_row_from_forward_context() -> list[int] | None:
     attn_metadata = get_forward_context().attn_metadata
     if isinstance(attn_metadata, list):
         raise NotImplementedError("declared k with micro-batching (DBO) is not supported")
-    if isinstance(attn_metadata, dict):
-        attn_metadata = next(iter(attn_metadata.values()), None)
-    qsl = getattr(attn_metadata, "query_start_loc", None)
-    if qsl is None:
-        return None
-    bounds = qsl.tolist()
-    return [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    layers = list(attn_metadata.values()) if isinstance(attn_metadata, dict) else [attn_metadata]
+    # Hybrid models mix attention and Mamba layers: prefer a layer with the full layout.
+    layers.sort(key=lambda m: getattr(m, "query_start_loc", None) is None)
+    for metadata in layers:
+        bounds = _query_start_loc(metadata) if metadata is not None else None
+        if bounds is not None:
+            return [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    return None
 
 
 def publish_plan(plan: StepPlan) -> None:

@@ -216,3 +216,31 @@ def test_plugin_activates_through_entry_point_and_switches_off():
 
     assert loaded_class("0").endswith("models.olmoe.DeclaredKOlmoeForCausalLM")
     assert loaded_class("1") == "vllm.model_executor.models.olmoe.OlmoeForCausalLM"
+
+
+def test_hybrid_models_take_the_layout_from_an_attention_layer():
+    """Hybrid (Mamba + attention) steps: the first layer's metadata may be a Mamba
+    layer's; the layout must come from a layer that has it, never default to native k
+    (found by the family sweep: GraniteMoeHybrid ran k=1 requests at the native k)."""
+    import types
+
+    from vllm.config import VllmConfig
+    from vllm.forward_context import set_forward_context
+
+    from phds_serve.declared_k import KContract
+    from phds_serve.model_executor.step_k import RowK, tokens_per_row_from_forward_context
+
+    mamba = types.SimpleNamespace(query_start_loc_d=torch.tensor([0, 1]),
+                                  query_start_loc_p=torch.tensor([0, 3, 5]))
+    attention = types.SimpleNamespace(query_start_loc=torch.tensor([0, 1, 4, 6]))
+    with set_forward_context({"layers.0.mamba": mamba, "layers.1.attn": attention}, VllmConfig()):
+        assert tokens_per_row_from_forward_context() == [1, 3, 2]
+    with set_forward_context({"layers.0.mamba": mamba}, VllmConfig()):  # Mamba only
+        assert tokens_per_row_from_forward_context() == [1, 3, 2]
+
+    rows = RowK()
+    rows.configure(KContract(KPolicy(native_k=4, num_experts=8), declared=True))
+    assert not rows.plan(None, 3, torch.device("cpu")).real  # start-up dummy run: no rows
+    rows.set_row(0, 1)
+    with pytest.raises(RuntimeError, match="no token layout"):
+        rows.plan(None, 3, torch.device("cpu"))

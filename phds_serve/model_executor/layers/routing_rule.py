@@ -23,6 +23,7 @@ def _custom_function_rule(fn: Callable | None, renormalize: bool) -> dict[str, A
     """Fields of the rule a known custom routing function implements (None: unknown)."""
     if fn is None:
         return None
+    from vllm.model_executor.models.cohere2_moe import token_choice_with_bias
     from vllm.model_executor.models.gemma4 import Gemma4Router
     from vllm.model_executor.models.llama4 import Llama4MoE
 
@@ -33,6 +34,10 @@ def _custom_function_rule(fn: Callable | None, renormalize: bool) -> dict[str, A
         # learnt per-expert scale (a parameter: loading weights fills it in place).
         return {"scoring": "softmax", "renormalize": True,
                 "expert_scale": fn.__self__.per_expert_scale}
+    if function is token_choice_with_bias:
+        # Cohere2's sigmoid mode: sigmoid, top-k, renormalised where the layer says
+        # (the name notwithstanding, it has no bias).
+        return {"scoring": "sigmoid", "renormalize": renormalize}
     if function is Llama4MoE.custom_routing_function:
         # top-k on the logits, then sigmoid of each: sigmoid is monotone, so it is
         # the sigmoid rule, weights not renormalised, applied to the expert input.
