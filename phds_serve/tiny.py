@@ -372,7 +372,7 @@ FAMILIES: dict[str, Family] = {
                              mlp_layer_types=["sparse", "sparse"], router_scaling_factor=2.0,
                              head_dim=64,
                              # read by vLLM, absent from transformers' config:
-                             route_norm=True, first_k_dense_replace=0),
+                             route_norm=True, first_k_dense_replace=0, qk_norm=True),
            router=("mlp.gate.weight",), bias=("mlp.e_score_correction_bias",),
            router_rule="sigmoid; top-k by score+bias; weights renormalised x router_scaling_factor"),
         _f("lfm2_moe", "lfm2_moe", "Lfm2MoeForCausalLM", "num_experts_per_tok", "num_experts",
