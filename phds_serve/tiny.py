@@ -401,7 +401,7 @@ FAMILIES: dict[str, Family] = {
         _f("cohere2_moe", "cohere2_moe", "Cohere2MoeForCausalLM", "num_experts_per_tok",
            "num_experts",
            lambda e, k: dict(intermediate_size=32, num_experts=e, num_experts_per_tok=k,
-                             head_dim=64, num_shared_experts=1, sliding_window=64,
+                             head_dim=64, num_shared_experts=1, sliding_window=64, logit_scale=1.0,
                              layer_types=["sliding_attention", "full_attention"],
                              mlp_layer_types=["sparse", "sparse"]),
            router_rule="softmax -> top-k -> renormalise (expert_selection_fn='sigmoid': sigmoid)"),
