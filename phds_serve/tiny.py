@@ -228,7 +228,7 @@ FAMILIES: dict[str, Family] = {
                              shared_expert_intermediate_size=32, num_experts=e,
                              num_experts_per_tok=k, norm_topk_prob=True, head_dim=64,
                              linear_num_key_heads=2, linear_num_value_heads=2,
-                             linear_key_head_dim=32, linear_value_head_dim=32,
+                             linear_key_head_dim=128, linear_value_head_dim=128,  # CPU GDN kernel: 128 only
                              layer_types=["linear_attention", "full_attention"],
                              decoder_sparse_step=1, mlp_only_layers=[]),
            attn_out=("self_attn.o_proj.weight", "linear_attn.out_proj.weight"),
@@ -238,7 +238,7 @@ FAMILIES: dict[str, Family] = {
            lambda e, k: dict(moe_intermediate_size=32, shared_expert_intermediate_size=32,
                              num_experts=e, num_experts_per_tok=k, head_dim=64,
                              linear_num_key_heads=2, linear_num_value_heads=2,
-                             linear_key_head_dim=32, linear_value_head_dim=32,
+                             linear_key_head_dim=128, linear_value_head_dim=128,  # CPU GDN kernel: 128 only
                              layer_types=["linear_attention", "full_attention"]),
            attn_out=("self_attn.o_proj.weight", "linear_attn.out_proj.weight"),
            router_rule="softmax -> top-k -> renormalise (+ gated shared expert)"),
@@ -386,7 +386,8 @@ FAMILIES: dict[str, Family] = {
         _f("minimax_m2", "minimax_m2", "MiniMaxM2ForCausalLM", "num_experts_per_tok",
            "num_local_experts",
            lambda e, k: dict(intermediate_size=32, num_local_experts=e, num_experts_per_tok=k,
-                             head_dim=64, scoring_func="sigmoid", use_qk_norm=True, rotary_dim=64),
+                             head_dim=64, scoring_func="sigmoid", use_qk_norm=True, rotary_dim=64,
+                             use_routing_bias=True),
            router=("mlp.gate.weight",), bias=("mlp.e_score_correction_bias",),
            router_rule="sigmoid; top-k by score+bias; unbiased weights renormalised"),
         _f("laguna", "laguna", "LagunaForCausalLM", "num_experts_per_tok", "num_experts",
