@@ -112,7 +112,7 @@ _ERR = re.compile(r"\b[A-Z]\w*(?:Error|Exception)\b:?.*$")
 
 _GENERIC = ("EngineDeadError", "EngineCoreError", "Engine core initialization failed",
             "WorkerProc initialization failed", "Worker failed with error", "See stack trace",
-            "please check the stack trace")
+            "please check the stack trace", "Tokenizer not available")
 
 
 _TRANSIENT = ("Available memory on node", "less than desired CPU memory")
