@@ -508,7 +508,7 @@ FAMILIES: dict[str, Family] = {
            router=("feed_forward.router.weight",), max_k=None,
            router_rule="top-k on logits -> sigmoid of the k; weight applied on the expert input"),
         # --- not prefix rules (built for refusal tests) ---
-        _f("phimoe", "phimoe", "PhimoeForCausalLM", "num_experts_per_tok", "num_local_experts",
+        _f("phimoe", "phimoe", "PhiMoEForCausalLM", "num_experts_per_tok", "num_local_experts",
            lambda e, k: dict(intermediate_size=32, num_local_experts=e, num_experts_per_tok=k,
                              router_jitter_noise=0.0, input_jitter_noise=0.0),
            router=("block_sparse_moe.gate.weight", "mlp.gate.weight", "mlp.router.weight"),
