@@ -112,7 +112,7 @@ _ERR = re.compile(r"\b[A-Z]\w*(?:Error|Exception)\b:?.*$")
 
 _GENERIC = ("EngineDeadError", "EngineCoreError", "Engine core initialization failed",
             "WorkerProc initialization failed", "Worker failed with error", "See stack trace",
-            "please check the stack trace")
+            "please check the stack trace", "Tokenizer not available")
 
 
 _TRANSIENT = ("Available memory on node", "less than desired CPU memory")
@@ -121,7 +121,10 @@ _TRANSIENT = ("Available memory on node", "less than desired CPU memory")
 def summarise_error(text: str) -> str:
     """The most specific exception line in a worker's output (root causes come first)."""
     lines = [m.group(0) for ln in text.splitlines() if (m := _ERR.search(ln)) and "raise " not in ln]
-    for ln in lines:
+    logged = [m.group(0) for ln in text.splitlines()
+              if " ERROR " in ln and (m := _ERR.search(ln)) and "raise " not in ln]
+    missing = [ln for ln in lines if ln.startswith(("ModuleNotFoundError", "ImportError"))]
+    for ln in missing + logged + lines:
         if not any(g in ln for g in _GENERIC):
             return ln.strip()[:300]
     worker = re.search(r"Worker failed with error '(.*?)', please", text)
