@@ -99,6 +99,12 @@ def test_step_plan_groups_tokens_by_row_k():
     assert plan.token_k.tolist() == [2, 2, 2, 4, 4, 1, 1]
     assert [(k, r.tolist()) for k, r in plan.groups] == [(1, [5, 6]), (2, [0, 1, 2]), (4, [3, 4])]
     assert plan.k_max == 4 and plan.real
+    # A step with requests in the batch but no token layout is refused, not run at native k ...
+    with pytest.raises(RuntimeError, match="no token layout"):
+        rows.plan(None, 5, torch.device("cpu"))
+    # ... while a dummy run (warm-up, profiling: no requests) runs native k.
+    for row in range(3):
+        rows.set_row(row, 0)
     dummy = rows.plan(None, 5, torch.device("cpu"))
     assert dummy.groups[0][0] == 4 and dummy.groups[0][1] is None and not dummy.real
 
