@@ -40,17 +40,20 @@ SLOW_FAMILIES = [
     "granitemoeshared",
     "granitemoehybrid",
     "flex_olmo",
-    "jamba",
-    "dbrx",
     "glm4_moe_lite",
     "exaone_moe",
-    "lfm2_moe",
     "mimo_v2_flash",
     "hy_v3",
     "afmoe",
-    "laguna",
     "gemma4_moe",
+    "mellum",
+    "axk1",
 ]
+# Not here: vLLM CPU cannot run Jamba (no selective_scan op), DBRX (its weight loader),
+# Qwen3-Next/Qwen3.5 exactly (bf16-only linear attention), LFM2-MoE and Cohere2-MoE (stock
+# vLLM CPU differs from transformers at every k, the plugin equally), Nemotron-H
+# (non-gated experts): tests/routing/test_family_rules.py checks their routing rules
+# against the transformers router modules, docs/COMPATIBILITY.md marks them GPU-only.
 
 
 @pytest.fixture(scope="module")
@@ -66,30 +69,70 @@ def reference_logprobs(family: str, path, k: int, token_ids: list[int]) -> torch
     return logp[:-1].gather(1, torch.tensor(token_ids[1:])[:, None]).squeeze(1)
 
 
-@pytest.mark.parametrize(
-    "family", DEFAULT_FAMILIES + [pytest.param(f, marks=pytest.mark.slow) for f in SLOW_FAMILIES]
-)
-def test_family_mixed_k_after_native_matches_transformers(family, family_root):
-    path = tiny.build_family_checkpoint(family, family_root / family)
+def mixed_k_after_native(path, **engine) -> list[tuple[list[int], int, list[float]]]:
+    """Run a prompt at native k, then it and others at k in {1, 2, native, none} in one
+    batch: (prompt + completion, k, vLLM's log-probability of each next token)."""
     first, *others = random_prompts([40, 9, 23], seed=21)
     requests = [(first, 1), (first, 2)] + [(p, k) for p in others for k in (1, 2, NATIVE_K, None)]
     params = lambda k: sampling_params_at_k(  # noqa: E731
         k, max_tokens=4, temperature=0, logprobs=0, prompt_logprobs=0, ignore_eos=True
     )
-    with vllm_engine(path, enable_prefix_caching=True) as llm:
+    with vllm_engine(path, enable_prefix_caching=True, **engine) as llm:
         llm.generate([{"prompt_token_ids": first}], [params(NATIVE_K)], use_tqdm=False)
         outputs = llm.generate(
             [{"prompt_token_ids": p} for p, _ in requests], [params(k) for _, k in requests],
             use_tqdm=False,
         )
+    results = []
     for (prompt, k), out in zip(requests, outputs):
         completion = out.outputs[0]
-        full = prompt + list(completion.token_ids)
-        ref = reference_logprobs(family, path, k or NATIVE_K, full).tolist()
         got = [lp[t].logprob for lp, t in zip(out.prompt_logprobs[1:], prompt[1:])]
         got += [lp[t].logprob for lp, t in zip(completion.logprobs, completion.token_ids)]
-        err = max(abs(a - b) for a, b in zip(got, ref))
-        assert err < TOL, (family, k, len(prompt), err)
-    # The comparison can fail: transformers at k=1 really differs from the native k.
+        results.append((prompt + list(completion.token_ids), k or NATIVE_K, got))
+    return results
+
+
+def max_errors(family: str, path, results, ref_k=None) -> dict[int, float]:
+    """Largest |vLLM - transformers at ref_k| per declared k (ref_k: the request's own k)."""
+    errors: dict[int, float] = {}
+    for full, k, got in results:
+        ref = reference_logprobs(family, path, ref_k or k, full).tolist()
+        errors[k] = max(errors.get(k, 0.0), max(abs(a - b) for a, b in zip(got, ref)))
+    return errors
+
+
+def k_gap(family: str, path) -> float:
+    """How far transformers at k=1 is from the native k: what ignoring k would score."""
+    first = random_prompts([40], seed=21)[0]
     gap = reference_logprobs(family, path, 1, first) - reference_logprobs(family, path, NATIVE_K, first)
-    assert gap.abs().max() > 100 * TOL, (family, gap.abs().max())
+    return gap.abs().max().item()
+
+
+@pytest.mark.parametrize(
+    "family", DEFAULT_FAMILIES + [pytest.param(f, marks=pytest.mark.slow) for f in SLOW_FAMILIES]
+)
+def test_family_mixed_k_after_native_matches_transformers(family, family_root):
+    path = tiny.build_family_checkpoint(family, family_root / family)
+    errors = max_errors(family, path, mixed_k_after_native(path))
+    assert max(errors.values()) < TOL, (family, errors)
+    # The comparison can fail: transformers at k=1 really differs from the native k.
+    assert k_gap(family, path) > 10 * TOL, family
+
+
+@pytest.mark.slow
+def test_qwen3_next_bf16_mixed_k_within_bf16_noise(family_root):
+    """Qwen3-Next runs on vLLM CPU in bf16 only (its Gated DeltaNet kernel), so the
+    float32 transformers reference is met within bf16 noise, not 1e-4. The tolerance:
+    stock vLLM deployed at k=1 (``hf_overrides``) is 2.2e-2 from the same reference on
+    these prompts, token for token what the plugin gives (measured 2026-11-26); 3e-2
+    bounds it. Noise that size could hide a wrong k, so each k's output must also be
+    nearer transformers at its own k than at every other k. Router weights are scaled
+    up so bf16 rounding of the router logits creates no near ties."""
+    path = tiny.build_family_checkpoint("qwen3_next", family_root / "qwen3_next", router_scale=40.0)
+    results = mixed_k_after_native(path, dtype="bfloat16")
+    own = max_errors("qwen3_next", path, results)
+    assert max(own.values()) < 3e-2, own
+    for other in (1, 2, NATIVE_K):
+        versus = max_errors("qwen3_next", path, [r for r in results if r[1] != other], ref_k=other)
+        for k, err in versus.items():
+            assert own[k] < err, (k, other, own[k], err)
