@@ -168,6 +168,14 @@ _MLA = dict(kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, qk_nope_hea
             num_key_value_heads=2)
 
 
+def _dsv3_moe(e: int, k: int, n_group: int, topk_group: int, routed_scaling_factor: float) -> dict:
+    """The DeepSeek-V3 MoE block at toy size (DeepSeek-V3, Kimi K2, AXK1, V3.2)."""
+    return dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=e,
+                num_experts_per_tok=k, n_shared_experts=1, n_group=n_group, topk_group=topk_group,
+                first_k_dense_replace=0, norm_topk_prob=True,
+                routed_scaling_factor=routed_scaling_factor)
+
+
 def _f(name, model_type, hf_arch, k_attr, experts_attr, config, **kw) -> Family:
     return Family(name, model_type, hf_arch, k_attr, experts_attr, config, **kw)
 
@@ -287,19 +295,13 @@ FAMILIES: dict[str, Family] = {
         # --- sigmoid (+ selection bias) (+ grouped top-k) (+ routed scaling) ---
         _f("deepseek_v3", "deepseek_v3", "DeepseekV3ForCausalLM", "num_experts_per_tok",
            "n_routed_experts",
-           lambda e, k: dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=e,
-                             num_experts_per_tok=k, n_shared_experts=1, n_group=4, topk_group=2,
-                             first_k_dense_replace=0, norm_topk_prob=True,
-                             routed_scaling_factor=2.5, **_NOAUX, **_MLA),
+           lambda e, k: dict(**_dsv3_moe(e, k, 4, 2, 2.5), **_NOAUX, **_MLA),
            bias=("mlp.gate.e_score_correction_bias",), neutralise_attention=True, max_k=4,
            router_rule="sigmoid; groups by top-2 sum of score+bias (4 groups, keep 2); "
                        "top-k by score+bias; unbiased weights renormalised x 2.5"),
         _f("kimi_k2", "deepseek_v3", "DeepseekV3ForCausalLM", "num_experts_per_tok",
            "n_routed_experts",
-           lambda e, k: dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=e,
-                             num_experts_per_tok=k, n_shared_experts=1, n_group=1, topk_group=1,
-                             first_k_dense_replace=0, norm_topk_prob=True,
-                             routed_scaling_factor=2.827, **_NOAUX, **_MLA),
+           lambda e, k: dict(**_dsv3_moe(e, k, 1, 1, 2.827), **_NOAUX, **_MLA),
            bias=("mlp.gate.e_score_correction_bias",), neutralise_attention=True,
            router_rule="DeepSeek-V3 with one group (Kimi K2)"),
         _f("deepseek_v2", "deepseek_v2", "DeepseekV2ForCausalLM", "num_experts_per_tok",
@@ -407,19 +409,12 @@ FAMILIES: dict[str, Family] = {
                              mlp_layer_types=["sparse", "sparse"]),
            router_rule="softmax -> top-k -> renormalise (expert_selection_fn='sigmoid': sigmoid)"),
         _f("axk1", "axk1", "AXK1ForCausalLM", "num_experts_per_tok", "n_routed_experts",
-           lambda e, k: dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=e,
-                             num_experts_per_tok=k, n_shared_experts=1, n_group=4, topk_group=2,
-                             first_k_dense_replace=0, norm_topk_prob=True,
-                             routed_scaling_factor=2.5, topk_method="noaux_tc",
-                             scoring_func="sigmoid", **{**_MLA, "q_lora_rank": 64}),
+           lambda e, k: dict(**_dsv3_moe(e, k, 4, 2, 2.5), **_NOAUX, **{**_MLA, "q_lora_rank": 64}),
            bias=("mlp.gate.e_score_correction_bias",), neutralise_attention=True, max_k=4,
            router_rule="DeepSeek-V3 router (sigmoid, bias, 4 groups keep 2, x 2.5), MLA"),
         _f("deepseek_v32", "deepseek_v32", "DeepseekV32ForCausalLM", "num_experts_per_tok",
            "n_routed_experts",
-           lambda e, k: dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=e,
-                             num_experts_per_tok=k, n_shared_experts=1, n_group=4, topk_group=2,
-                             first_k_dense_replace=0, norm_topk_prob=True,
-                             routed_scaling_factor=2.5, index_topk=16, index_head_dim=128,
+           lambda e, k: dict(**_dsv3_moe(e, k, 4, 2, 2.5), index_topk=16, index_head_dim=128,
                              index_n_heads=2, **_NOAUX, **{**_MLA, "q_lora_rank": 64}),
            bias=("mlp.gate.e_score_correction_bias",), neutralise_attention=True, max_k=4,
            router_rule="DeepSeek-V3 router; DSA sparse attention"),
