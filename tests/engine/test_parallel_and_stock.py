@@ -6,6 +6,9 @@
 * The Transformers modelling backend runs its own MoE layers: the model serves
   its native k exactly as stock vLLM, and a request for another k is refused
   offline with the reason, never run at the native k.
+* Configurations the plugin does not declare still start and run as stock vLLM
+  with the plugin installed: speculative decoding (native k exactly; k=1 refused
+  offline with the reason) and a pooling model.
 """
 
 from __future__ import annotations
@@ -93,3 +96,55 @@ def test_unsupported_transformers_backend_block_is_refused_not_guessed(tiny_chec
     monkeypatch.setattr(type(current_platform), "is_cpu", lambda self=None: False)
     reason = transformers_backend_reason(hunyuan)
     assert reason is not None and "CPU only" in reason
+
+
+def test_speculative_decoding_runs_native_k_and_refuses_other_k(tiny_checkpoints):
+    """vLLM rejects *user* logits processors with speculative decoding; the plugin's
+    entry-point processor must not stop such an engine from starting."""
+    import torch
+    from vllm.exceptions import VLLMValidationError
+
+    from .conftest import hf_model
+
+    path = tiny_checkpoints["qwen3_moe"]
+    prompt = random_prompts([6], seed=13)[0] * 2  # a repeat, so n-gram drafts exist
+    spec = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2,
+            "prompt_lookup_min": 1}
+    with vllm_engine(path, speculative_config=spec) as llm:
+        out = llm.generate([{"prompt_token_ids": prompt}],
+                           sampling_params_at_k(None, max_tokens=6, temperature=0, ignore_eos=True),
+                           use_tqdm=False)
+        with pytest.raises(VLLMValidationError, match="k=1 is not available.*speculative decoding"):
+            llm.generate([{"prompt_token_ids": prompt}], sampling_params_at_k(1, max_tokens=2),
+                         use_tqdm=False)
+    with torch.no_grad():
+        ref = hf_model(path, NATIVE_K).generate(torch.tensor([prompt]), max_new_tokens=6,
+                                                do_sample=False)[0, len(prompt):].tolist()
+    assert list(out[0].outputs[0].token_ids) == ref
+
+
+def test_pooling_model_runs_as_stock(tiny_checkpoints, tmp_path):
+    """A MoE checkpoint served as an embedding model: not declared ("pooling models
+    generate no tokens"), and the engine starts and embeds exactly as transformers."""
+    import shutil
+
+    import torch
+
+    from phds_serve.server.bundled_model import build_tokenizer
+
+    from .conftest import hf_model
+
+    path = tmp_path / "qwen3_moe-embed"
+    shutil.copytree(tiny_checkpoints["qwen3_moe"], path)
+    build_tokenizer().save_pretrained(path)  # vLLM's pooling entry points need one
+    prompt = random_prompts([11], seed=14)[0]
+    with vllm_engine(path, runner="pooling", convert="embed", skip_tokenizer_init=False) as llm:
+        from phds_serve.model_executor.contract import contract_of
+
+        contract = contract_of(llm.llm_engine.vllm_config)
+        assert not contract.declared and "pooling" in contract.reason
+        got = torch.tensor(llm.embed([{"prompt_token_ids": prompt}], use_tqdm=False)[0].outputs.embedding)
+    with torch.no_grad():
+        hidden = hf_model(path, NATIVE_K).model(torch.tensor([prompt])).last_hidden_state[0, -1]
+    ref = torch.nn.functional.normalize(hidden.float(), dim=-1)  # last-token pooling, normalised
+    assert (got - ref).abs().max() < TOL
