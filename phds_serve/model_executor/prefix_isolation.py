@@ -68,8 +68,9 @@ class KIsolatingScheduler:
             logger.error("request %s refused in the engine: %s", request.request_id, error)
             self.finish_requests(request.request_id, RequestStatus.FINISHED_ERROR)  # type: ignore[attr-defined]
 
-    @property
+    @functools.cached_property
     def _phds_contract(self) -> KContract | None:
+        """Read once: the config does not change while the scheduler lives."""
         return contract_of(self.vllm_config)  # type: ignore[attr-defined]
 
 

@@ -176,8 +176,8 @@ def tokens_per_row_from_forward_context() -> list[int] | None:
         raise NotImplementedError("declared k with micro-batching (DBO) is not supported")
     layers = list(attn_metadata.values()) if isinstance(attn_metadata, dict) else [attn_metadata]
     # Hybrid models mix attention and Mamba layers: prefer a layer with the full layout.
-    layers.sort(key=lambda m: getattr(m, "query_start_loc", None) is None)
-    for metadata in layers:
+    full = next((m for m in layers if getattr(m, "query_start_loc", None) is not None), None)
+    for metadata in [full] if full is not None else layers:
         bounds = _query_start_loc(metadata) if metadata is not None else None
         if bounds is not None:
             return [b - a for a, b in zip(bounds[:-1], bounds[1:])]
