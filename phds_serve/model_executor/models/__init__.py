@@ -29,7 +29,7 @@ DECLARED_K_MODELS: dict[str, str] = {
     "Llama4ForCausalLM": f"{_PKG}.llama4:DeclaredKLlama4ForCausalLM",
     "JambaForCausalLM": f"{_PKG}.jamba:DeclaredKJambaForCausalLM",
     "Qwen3VLMoeForConditionalGeneration": f"{_PKG}.qwen3_vl_moe:DeclaredKQwen3VLMoeForConditionalGeneration",
-"AfmoeForCausalLM": f"{_PKG}.afmoe:DeclaredKAfmoeForCausalLM",
+    "AfmoeForCausalLM": f"{_PKG}.afmoe:DeclaredKAfmoeForCausalLM",
     "AXK1ForCausalLM": f"{_PKG}.axk1:DeclaredKAXK1ForCausalLM",
     "BailingMoeV2_5ForCausalLM": f"{_PKG}.bailing_moe_linear:DeclaredKBailingMoeV25ForCausalLM",
     "BailingMoeV3ForCausalLM": f"{_PKG}.bailing_moe_v3:DeclaredKBailingMoeV3ForCausalLM",
