@@ -357,17 +357,24 @@ def _outcomes(server: Server) -> dict[tuple[str, str], float]:
 def test_client_leaving_a_stream_is_counted_and_harmless(server):
     """A client that hangs up mid-stream is counted once, as aborted; the server keeps serving.
 
-    The client sends the request and hangs up at once, without waiting for the
-    first event: a tiny model on the CPU can write a whole stream in one burst,
-    so waiting for an event first would race the end of the stream. If the server
-    is busy, the hang-up can reach it before the layer read the body (uvicorn then
-    reports the disconnect instead of the body): still one abort, with no k known
-    (``k=""``). Either way: exactly one abort and nothing else."""
+    The client sends the request and hangs up soon after, reading nothing: a tiny
+    model on the CPU can write a whole stream in one burst, so waiting for an event
+    first would race the end of the stream. Nor may the hang-up itself race it (a
+    client starved of CPU on this 2-core machine could hang up after a complete
+    stream, which is then rightly a success): the client's receive buffer is tiny
+    and the stream is large (top-20 log-probabilities on 400 tokens, hundreds of
+    KB), so the server cannot finish writing it before the client hangs up. If the
+    server is busy, the hang-up can reach it before the layer read the body
+    (uvicorn then reports the disconnect instead of the body): still one abort,
+    with no k known (``k=""``). Either way: exactly one abort and nothing else."""
     before = _outcomes(server)
     body = json.dumps({"model": server.model, "prompt": SHORT[0], "max_tokens": 400,
-                       "stream": True, "k": 2, "ignore_eos": True}).encode()
+                       "stream": True, "k": 2, "ignore_eos": True, "logprobs": 20}).encode()
     host, port = server.base.split("//")[1].split(":")
-    with socket.create_connection((host, int(port)), timeout=30) as sock:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+        sock.settimeout(30)
+        sock.connect((host, int(port)))
         # Hang up with a reset, not a FIN: the server learns of it at its next read or
         # write instead of possibly streaming the whole answer into a half-closed socket.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
