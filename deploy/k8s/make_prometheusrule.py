@@ -30,4 +30,4 @@ def render() -> str:
 
 
 if __name__ == "__main__":
-    (HERE / "prometheusrule.yaml").write_text(render())
+    (HERE / "base" / "prometheusrule.yaml").write_text(render())

@@ -103,6 +103,9 @@ def add_phds_args(parser: argparse.ArgumentParser) -> None:
                        help="Addresses/networks whose tier headers are trusted, e.g. '10.0.0.0/8,127.0.0.1'.")
     trust.add_argument("--api-key-tiers", dest="phds_api_key_tiers", default=None,
                        help="API key -> tier: 'KEY=fast,KEY2=quality' or a YAML file ({keys: {KEY: tier}}).")
+    trust.add_argument("--require-api-key", dest="phds_require_api_key", action="store_true", default=False,
+                       help="Only the keys of --api-key-tiers (and --api-key) are accepted: any other key, or "
+                       "none, gets vLLM's HTTP 401 on /v1/*. One list of keys for authentication and tiers.")
     trust.add_argument("--untrusted-tier", dest="phds_untrusted_tier", choices=["reject", "ignore"],
                        default="reject", help="An untrusted tier header: HTTP 400 (reject, default) or dropped.")
 
@@ -177,6 +180,13 @@ def finalize(args: argparse.Namespace) -> None:
     if args.phds_max_k is not None:
         overrides = args.hf_overrides if isinstance(args.hf_overrides, dict) else {}
         args.hf_overrides = {**overrides, "phds_max_k": args.phds_max_k}
+    if getattr(args, "phds_require_api_key", False):
+        from phds_serve.server.trust import parse_key_tiers
+
+        keys = list(parse_key_tiers(args.phds_api_key_tiers))  # TierConfigError is a ValueError
+        if not keys:
+            raise ValueError("--require-api-key needs --api-key-tiers (the keys it accepts)")
+        args.api_key = [*(args.api_key or []), *(k for k in keys if k not in (args.api_key or []))]
     hf_config = _hf_config(args)
     if hf_config is not None:
         precheck(args, hf_config)  # raises ValueError with the reason

@@ -222,6 +222,10 @@ class PhdsMiddleware:
         path = scope["path"].removeprefix(scope.get("root_path", ""))
         method = scope.get("method")
         route = route_for(path) if method == "POST" else None
+        if route is None and self._config is not None:
+            # Not a generation route (/v1/models, /health, ...): the gateway's secret stops here too.
+            secret = self._config.trust.secret_header.lower().encode()
+            scope = {**scope, "headers": _without_header(scope["headers"], secret)}
         if route is None and not (method == "GET" and path == MODELS_PATH):
             return await self.app(scope, receive, send)
         config = self._setup(scope)

@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 
 import pytest
 import yaml
 
-from .conftest import DEPLOY, REPO, need_tool
+from .conftest import DEPLOY, KEY_FILE, REPO, TIER_FILE, need_tool
 
 YAMLS = sorted(p for ext in ("*.yaml", "*.yml") for p in DEPLOY.rglob(ext))
 JSONS = sorted(DEPLOY.rglob("*.json"))
-K8S = sorted((DEPLOY / "k8s").glob("*.yaml"))
+K8S = sorted((DEPLOY / "k8s" / "base").glob("*.yaml"))
 
 
 def load_script(path):
@@ -52,40 +53,106 @@ def test_prometheus_config_passes_promtool():
     assert "1 rule files found" in r.stdout + r.stderr  # rules.yml was found and checked too
 
 
-def test_prometheus_rules_pass_promtool():
-    r = run(need_tool("promtool"), "check", "rules", str(DEPLOY / "prometheus" / "rules.yml"))
-    assert r.returncode == 0, r.stdout + r.stderr
+def rule_files(tmp_path):
+    """Both shipped rule files as promtool reads them: rules.yml, and the groups of the generated
+    PrometheusRule (written out next to a copy of rules_test.yml that points at them)."""
+    crd = yaml.safe_load((DEPLOY / "k8s" / "base" / "prometheusrule.yaml").read_text())
+    (tmp_path / "rules.yml").write_text(yaml.safe_dump(crd["spec"]))
+    tests = yaml.safe_load((DEPLOY / "prometheus" / "rules_test.yml").read_text())
+    assert tests["rule_files"] == ["rules.yml"]
+    (tmp_path / "rules_test.yml").write_text(yaml.safe_dump(tests))
+    return {"rules.yml": DEPLOY / "prometheus", "k8s/base/prometheusrule.yaml": tmp_path}
 
 
-def test_alert_rules_pass_their_unit_tests():
-    """promtool's rule unit tests: no alert on one malformed request or one lone error, alerts on
-    sustained failures, rejections and brownout (deploy/prometheus/rules_test.yml)."""
-    r = run(need_tool("promtool"), "test", "rules", str(DEPLOY / "prometheus" / "rules_test.yml"))
+@pytest.mark.parametrize("which", ["rules.yml", "k8s/base/prometheusrule.yaml"])
+def test_prometheus_rules_pass_promtool(which, tmp_path):
+    folder = rule_files(tmp_path)[which]
+    r = run(need_tool("promtool"), "check", "rules", str(folder / "rules.yml"))
     assert r.returncode == 0 and "SUCCESS" in r.stdout + r.stderr, r.stdout + r.stderr
 
 
+@pytest.mark.parametrize("which", ["rules.yml", "k8s/base/prometheusrule.yaml"])
+def test_alert_rules_pass_their_unit_tests(which, tmp_path):
+    """promtool's rule unit tests: no alert on one malformed request or one lone error, alerts on
+    sustained failures, rejections (naming the instance) and brownout (deploy/prometheus/rules_test.yml)."""
+    folder = rule_files(tmp_path)[which]
+    r = run(need_tool("promtool"), "test", "rules", str(folder / "rules_test.yml"))
+    assert r.returncode == 0 and "SUCCESS" in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+def test_every_alert_summary_names_only_labels_its_expression_keeps():
+    """An annotation's {{ $labels.x }} is empty when the expression aggregates x away."""
+    import re
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "rules.yml").read_text())
+    alerts = [r for g in rules["groups"] for r in g["rules"] if "alert" in r]
+    for rule in alerts:
+        used = set(re.findall(r"\$labels\.(\w+)", json.dumps(rule["annotations"])))
+        expr = rule["expr"]
+        for by in re.findall(r"\b(?:sum|max|min|avg|count)\s*\(", expr):
+            raise AssertionError(f"{rule['alert']}: aggregation without 'by': {expr}")
+        kept = set()
+        for labels in re.findall(r"by \(([^)]*)\)", expr):
+            kept |= {x.strip() for x in labels.split(",")}
+        if "by (" not in expr:  # no aggregation: the series' own labels stay
+            continue
+        assert used <= kept, f"{rule['alert']}: annotation uses {used - kept}, aggregated away"
+
+
 def test_compose_publishes_only_the_gateway():
-    """Everything reaches phds-serve through the gateway (which adds the tier and the shared secret);
-    the monitoring UIs listen on the host's loopback only."""
+    """Everything reaches phds-serve through the gateway; the monitoring UIs listen on the host's
+    loopback only."""
     services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
     assert "ports" not in services["phds-serve"]
     assert services["gateway"]["ports"] == ["8080:8080"]
     for name, svc in services.items():
         if name != "gateway":
             assert all(str(p).startswith("127.0.0.1:") for p in svc.get("ports", [])), name
-    for name in ("phds-serve", "gateway"):
-        assert services[name]["environment"]["PHDS_TIER_SECRET"].startswith("${PHDS_TIER_SECRET:?")
-    template = (DEPLOY / "gateway" / "templates" / "gateway-secret.conf.template").read_text()
-    assert "${PHDS_TIER_SECRET}" in template
     assert "./gateway/templates:/etc/nginx/templates:ro" in services["gateway"]["volumes"]
     gpu = yaml.safe_load((DEPLOY / "compose.gpu.yaml").read_text())["services"]
     assert all("ports" not in svc for svc in gpu.values())
 
 
+def shipped_server_args() -> dict[str, list[str]]:
+    """phds-serve's arguments in every shipped deployment."""
+    base = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["phds-serve"]["command"]
+    gpu = yaml.safe_load((DEPLOY / "compose.gpu.yaml").read_text())["services"]["phds-serve"]["command"]
+    dep = yaml.safe_load((DEPLOY / "k8s" / "base" / "deployment.yaml").read_text())
+    k8s = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    return {"compose": base, "compose.gpu": gpu, "k8s": k8s}
+
+
+@pytest.mark.parametrize("name", ["compose", "compose.gpu", "k8s"])
+def test_every_deployment_makes_a_keys_tier_a_ceiling(name):
+    """Tiers are reachable (from API keys), only known keys get in, a tier is a ceiling on k, and
+    brownout is on (objectives, and tiers with a range)."""
+    args = shipped_server_args()[name]
+    for flag in ("--binding-tiers", "--require-api-key"):
+        assert flag in args, (name, flag)
+    assert any(a.startswith("--api-key-tiers=") for a in args), name
+    assert any(a.startswith(("--slo-ttft-ms=", "--slo-itl-ms=")) for a in args), name
+    assert not any(a.startswith(("--tier-secret", "--trusted-proxies")) for a in args), name
+    assert "--enable-expert-parallel" not in args, name  # an option, not the default (no k savings)
+
+
+def test_one_source_for_tier_names():
+    """The gateway names no tier; keys name only configured tiers, in every deployment."""
+    for path in (DEPLOY / "gateway").rglob("*"):
+        if path.is_file():
+            text = path.read_text()
+            for tier in TIER_FILE:
+                assert tier not in text.lower(), f"{path} names tier {tier!r}: tiers live in deploy/phds/"
+    assert set(KEY_FILE.values()) <= set(TIER_FILE)
+    gpu_tiers = yaml.safe_load((DEPLOY / "phds" / "tiers.gpu.yaml").read_text())["tiers"]
+    assert set(KEY_FILE.values()) <= set(gpu_tiers)
+    k8s_keys = yaml.safe_load((DEPLOY / "k8s" / "base" / "api-keys.demo.yml").read_text())["keys"]
+    k8s_tiers = next(a for a in shipped_server_args()["k8s"] if a.startswith("--tiers="))
+    assert {t.split("=")[0] for t in k8s_tiers.removeprefix("--tiers=").split(",")} >= set(k8s_keys.values())
+
+
 def test_prometheusrule_matches_rules_file():
     """The Operator's PrometheusRule must carry the same rules as the compose stack's rules.yml."""
     rules = yaml.safe_load((DEPLOY / "prometheus" / "rules.yml").read_text())
-    text = (DEPLOY / "k8s" / "prometheusrule.yaml").read_text()
+    text = (DEPLOY / "k8s" / "base" / "prometheusrule.yaml").read_text()
     crd = yaml.safe_load(text)
     assert crd["kind"] == "PrometheusRule" and crd["spec"] == rules
     assert text == load_script(DEPLOY / "k8s" / "make_prometheusrule.py").render(), \
@@ -148,12 +215,44 @@ def test_kubernetes_manifests_validate_strictly():
 
 
 def test_kubernetes_deployment_requests_gpu_and_probes_vllm_health():
-    dep = yaml.safe_load((DEPLOY / "k8s" / "deployment.yaml").read_text())
+    dep = yaml.safe_load((DEPLOY / "k8s" / "base" / "deployment.yaml").read_text())
     c = dep["spec"]["template"]["spec"]["containers"][0]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[probe]["httpGet"]["path"] == "/health"
-    kust = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
+    kust = yaml.safe_load((DEPLOY / "k8s" / "base" / "kustomization.yaml").read_text())
     assert sorted(kust["resources"]) == sorted(p.name for p in K8S if p.name != "kustomization.yaml")
-    # The multi-GPU overlay patches args by index: it must hit the tensor-parallel flag.
-    assert c["args"][4].startswith("--tensor-parallel-size=")
+
+
+def test_multi_gpu_overlay_patches_by_name():
+    """The overlay sets the tensor-parallel size through the container's environment variable (a
+    strategic-merge patch keyed by name), never by an argument's position."""
+    text = (DEPLOY / "k8s" / "multi-gpu" / "kustomization.yaml").read_text()
+    assert "/args/" not in text and "op: replace" not in text
+    dep = yaml.safe_load((DEPLOY / "k8s" / "base" / "deployment.yaml").read_text())
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    assert "--tensor-parallel-size=$(PHDS_TENSOR_PARALLEL_SIZE)" in c["args"]
+    assert {"name": "PHDS_TENSOR_PARALLEL_SIZE", "value": "1"} in c["env"]
+
+
+def kustomize(path) -> list[dict]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed (it renders kustomizations offline)")
+    r = run(kubectl, "kustomize", str(path))
+    assert r.returncode == 0, r.stderr
+    return list(yaml.safe_load_all(r.stdout))
+
+
+@pytest.mark.parametrize("overlay,gpus", [("k8s", 1), ("k8s/multi-gpu", 2)])
+def test_kustomize_renders_each_layout(overlay, gpus):
+    """`kubectl apply -k deploy/k8s[/multi-gpu]` as documented: it renders, the tensor-parallel size
+    equals the GPU count, and the API-key Secret the pod mounts is generated."""
+    docs = {d["kind"]: d for d in kustomize(DEPLOY / overlay)}
+    c = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["PHDS_TENSOR_PARALLEL_SIZE"] == str(gpus)
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == gpus == c["resources"]["requests"]["nvidia.com/gpu"]
+    assert "--enable-expert-parallel" not in c["args"]
+    volumes = {v["name"]: v for v in docs["Deployment"]["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["api-keys"]["secret"]["secretName"] == docs["Secret"]["metadata"]["name"]

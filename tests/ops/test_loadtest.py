@@ -7,7 +7,7 @@ import sys
 
 from loadtest import summarize
 
-from .conftest import KS, REPO, SECRET, TIERS
+from .conftest import KEYS, KS, REPO, TIERS, TOP_KEY
 
 HEADER = ("Type,Name,Request Count,Failure Count,Median Response Time,Average Response Time,"
           "Min Response Time,Max Response Time,Average Content Size,Requests/s,Failures/s,"
@@ -20,9 +20,9 @@ def loadtest(url: str, out, *args: str, timeout: float = 150) -> subprocess.Comp
 
 
 def test_locust_reports_every_k_without_failures(phds_server, tmp_path):
+    # The key's tier is the top one: every k of KS is within its ceiling (--binding-tiers).
     r = loadtest(phds_server.url, tmp_path, "--run-time", "30s", "--users", "4",
-                 "--k-mix", ",".join(f"{k}:1" for k in KS), "--tier-mix", "fast:1",
-                 "--extra-header", f"x-phds-gateway-secret: {SECRET}")
+                 "--k-mix", ",".join(f"{k}:1" for k in KS), "--api-key", TOP_KEY)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
     rows = {row["label"]: row for row in json.loads((tmp_path / "report_per_k.json").read_text())}
@@ -31,7 +31,7 @@ def test_locust_reports_every_k_without_failures(phds_server, tmp_path):
         assert row["requests"] >= 3 and row["failures"] == 0, row
         assert row["e2e_p50_ms"] > 0 and row["throughput_tok_s"] > 0
         assert row["ttft_p50_ms"] is not None and row["itl_mean_ms"] is not None  # streams happened
-    assert rows[f"tier=fast k={TIERS['fast']}"]["failures"] == 0
+    assert set(rows) == {f"k={k}" for k in KS}  # explicit k: no tier row
     stats = (tmp_path / "report_stats.csv").read_text()
     for metric in ("e2e", "ttft", "itl", "tok/s"):
         for k in KS:
@@ -43,7 +43,7 @@ def test_locust_reports_every_k_without_failures(phds_server, tmp_path):
 def test_loadtest_fails_on_request_errors(phds_server, tmp_path):
     # An unknown model name: every request is an HTTP 404, and the run must say so with its exit code.
     r = loadtest(phds_server.url, tmp_path, "--run-time", "4s", "--users", "1", "--k-mix", "2:1",
-                 "--model-name", "no-such-model", "--k-field", "xargs")
+                 "--model-name", "no-such-model", "--k-field", "xargs", "--api-key", KEYS["balanced"])
     assert r.returncode != 0
     assert "failed requests" in r.stderr
 

@@ -17,7 +17,7 @@ import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import DEPLOY, KS, SECRET_HEADER, TIERS, need_tool, server
+from .conftest import DEPLOY, KS, TIERS, TOP_KEY, auth, need_tool, server
 
 DASHBOARD = json.loads((DEPLOY / "grafana" / "dashboards" / "phds-serve.json").read_text())
 # Dashboard variables -> what "All" selects; the rate window spans many 1 s scrapes.
@@ -41,9 +41,11 @@ def substitute(expr: str) -> str:
 
 
 def send_traffic(url: str, rounds: int = 1) -> None:
-    """A few requests of every k and tier, chat and completions, streaming and not."""
-    model = requests.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
-    targets = [({"k": k}, {}) for k in KS] + [({}, {"x-phds-tier": t, **SECRET_HEADER}) for t in TIERS]
+    """A few requests of every k and tier (the tier from the API key, as the compose stack does it),
+    chat and completions, streaming and not, and one request with an unknown key (rejected)."""
+    top = {"Authorization": f"Bearer {TOP_KEY}"}
+    model = requests.get(url + "/v1/models", headers=top, timeout=10).json()["data"][0]["id"]
+    targets = [({"k": k}, top) for k in KS] + [({}, auth(t)) for t in TIERS]
     for _ in range(rounds):
         for body_extra, headers in targets:
             for stream in (False, True):
@@ -53,6 +55,9 @@ def send_traffic(url: str, rounds: int = 1) -> None:
                         "model": model, "max_tokens": 4, "stream": stream, **body, **body_extra})
                     assert r.status_code == 200, r.text[:300]
                     r.content  # drain the stream
+        r = requests.post(url + "/v1/completions", headers=top, timeout=60,
+                          json={"model": model, "prompt": "hi", "max_tokens": 4, "k": 99})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "k"  # counted as rejected
 
 
 @pytest.fixture(scope="module")
