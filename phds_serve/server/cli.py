@@ -75,8 +75,8 @@ def add_phds_args(parser: argparse.ArgumentParser) -> None:
     brownout = parser.add_argument_group(
         "phds-serve brownout (elastic k under load)",
         "Off unless a latency objective is set. While objectives are missed the server lowers the "
-        "k of tiers with a range (one k per level, never below the tier's lowest k); explicit k "
-        "is never changed; k is chosen once, at admission.",
+        "k of tiers with a range (never below the tier's lowest k); explicit k is never changed; "
+        "k is chosen once per request, when it enters the engine (predictive) or arrives (reactive).",
     )
     brownout.add_argument("--slo-ttft-ms", dest="phds_slo_ttft_ms", type=float, default=None,
                           help="Time-to-first-token objective (milliseconds, at --slo-quantile).")
@@ -90,6 +90,21 @@ def add_phds_args(parser: argparse.ArgumentParser) -> None:
                           default=2000.0, help="Latency samples of the last this many ms count (default 2000).")
     brownout.add_argument("--brownout-down-after", dest="phds_brownout_down_after", type=int, default=10,
                           help="Ticks of headroom before k goes back up one step (default 10).")
+    brownout.add_argument("--brownout-mode", dest="phds_brownout_mode", choices=["predictive", "reactive"],
+                          default="predictive",
+                          help="predictive (default): requests wait in the layer for an engine slot and get the "
+                          "highest k whose predicted TTFT and inter-token latency meet the objectives (a service "
+                          "model measured at start-up, scaled online; arrival rate; queued work), with the "
+                          "reactive controller as a safety cap. reactive: k from the reactive level at arrival.")
+    brownout.add_argument("--brownout-headroom", dest="phds_brownout_headroom", type=float, default=0.8,
+                          help="Predictive: a k is chosen when its predicted latencies stay within this fraction "
+                          "of the objectives (default 0.8).")
+    brownout.add_argument("--brownout-max-utilisation", dest="phds_brownout_max_utilisation", type=float,
+                          default=0.9, help="Predictive: a k is chosen only when the measured arrival rate keeps "
+                          "the engine's predicted utilisation at or below this (default 0.9).")
+    brownout.add_argument("--no-brownout-calibrate", dest="phds_brownout_calibrate", action="store_false",
+                          default=True, help="Predictive: skip the start-up probes (a few seconds); the service "
+                          "model starts from a prior shape, scaled online.")
     trust = parser.add_argument_group(
         "phds-serve tier trust",
         "Tier headers are honoured only from the gateway (shared secret or trusted proxy address; "

@@ -27,9 +27,11 @@ from typing import Any, Iterable
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from phds_serve.server.brownout import Window
+from phds_serve.server.service_model import Step
 
 MAX_SAMPLES = 50_000
 HORIZON_S = 120.0  # samples older than this are dropped
+MAX_STEP_S = 2.0  # a longer gap between two outputs is an idle engine, not a step
 
 
 class LoadFeed:
@@ -44,6 +46,11 @@ class LoadFeed:
         self.waiting = 0
         self.running = 0
         self.engine_steps = 0
+        self.steps: deque[Step] = deque(maxlen=4096)  # busy engine steps, drained by the controller
+        # () -> (mean k of decoding requests, mean k of prefilling requests), set by the layer
+        self.k_source: Any = None
+        self._last_output: float | None = None
+        self._busy = False
 
     # -- writers -----------------------------------------------------------
     def add_ttft(self, values: Iterable[float], now: float | None = None) -> None:
@@ -73,6 +80,32 @@ class LoadFeed:
 
     finished = first_token
 
+    def add_step(self, now: float, prompt_tokens: int, generated: int, first_tokens: int, busy: bool) -> None:
+        """One engine output: a Step when the engine was busy since the previous one."""
+        with self._lock:
+            last, was_busy = self._last_output, self._busy
+            self._last_output, self._busy = now, busy
+        if last is None or not was_busy or not 0 < now - last <= MAX_STEP_S or self.k_source is None:
+            return
+        k_rows, k_tokens = self.k_source()
+        rows = max(0, generated - first_tokens)
+        if not rows and not prompt_tokens:
+            return
+        k_tokens = k_tokens or k_rows
+        k_rows = k_rows or k_tokens
+        self.steps.append(Step(now - last, rows, rows * k_rows, prompt_tokens, prompt_tokens * k_tokens))
+
+    def idle(self) -> None:
+        """An output without iteration stats: the next gap is not one step."""
+        with self._lock:
+            self._last_output = None
+
+    def drain_steps(self) -> list[Step]:
+        out = []
+        while self.steps:
+            out.append(self.steps.popleft())
+        return out
+
     # -- reader ------------------------------------------------------------
     def window(self, span_s: float, now: float | None = None) -> Window:
         """Samples of the last ``span_s`` seconds and the ages of requests without a first token."""
@@ -98,9 +131,16 @@ class PhdsLoadLogger(StatLoggerBase):
         self.engine_index = engine_index
 
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+        now = time.monotonic()
         if scheduler_stats is not None:
             FEED.set_queue(scheduler_stats.num_waiting_reqs, scheduler_stats.num_running_reqs)
-        if iteration_stats is not None:
+        if iteration_stats is None:
+            FEED.idle()
+        else:
+            busy = scheduler_stats is not None and (scheduler_stats.num_running_reqs
+                                                    + scheduler_stats.num_waiting_reqs) > 0
+            FEED.add_step(now, iteration_stats.num_prompt_tokens, iteration_stats.num_generation_tokens,
+                          len(iteration_stats.time_to_first_tokens_iter), busy)
             if iteration_stats.time_to_first_tokens_iter:
                 FEED.add_ttft(iteration_stats.time_to_first_tokens_iter)
             mean_itl = [f.mean_time_per_output_token for f in iteration_stats.finished_requests

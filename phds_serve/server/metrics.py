@@ -71,6 +71,18 @@ BROWNOUT_PRESSURE = Gauge(
     "above 1: an objective is missed).",
     multiprocess_mode="max",
 )
+BROWNOUT_QUEUED = Gauge(
+    "phds_brownout_queued",
+    "Predictive brownout: requests waiting in the layer's dispatch queue for an engine slot (their k is "
+    "bound when they get one).",
+    multiprocess_mode="sum",
+)
+BROWNOUT_SERVICE_SCALE = Gauge(
+    "phds_brownout_service_scale",
+    "Predictive brownout: measured / calibrated engine step time over the recent busy steps (above 1: the "
+    "engine runs slower than at start-up, e.g. a busy machine).",
+    multiprocess_mode="max",
+)
 BELOW_NOMINAL = Counter(
     "phds_requests_below_nominal",
     "Requests admitted at a k below their tier's nominal k because of brownout, by tier, "

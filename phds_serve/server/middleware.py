@@ -36,9 +36,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from phds_serve.server import metrics
 from phds_serve.server.brownout import BrownoutController, ControllerSettings, pressure
+from phds_serve.server.dispatch import Ticket
 from phds_serve.server.errors import RequestRejected, error_body
 from phds_serve.server.layer_config import build_layer_config, models_fields
 from phds_serve.server.load_feed import FEED, LoadFeed
+from phds_serve.server.predictive import PredictiveBrownout, engine_slots, settings_from
 from phds_serve.server.request_k import LayerConfig, Prepared, prepare
 from phds_serve.server.response_tap import ResponseTap
 from phds_serve.server.routes import Route, route_for
@@ -50,6 +52,8 @@ MODELS_PATH = "/v1/models"
 K_HEADER = "x-phds-k"
 NOMINAL_K_HEADER = "x-phds-nominal-k"
 LEVEL_HEADER = "x-phds-brownout-level"
+PREDICTED_TTFT_HEADER = "x-phds-predicted-ttft-ms"  # predictive brownout: the TTFT predicted when k was bound
+PREDICTED_ITL_HEADER = "x-phds-predicted-itl-ms"
 TIER_HEADER = "x-phds-tier"  # response header, whatever request header names the tier
 _AUTHORIZED = "phds.authorized"
 _ERROR = "phds.error"
@@ -162,13 +166,49 @@ class BrownoutDriver:
             self._task = None
 
 
+async def dispatched(
+    brownout: PredictiveBrownout, prep: Prepared, obj: Any, route: Route, receive: Receive, arrived: float
+) -> Ticket | None:
+    """Queue a generation request for an engine slot; its ticket (k bound), or None if the client left."""
+    res = prep.resolution
+    tier = res.tier
+    elastic = (res.source == "tier" and tier is not None and tier.elastic and route.honours_k
+               and prep.k == res.nominal_k and not (route.beam_search and obj.get("use_beam_search") is True))
+    objective = brownout.config.objectives.ttft_s or 0.0
+    prompt = obj.get("prompt") if isinstance(obj.get("prompt"), str) else None
+    max_tokens = obj.get("max_tokens") or obj.get("max_completion_tokens")
+    tier_name = tier.name if elastic and tier is not None else ""
+    brownout.arrived(tier_name if elastic else f"k={prep.k}", arrived, None if elastic else prep.k)
+    ticket = brownout.dispatcher.enter(
+        res.priority or 0, arrived + objective, tier_name, None if elastic else prep.k,
+        max_tokens=max_tokens if isinstance(max_tokens, int) else None,
+        prompt_tokens=len(prompt) / 4 if prompt else None,
+    )
+    if ticket.k is not None:
+        return ticket
+    left = asyncio.ensure_future(receive())
+    assert ticket.future is not None
+    try:
+        await asyncio.wait({ticket.future, left}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        brownout.dispatcher.done(ticket)
+        left.cancel()
+        raise
+    if left.done() and not left.cancelled() and left.result().get("type") == "http.disconnect":
+        brownout.dispatcher.done(ticket)
+        return None
+    left.cancel()
+    await brownout.dispatcher.wait(ticket)
+    return ticket
+
+
 class PhdsMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         self._config: LayerConfig | None = None
         self._gate: Handler | None = None
         self._errors: Handler | None = None
-        self.brownout: BrownoutDriver | None = None
+        self.brownout: BrownoutDriver | PredictiveBrownout | None = None
 
     # -- wiring --------------------------------------------------------------
     def _setup(self, scope: Scope) -> LayerConfig:
@@ -201,7 +241,11 @@ class PhdsMiddleware:
             gate = XRequestIdMiddleware(gate) if gate is not None else None  # type: ignore[assignment]
         self._errors, self._gate = errors, gate
         if config.brownout:
-            self.brownout = BrownoutDriver(config)
+            settings = settings_from(args)
+            if settings.mode == "predictive":
+                self.brownout = PredictiveBrownout(config, settings, engine_slots(state))
+            else:
+                self.brownout = BrownoutDriver(config)
             # Every (tier, k) a brownout can produce starts at 0, so rate() works from the first scrape.
             for tier in config.tiers.tiers.values():
                 for k in range(tier.lowest_k, tier.k):
@@ -255,6 +299,8 @@ class PhdsMiddleware:
                     # server reports lifespan.startup.failed and exits.
                     logger.error("phds-serve: cannot start: %s", exc)
                     raise StartupRefused(f"phds-serve cannot start: {exc}") from exc
+                if isinstance(self.brownout, PredictiveBrownout):
+                    await self.brownout.calibrate(scope["app"].state)
                 if self.brownout is not None:
                     self.brownout.start()
             elif message["type"] == "lifespan.shutdown.complete" and self.brownout is not None:
@@ -320,6 +366,10 @@ class PhdsMiddleware:
             extra = models_fields(self._config)
             if self.brownout is not None:
                 extra["brownout"] = {**extra["brownout"], "level": self.brownout.level}
+                if isinstance(self.brownout, PredictiveBrownout):
+                    extra["brownout"].update(self.brownout.as_json())
+                else:
+                    extra["brownout"]["mode"] = "reactive"
             for model in obj["data"]:
                 if isinstance(model, dict):
                     model.update(extra)
@@ -339,17 +389,21 @@ class PhdsMiddleware:
             config.tier_header,
         )
 
-    def _response_headers(self, prep: Prepared) -> list[tuple[bytes, bytes]]:
+    def _response_headers(self, prep: Prepared, ticket: Ticket | None = None) -> list[tuple[bytes, bytes]]:
         out = [(K_HEADER.encode(), str(prep.k).encode()), (NOMINAL_K_HEADER.encode(), str(prep.nominal_k).encode())]
         if prep.tier_name:
             out.append((TIER_HEADER.encode(), prep.tier_name.encode()))
         if self.brownout is not None and prep.route.generation:
             out.append((LEVEL_HEADER.encode(), str(prep.resolution.level).encode()))
+        if ticket is not None and "predicted_ttft_s" in ticket.info:
+            out.append((PREDICTED_TTFT_HEADER.encode(), f"{ticket.info['predicted_ttft_s'] * 1000:.1f}".encode()))
+            out.append((PREDICTED_ITL_HEADER.encode(), f"{ticket.info['predicted_itl_s'] * 1000:.2f}".encode()))
         return out
 
     async def _generate(self, scope: Scope, receive: Receive, send: Send, route: Route, config: LayerConfig) -> None:
         counted = route.generation
         started = time.perf_counter()
+        arrived = time.monotonic()
         level = self.brownout.level if self.brownout is not None else 0
         raw = await _read_body(receive)
         if raw is None:
@@ -379,6 +433,9 @@ class PhdsMiddleware:
             # Not JSON (or not a form): let vLLM give its own error; count it, no k to report.
             await self._pass_through(scope, receive, send, raw, counted, known_tier)
             return
+        ticket: Ticket | None = None
+        if isinstance(self.brownout, PredictiveBrownout) and counted:
+            level = 0  # k is bound below, when the request gets an engine slot
         try:
             prep = prepare(obj, claim.name, config, route, level)
         except RequestRejected as exc:
@@ -386,6 +443,16 @@ class PhdsMiddleware:
             if counted:
                 metrics.record(None, known_tier, "rejected")
             return
+        if isinstance(self.brownout, PredictiveBrownout) and counted:
+            ticket = await dispatched(self.brownout, prep, obj, route, receive, arrived)
+            if ticket is None:  # the client left while it waited for a slot
+                metrics.record(None, known_tier, "aborted")
+                return
+            # The level this request ran at: for an elastic tier, the level at which the tier's k is the
+            # k just bound (how far the feed-forward choice lowered it); otherwise the outer loop's level.
+            level = prep.nominal_k - ticket.k if ticket.fixed_k is None else self.brownout.level
+            prep = prepare(obj, claim.name, config, route, level)
+            assert prep.k == ticket.k, (prep.k, ticket.k)
 
         if route.honours_k:
             body = json.dumps(prep.body).encode()
@@ -394,7 +461,12 @@ class PhdsMiddleware:
             body = raw  # a route that cannot carry k and runs the native k: unchanged bytes
         if counted and prep.resolution.browned_out:
             metrics.BELOW_NOMINAL.labels(tier=prep.tier_name, nominal_k=str(prep.nominal_k), k=str(prep.k)).inc()
-        await self._run(scope, receive, send, body, prep, started, counted)
+        try:
+            await self._run(scope, receive, send, body, prep, started, counted, ticket, arrived)
+        finally:
+            if ticket is not None:
+                assert isinstance(self.brownout, PredictiveBrownout)
+                self.brownout.dispatcher.done(ticket)
 
     async def _pass_through(
         self, scope: Scope, receive: Receive, send: Send, raw: bytes, counted: bool, tier: str
@@ -411,14 +483,17 @@ class PhdsMiddleware:
             metrics.record(None, tier, metrics.outcome_of(status[0] if status else None, False, False))
 
     async def _run(
-        self, scope: Scope, receive: Receive, send: Send, body: bytes, prep: Prepared, started: float, counted: bool
+        self, scope: Scope, receive: Receive, send: Send, body: bytes, prep: Prepared, started: float, counted: bool,
+        ticket: Ticket | None = None, arrived: float | None = None,
     ) -> None:
-        k_headers = self._response_headers(prep)
+        k_headers = self._response_headers(prep, ticket)
         tap = ResponseTap(prep.stream, prep.drop_usage_chunk)
         # done: the last byte of the response went to the client. disconnected: the client
         # left before that. Set in this order, they make the outcome independent of timing.
         state: dict[str, Any] = {"status": None, "done": False, "disconnected": False}
-        pending = FEED.admitted() if (counted and prep.stream and self.brownout is not None) else None
+        pending = FEED.admitted(arrived) if (counted and prep.stream and self.brownout is not None) else None
+        if ticket is not None and not prep.stream:
+            ticket.first_token = True  # no first token to see: count it as decoding
 
         def disconnected() -> None:
             if not state["done"]:
@@ -438,6 +513,8 @@ class PhdsMiddleware:
                 out += tap.finish()
             if pending is not None and not had_first and tap.first_token_at is not None:
                 FEED.first_token(pending)
+                if ticket is not None and isinstance(self.brownout, PredictiveBrownout):
+                    self.brownout.first_token(ticket, tap.first_token_at - started)
             if out or not more:
                 await send({**message, "body": out})
             if not more:
@@ -458,6 +535,11 @@ class PhdsMiddleware:
         if not counted:
             return
         finished = time.perf_counter()
+        if isinstance(self.brownout, PredictiveBrownout):
+            self.brownout.finished(tap.prompt_tokens, tap.generation_tokens)
+            if ticket is not None and tap.first_token_at is not None and (tap.generation_tokens or 0) > 1:
+                itl = (finished - tap.first_token_at) / (tap.generation_tokens - 1)
+                self.brownout.observed_itl(ticket, itl)
         # A client that left before the response was complete is an abort, also when vLLM's
         # with_cancellation then produced a complete "200 null" for nobody.
         aborted = state["disconnected"] or (tap.null_body and state["status"] == 200)

@@ -1,0 +1,118 @@
+"""The layer's dispatch queue: requests enter the engine when it has a free slot, and get k then.
+
+With brownout on (predictive mode), every generation request waits here, in order of its tier's
+priority (lower first, as vLLM's priority scheduling) and then its deadline (arrival + the TTFT
+objective: first come, first served within a tier), until fewer than ``slots`` (vLLM's
+``max_num_seqs``) requests are in the engine. Only then is its k bound (``bind``), from the load of
+that moment: a request that waited out a burst gets the k of the moment it starts, not the k of the
+moment it arrived. Once dispatched its k is fixed: a running request's k never changes, so its
+output is exactly transformers at that k. Requests beyond ``slots`` would wait in vLLM's own queue
+anyway; here they wait with their k still open.
+
+asyncio, single event loop (the API server's); no threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One request's place in the queue, then in the engine."""
+
+    priority: int
+    deadline: float
+    arrived: float
+    tier: str = ""
+    fixed_k: int | None = None  # k already decided (explicit k, fixed tier): only the slot is waited for
+    info: dict[str, Any] = field(default_factory=dict)
+    seq: int = 0
+    k: int | None = None  # bound at dispatch
+    dispatched_at: float | None = None
+    first_token: bool = False
+    future: asyncio.Future | None = None
+
+    @property
+    def order(self) -> tuple[int, float, int]:
+        return (self.priority, self.deadline, self.seq)
+
+
+Bind = Callable[[Ticket, list[Ticket]], int]
+
+
+class Dispatcher:
+    def __init__(self, slots: int, bind: Bind, clock: Callable[[], float]) -> None:
+        if slots < 1:
+            raise ValueError("slots must be >= 1")
+        self.slots = slots
+        self.bind = bind
+        self.clock = clock
+        self.queued: list[Ticket] = []
+        self.in_engine: dict[int, Ticket] = {}
+        self._seq = itertools.count(1)
+
+    # -- a request's life -----------------------------------------------------------------
+    def enter(self, priority: int, deadline: float, tier: str = "", fixed_k: int | None = None,
+              **info: Any) -> Ticket:
+        ticket = Ticket(priority, deadline, self.clock(), tier, fixed_k, dict(info), next(self._seq))
+        try:
+            ticket.future = asyncio.get_running_loop().create_future()
+        except RuntimeError:  # no loop (pure tests): dispatch is read from ticket.k
+            ticket.future = None
+        self.queued.append(ticket)
+        self.pump()
+        return ticket
+
+    async def wait(self, ticket: Ticket) -> int:
+        """Until the ticket is dispatched; its k."""
+        if ticket.k is not None:
+            return ticket.k
+        assert ticket.future is not None
+        return await ticket.future
+
+    def mark_first_token(self, ticket: Ticket) -> None:
+        ticket.first_token = True
+
+    def done(self, ticket: Ticket) -> None:
+        """The request left (finished, failed or abandoned), queued or in the engine."""
+        if ticket.seq in self.in_engine:
+            del self.in_engine[ticket.seq]
+        elif ticket in self.queued:
+            self.queued.remove(ticket)
+            if ticket.future is not None and not ticket.future.done():
+                ticket.future.cancel()
+        self.pump()
+
+    # -- dispatch -------------------------------------------------------------------------
+    def pump(self) -> None:
+        """Dispatch from the head while the engine has free slots."""
+        while self.queued and len(self.in_engine) < self.slots:
+            self.queued.sort(key=lambda t: t.order)
+            head = self.queued[0]
+            k = head.fixed_k if head.fixed_k is not None else self.bind(head, list(self.queued))
+            self.queued.pop(0)
+            head.k, head.dispatched_at = k, self.clock()
+            self.in_engine[head.seq] = head
+            if head.future is not None and not head.future.done():
+                head.future.set_result(k)
+
+    # -- what the service model and the controller read -------------------------------------
+    def engine_ks(self) -> list[int]:
+        return [t.k for t in self.in_engine.values() if t.k is not None]
+
+    def prefilling_ks(self) -> list[int]:
+        return [t.k for t in self.in_engine.values() if not t.first_token and t.k is not None]
+
+    def k_mix(self) -> tuple[float, float]:
+        """Mean k of the requests decoding and of those still prefilling (0 when none)."""
+        dec = [t.k for t in self.in_engine.values() if t.first_token and t.k is not None]
+        pre = [t.k for t in self.in_engine.values() if not t.first_token and t.k is not None]
+        mean = lambda v: sum(v) / len(v) if v else 0.0  # noqa: E731
+        return mean(dec), mean(pre)
+
+    def ordered(self) -> list[Ticket]:
+        return sorted(self.queued, key=lambda t: t.order)

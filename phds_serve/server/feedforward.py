@@ -1,0 +1,167 @@
+"""Feed-forward choice of k: the highest k whose predicted latencies meet the objectives.
+
+Called when a request is about to enter the engine (:mod:`phds_serve.server.dispatch`), with what
+is known at that moment: the k of every request already in the engine (fixed: a running request's
+k never changes), the requests still queued in the layer behind this one and how long each has
+waited, the measured arrival rate, the mean prompt and output length, and the service model
+(:mod:`phds_serve.server.service_model`). For each candidate k, from the tier's nominal k down, it
+predicts, as if this request and every one queued behind it ran at that k:
+
+* **TTFT** of this request: what it has waited, plus one engine step with its prefill; and of each
+  queued request behind it: what it has waited, plus the time until the engine frees a slot for it
+  (a full engine completes one request every ``S(k)`` seconds, ``S`` being a request's engine time
+  at k: its prefill plus its share of the decode steps, with the batch's k changing as the requests
+  running now finish and are replaced at k), plus its prefill; and of the next request to arrive,
+  behind the whole queue. Requests that would miss even at the lowest k are lost already: their own
+  TTFT does not count, but their place in the queue does (the requests behind them wait for them).
+* **inter-token latency**: one decode step of the batch the engine will run (the requests in it at
+  their own k, the free slots filled at k), stretched by the share of engine time that prefilling
+  the arriving requests takes.
+* **utilisation**: the arrival rate times ``S(k)`` (plus the load other tiers put on the engine)
+  must stay below ``max_utilisation``: a load above capacity builds a queue that no later choice
+  can drain in time. This is what sees a burst coming before its queue exists.
+
+The first k that meets all three (each latency at ``headroom`` x its objective, a margin for the
+spread around a mean prediction) is chosen, so k can move any number of levels at once; when none
+does, the lowest. Pure: no clock, no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from phds_serve.server.brownout import Objectives
+from phds_serve.server.service_model import ServiceModel
+
+INF = float("inf")
+
+
+@dataclass(frozen=True)
+class EngineState:
+    in_engine_k: Sequence[int] = ()  # k of every request dispatched to the engine and not finished
+    slots: int = 256  # the engine's max_num_seqs
+    engine_waiting: int = 0  # requests in vLLM's queues that the layer did not dispatch
+    prefilling_k: Sequence[int] = ()  # k of the requests in the engine still waiting for their first token
+    ttft_scale: float = 1.0  # measured / predicted engine part of TTFT, over recent requests
+    itl_scale: float = 1.0  # measured / predicted inter-token latency, over recent requests
+
+
+@dataclass(frozen=True)
+class Demand:
+    arrival_rps: float = 0.0  # requests/s arriving for the tier being chosen
+    prompt_tokens: float = 128.0  # mean prompt tokens per request
+    output_tokens: float = 64.0  # mean generated tokens per request
+    other_utilisation: float = 0.0  # engine share taken by the other tiers' arrivals
+
+
+@dataclass(frozen=True)
+class Prediction:
+    k: int
+    ttft_s: float  # this request's predicted TTFT (including what it has waited)
+    itl_s: float
+    utilisation: float
+    worst_queued_ttft_s: float  # the worst predicted TTFT of the requests queued behind it
+    meets: bool
+
+
+@dataclass(frozen=True)
+class Choice:
+    k: int
+    prediction: Prediction
+    considered: tuple[Prediction, ...] = field(default=())
+
+
+def request_engine_s(model: ServiceModel, k: float, demand: Demand, batch: float,
+                     state: EngineState | None = None) -> float:
+    """Engine seconds one request takes at k in a batch of ``batch`` rows (prefill + its decode share),
+    with the measured corrections of ``state`` (TTFT scale on the prefill, ITL scale on the decode)."""
+    b = max(1.0, batch)
+    ts, its = (state.ttft_scale, state.itl_scale) if state is not None else (1.0, 1.0)
+    return (ts * demand.prompt_tokens * model.token_s(k)
+            + its * demand.output_tokens * (model.row_s(k) + model.overhead_s() / b))
+
+
+def predict(
+    k: int,
+    model: ServiceModel,
+    state: EngineState,
+    demand: Demand,
+    waited_s: Sequence[float],
+    lowest_k: int | None = None,
+    ttft_limit_s: float = INF,
+) -> Prediction:
+    """Predicted latencies if this request (``waited_s[0]``) and the queued ones behind it run at k."""
+    running = list(state.in_engine_k)
+    n_run = len(running)
+    queued_behind = max(0, len(waited_s) - 1)
+    batch = min(state.slots, n_run + 1 + queued_behind)
+    run_mean_k = (sum(running) / n_run) if n_run else float(k)
+    # Over this request's life about half of the requests running now finish and are replaced at k.
+    keep = 0.5 * n_run
+    life_k = (keep * run_mean_k + (batch - keep) * k) / max(1.0, batch)
+    prefill_share = demand.arrival_rps * demand.prompt_tokens * model.token_s(k)
+    stretch = INF if prefill_share >= 0.95 else 1.0 / (1.0 - prefill_share)
+    itl = state.itl_scale * model.step_s(batch, life_k) * stretch
+    own_prefill = state.ttft_scale * demand.prompt_tokens * model.token_s(k)
+    # Prompts ahead of it in the engine (dispatched, no first token yet) are prefilled first.
+    ahead_prefill = demand.prompt_tokens * (state.engine_waiting * model.token_s(run_mean_k)
+                                            + sum(model.token_s(kp) for kp in state.prefilling_k))
+    first_step = state.ttft_scale * (model.step_s(n_run, run_mean_k, demand.prompt_tokens, k) + ahead_prefill)
+    ttft = (waited_s[0] if waited_s else 0.0) + first_step
+    free = max(0, state.slots - n_run - 1 - state.engine_waiting)
+    full = max(1, min(state.slots, n_run + 1))
+
+    def drain(kk: float, n: int) -> list[float]:
+        """Seconds until the i-th next completion (i = 1..n) of a full engine whose requests are
+        replaced at kk as they finish (the batch gets lighter or heavier as it turns over)."""
+        out, total = [0.0], 0.0
+        for i in range(1, n + 1):
+            replaced = min(i, n_run)
+            mix = ((n_run - replaced) * run_mean_k + replaced * kk) / n_run if n_run else kk
+            total += request_engine_s(model, mix, demand, full, state)
+            out.append(total)
+        return out
+
+    # Behind the queue: the next request to arrive (waited 0). Whether it can be served in time depends
+    # on how fast the whole queue drains, the requests already lost included (first come, first served).
+    behind = [*waited_s[1:], 0.0]
+    ahead_max = max(0, len(behind) - free)
+    waits = drain(k, ahead_max)
+    lows = drain(lowest_k, ahead_max) if lowest_k is not None else None
+    worst = 0.0
+    for j, w in enumerate(behind, start=1):
+        ahead = max(0, j - free)  # its slot frees after ``ahead`` completions
+        if lows is not None and w + lows[ahead] + own_prefill > ttft_limit_s and j < len(behind):
+            continue  # misses at any k: its own TTFT does not hold k down (its place in the queue does)
+        worst = max(worst, w + waits[ahead] + own_prefill)
+    util = demand.other_utilisation + demand.arrival_rps * request_engine_s(model, k, demand, state.slots, state)
+    return Prediction(k, ttft, itl, util, worst, False)
+
+
+def choose(
+    candidates: Sequence[int],
+    model: ServiceModel,
+    objectives: Objectives,
+    state: EngineState,
+    demand: Demand,
+    waited_s: Sequence[float],
+    headroom: float = 0.8,
+    max_utilisation: float = 0.9,
+) -> Choice:
+    """The highest k in ``candidates`` whose predictions meet the objectives (else the lowest)."""
+    ks = sorted(set(candidates), reverse=True)
+    if not ks:
+        raise ValueError("no candidate k")
+    ttft_limit = INF if objectives.ttft_s is None else objectives.ttft_s * headroom
+    itl_limit = INF if objectives.itl_s is None else objectives.itl_s * headroom
+    considered = []
+    for k in ks:
+        p = predict(k, model, state, demand, waited_s, lowest_k=ks[-1], ttft_limit_s=ttft_limit)
+        ok = (p.ttft_s <= ttft_limit and p.worst_queued_ttft_s <= ttft_limit and p.itl_s <= itl_limit
+              and p.utilisation <= max_utilisation)
+        p = Prediction(p.k, p.ttft_s, p.itl_s, p.utilisation, p.worst_queued_ttft_s, ok)
+        considered.append(p)
+        if ok:
+            return Choice(k, p, tuple(considered))
+    return Choice(ks[-1], considered[-1], tuple(considered))

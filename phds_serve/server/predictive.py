@@ -1,0 +1,237 @@
+"""Predictive brownout: the feed-forward controller, wired to the layer (``--brownout-mode predictive``).
+
+Pieces, one module each: the service model (:mod:`~phds_serve.server.service_model`, calibrated at
+start-up by :mod:`~phds_serve.server.calibration` and scaled online from vLLM's step stats), the
+choice of k (:mod:`~phds_serve.server.feedforward`), and the dispatch queue that binds k when a
+request enters the engine (:mod:`~phds_serve.server.dispatch`). This module measures the demand
+(arrival rate per tier over the last ``RATE_WINDOW_S``, mean prompt and output tokens from the
+responses' usage) and runs today's reactive controller (:mod:`~phds_serve.server.brownout`) as an
+outer safety loop: its level caps the k the feed-forward choice may pick (a tier's k never goes
+above ``Tier.k_at(level)``), so a service model that is wrong in a way the online scale does not
+correct still meets the objectives the slow way. ``--brownout-mode reactive`` runs the reactive
+controller alone, k bound at arrival (the ablation arm).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import logging
+import time
+from argparse import Namespace
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from phds_serve.server import metrics
+from phds_serve.server.brownout import BrownoutController, ControllerSettings, pressure
+from phds_serve.server.dispatch import Dispatcher, Ticket
+from phds_serve.server.feedforward import Demand, EngineState, choose, request_engine_s
+from phds_serve.server.load_feed import FEED, LoadFeed
+from phds_serve.server.request_k import LayerConfig
+from phds_serve.server.service_model import ServiceModel
+from phds_serve.tiers import TierConfigError
+
+logger = logging.getLogger("phds_serve.server")
+
+MODES = ("predictive", "reactive")
+RATE_WINDOW_S = 2.0
+OUTER_DOWN_AFTER = 2
+
+
+@dataclass(frozen=True)
+class PredictiveSettings:
+    mode: str = "predictive"
+    headroom: float = 0.8  # predicted latency must stay within headroom x objective
+    max_utilisation: float = 0.9
+    calibrate: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise TierConfigError(f"--brownout-mode must be one of {MODES}, got {self.mode!r}")
+        if not 0 < self.headroom <= 1:
+            raise TierConfigError(f"--brownout-headroom must be in (0, 1], got {self.headroom!r}")
+        if not 0 < self.max_utilisation <= 1:
+            raise TierConfigError(f"--brownout-max-utilisation must be in (0, 1], got {self.max_utilisation!r}")
+
+
+def engine_slots(state: Any) -> int:
+    """vLLM's max_num_seqs: how many requests the engine runs at once."""
+    scheduler = getattr(getattr(state.engine_client, "vllm_config", None), "scheduler_config", None)
+    return int(getattr(scheduler, "max_num_seqs", None) or getattr(state.args, "max_num_seqs", None) or 256)
+
+
+def settings_from(args: Namespace) -> PredictiveSettings:
+    return PredictiveSettings(
+        mode=getattr(args, "phds_brownout_mode", "predictive"),
+        headroom=getattr(args, "phds_brownout_headroom", 0.8),
+        max_utilisation=getattr(args, "phds_brownout_max_utilisation", 0.9),
+        calibrate=getattr(args, "phds_brownout_calibrate", True),
+    )
+
+
+class Ewma:
+    def __init__(self, alpha: float = 0.1) -> None:
+        self.alpha, self.value = alpha, None
+
+    def add(self, x: float) -> None:
+        self.value = x if self.value is None else self.value + self.alpha * (x - self.value)
+
+
+class PredictiveBrownout:
+    """Dispatch queue + service model + arrival rate; the reactive level as a cap."""
+
+    def __init__(self, config: LayerConfig, settings: PredictiveSettings, slots: int, feed: LoadFeed = FEED,
+                 clock: Callable[[], float] = time.monotonic, model: ServiceModel | None = None) -> None:
+        self.config, self.settings, self.feed, self.clock = config, settings, feed, clock
+        self.model = model or ServiceModel()
+        self.dispatcher = Dispatcher(slots, self._bind, clock)
+        # The outer safety loop: only a cap, so it may give k back quickly (OUTER_DOWN_AFTER ticks of
+        # headroom per level, not --brownout-down-after): the feed-forward choice keeps k down while the
+        # load needs it.
+        self.controller = BrownoutController(ControllerSettings(
+            max_level=config.tiers.max_rungs(), down_after=OUTER_DOWN_AFTER, max_down_after=8 * OUTER_DOWN_AFTER))
+        self.last_pressure: float | None = None
+        self.arrivals: dict[str, deque[float]] = {}
+        self.last_k: dict[str, int] = {}
+        self.prompt_tokens, self.output_tokens = Ewma(), Ewma()
+        self._ttft_ratios: deque[float] = deque(maxlen=64)
+        self._itl_ratios: deque[float] = deque(maxlen=64)
+        self.ttft_scale = 1.0
+        self.itl_scale = 1.0
+        self.calibration: dict | None = None
+        self._task: asyncio.Task | None = None
+        feed.k_source = self.dispatcher.k_mix
+
+    @property
+    def level(self) -> int:
+        """The outer (reactive) loop's level: a cap on the k the feed-forward choice may pick."""
+        return self.controller.level
+
+    # -- demand ---------------------------------------------------------------------------
+    def arrived(self, key: str, now: float | None = None, fixed_k: int | None = None) -> None:
+        """A request arrived: ``key`` an elastic tier's name, or any name for requests at a fixed k."""
+        self.arrivals.setdefault(key, deque()).append(self.clock() if now is None else now)
+        if fixed_k is not None:
+            self.last_k[key] = fixed_k
+
+    def rates(self, now: float) -> dict[str, float]:
+        out = {}
+        for tier, times in self.arrivals.items():
+            while times and times[0] < now - RATE_WINDOW_S:
+                times.popleft()
+            out[tier] = len(times) / RATE_WINDOW_S
+        return out
+
+    def finished(self, prompt_tokens: int | None, generation_tokens: int | None) -> None:
+        if prompt_tokens:
+            self.prompt_tokens.add(prompt_tokens)
+        if generation_tokens:
+            self.output_tokens.add(generation_tokens)
+
+    def first_token(self, ticket: Ticket, ttft_s: float) -> None:
+        """A stream's first token: correct the engine part of the TTFT prediction (measured / predicted)."""
+        ticket.first_token = True
+        predicted, waited = ticket.info.get("predicted_ttft_s"), ticket.info.get("waited_s")
+        if predicted is None or waited is None:
+            return
+        engine_predicted = (predicted - waited) / self.ttft_scale  # unscaled, as the model predicts it
+        if engine_predicted > 0 and ttft_s > waited:
+            self._ttft_ratios.append((ttft_s - waited) / engine_predicted)
+            if len(self._ttft_ratios) >= 8:
+                self.ttft_scale = min(20.0, max(0.5, statistics.median(self._ttft_ratios)))
+
+    def observed_itl(self, ticket: Ticket, itl_s: float) -> None:
+        """A finished stream's mean inter-token latency: correct the ITL and decode-time predictions."""
+        predicted = ticket.info.get("predicted_itl_s")
+        if not predicted or itl_s <= 0 or predicted == float("inf"):
+            return
+        self._itl_ratios.append(itl_s / (predicted / self.itl_scale))
+        if len(self._itl_ratios) >= 8:
+            self.itl_scale = min(20.0, max(0.5, statistics.median(self._itl_ratios)))
+
+    def demand(self, head: Ticket, now: float) -> Demand:
+        prompt = self.prompt_tokens.value or head.info.get("prompt_tokens") or 128.0
+        output = self.output_tokens.value or head.info.get("max_tokens") or 64.0
+        rates = self.rates(now)
+        other = 0.0
+        base = Demand(0.0, prompt, output)
+        for tier, rate in rates.items():
+            if tier != head.tier and rate:
+                k = self.last_k.get(tier, self.config.native_k)
+                other += rate * request_engine_s(self.model, k, base, self.dispatcher.slots, self._state())
+        return Demand(rates.get(head.tier, 0.0), prompt, output, other)
+
+    # -- the choice, at dispatch ------------------------------------------------------------
+    def _state(self) -> EngineState:
+        return EngineState(self.dispatcher.engine_ks(), self.dispatcher.slots,
+                           max(0, self.feed.waiting + self.feed.running - len(self.dispatcher.in_engine)),
+                           self.dispatcher.prefilling_ks(), self.ttft_scale, self.itl_scale)
+
+    def _bind(self, head: Ticket, queued: list[Ticket]) -> int:
+        tier = self.config.tiers.tiers[head.tier]
+        cap = tier.k_at(self.level)
+        candidates = [k for k in range(tier.lowest_k, cap + 1) if k in self.config.allowed] or [tier.lowest_k]
+        now = self.clock()
+        state = self._state()
+        waited = [now - t.arrived for t in queued]
+        choice = choose(candidates, self.model, self.config.objectives, state, self.demand(head, now), waited,
+                        self.settings.headroom, self.settings.max_utilisation)
+        head.info["predicted_ttft_s"] = choice.prediction.ttft_s
+        head.info["waited_s"] = waited[0]
+        head.info["predicted_itl_s"] = choice.prediction.itl_s
+        self.last_k[head.tier] = choice.k
+        return choice.k
+
+    # -- the tick ---------------------------------------------------------------------------
+    def tick(self, now: float | None = None) -> int:
+        for step in self.feed.drain_steps():
+            self.model.observe(step)
+        window = self.feed.window(self.config.brownout_window_s, now)
+        self.last_pressure = pressure(window, self.config.objectives)
+        level = self.controller.step(self.last_pressure)
+        metrics.BROWNOUT_LEVEL.set(level)
+        metrics.BROWNOUT_PRESSURE.set(self.last_pressure or 0.0)
+        metrics.BROWNOUT_QUEUED.set(len(self.dispatcher.queued))
+        metrics.BROWNOUT_SERVICE_SCALE.set(self.model.scale)
+        self.dispatcher.pump()
+        return level
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="phds-brownout")
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.brownout_interval_s)
+            try:
+                self.tick()
+            except Exception:  # never let the controller take the server down
+                logger.exception("phds-serve: brownout tick failed")
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def calibrate(self, state: Any) -> None:
+        """Start-up probes on the served model (see :mod:`phds_serve.server.calibration`); never fatal."""
+        if not self.settings.calibrate:
+            return
+        from phds_serve.server.calibration import calibrate
+
+        ks = sorted({k for t in self.config.tiers.tiers.values() if t.elastic
+                     for k in range(t.lowest_k, t.k + 1) if k in self.config.allowed})
+        try:
+            engine = state.engine_client
+            vc = engine.vllm_config
+            self.calibration = await asyncio.wait_for(calibrate(
+                engine, self.model, self.feed, ks, vc.model_config.get_vocab_size(), vc.model_config.max_model_len,
+                self.dispatcher.slots, vc.scheduler_config.max_num_batched_tokens), timeout=300)
+        except Exception as exc:
+            logger.warning("phds-serve: service model calibration failed (%s); prior shape, scaled online", exc)
+            self.calibration = {"fitted": False, "error": str(exc)}
+
+    def as_json(self) -> dict:
+        return {"mode": "predictive", "ttft_scale": self.ttft_scale, "itl_scale": self.itl_scale, "queued": len(self.dispatcher.queued), "in_engine": len(self.dispatcher.in_engine),
+                "service_model": self.model.as_json(), "calibration": self.calibration}

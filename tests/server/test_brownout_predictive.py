@@ -1,0 +1,184 @@
+"""The feed-forward brownout controller, pure: service model, choice of k, dispatch queue, load feed.
+
+No server and no clock: the engine is a ServiceModel with known coefficients, time is a variable.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from phds_serve.declared_k import KContract, KPolicy
+from phds_serve.server.brownout import Objectives
+from phds_serve.server.dispatch import Dispatcher
+from phds_serve.server.feedforward import Demand, EngineState, choose, predict
+from phds_serve.server.load_feed import LoadFeed
+from phds_serve.server.predictive import PredictiveBrownout, PredictiveSettings
+from phds_serve.server.request_k import LayerConfig
+from phds_serve.server.service_model import ServiceModel, Step
+from phds_serve.tiers import TierConfigError, parse_tier_spec
+
+# A step: 10 ms, plus per decode row 0.2 + 0.25*k ms, plus per prompt token 0.05 + 0.05*k ms.
+TRUE = (0.010, 0.0002, 0.00025, 0.00005, 0.00005)
+OBJ = Objectives(ttft_s=0.5, itl_s=0.12)
+KS = [8, 7, 6, 5, 4, 3, 2]
+
+
+def true_step(rows, k_rows, tokens=0, k_tokens=0):
+    return Step(TRUE[0] + rows * (TRUE[1] + TRUE[2] * k_rows) + tokens * (TRUE[3] + TRUE[4] * k_tokens),
+                rows, rows * k_rows, tokens, tokens * k_tokens)
+
+
+def model() -> ServiceModel:
+    return ServiceModel(shape=TRUE)
+
+
+# -- service model ------------------------------------------------------------------------
+def test_calibration_recovers_the_cost_of_k_and_the_online_scale_follows_a_slower_machine():
+    steps = [true_step(rows, k) for k in (2, 5, 8) for rows in (1, 4, 16)]
+    steps += [true_step(1, k, tokens, k) for k in (2, 5, 8) for tokens in (256, 1024)]
+    m = ServiceModel()
+    assert m.calibrate(steps)
+    assert m.shape == pytest.approx(TRUE, rel=1e-6, abs=1e-9)
+    assert m.row_s(8) > m.row_s(2) and m.token_s(8) > m.token_s(2)
+    for _ in range(20):  # the machine got twice as slow (another job): every step takes 2x
+        s = true_step(16, 8)
+        m.observe(Step(2 * s.seconds, s.rows, s.rows_k))
+    assert m.scale == pytest.approx(2.0)
+    assert m.step_s(16, 8) == pytest.approx(2 * true_step(16, 8).seconds)
+
+
+def test_calibration_that_shows_no_cost_of_k_keeps_the_prior():
+    flat = [Step(0.02, rows, rows * k) for k in (2, 8) for rows in (1, 2, 4)]
+    m = ServiceModel()
+    assert not m.calibrate(flat) and not m.calibrated
+
+
+# -- the choice of k ------------------------------------------------------------------------
+def test_an_idle_engine_runs_the_nominal_k():
+    c = choose(KS, model(), OBJ, EngineState((), 32), Demand(1.0, 128, 32), [0.0])
+    assert c.k == 8 and c.prediction.meets
+
+
+def test_a_queue_moves_k_down_several_levels_in_one_decision():
+    """A request with 60 queued behind it and a full engine at k 8: straight to the k that drains in time."""
+    state = EngineState([8] * 32, 32)
+    c = choose(KS, model(), OBJ, state, Demand(2.0, 128, 32), [0.05] * 60)
+    assert c.k <= 4
+    assert [p.k for p in c.considered][0] == 8 and not c.considered[0].meets  # 8 was predicted to miss
+    # The same request without the queue keeps k 8: it is the queue, not the request, that lowers k.
+    assert choose(KS, model(), OBJ, state, Demand(2.0, 128, 32), [0.05]).k == 8
+
+
+def test_the_arrival_rate_lowers_k_before_any_queue_exists():
+    """A burst seen in the arrival rate: utilisation at k 8 above the limit, so a lower k, queue empty."""
+    m = model()
+    calm = choose(KS, m, OBJ, EngineState((), 32), Demand(1.0, 128, 32), [0.0])
+    burst = choose(KS, m, OBJ, EngineState((), 32), Demand(10.0, 128, 32), [0.0])
+    assert calm.k == 8 and burst.k < 8
+    assert burst.prediction.utilisation <= 0.9
+    assert predict(8, m, EngineState((), 32), Demand(10.0, 128, 32), [0.0]).utilisation > 0.9
+
+
+def test_requests_lost_at_any_k_count_only_for_the_place_they_take_in_the_queue():
+    state = EngineState([8] * 28, 32)  # slots free for them (and the next arrival)
+    hopeless = [0.0] + [5.0] * 2  # queued for 5 s against a 0.5 s objective: lost whatever k is chosen
+    assert choose(KS, model(), OBJ, state, Demand(0.5, 128, 32), hopeless).k == 8
+    long_queue = [0.0] + [5.0] * 40  # ... but 40 of them delay the next arrival: drain them fast
+    assert choose(KS, model(), OBJ, state, Demand(0.5, 128, 32), long_queue).k == 2
+
+
+def test_when_nothing_meets_the_objectives_the_lowest_k_is_chosen():
+    state = EngineState([8] * 32, 32)
+    c = choose(KS, model(), Objectives(ttft_s=0.001), state, Demand(2.0, 128, 32), [0.0])
+    assert c.k == 2 and not c.prediction.meets
+
+
+# -- the dispatch queue ---------------------------------------------------------------------
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_k_is_bound_at_dispatch_from_the_load_of_that_moment_and_never_changes():
+    clock = Clock()
+    load = {"k": 8}
+    d = Dispatcher(2, lambda head, queued: load["k"], clock)
+    a, b, c = (d.enter(0, clock.t + 1.0) for _ in range(3))
+    assert (a.k, b.k, c.k) == (8, 8, None)  # two slots: the third waits with its k open
+    load["k"] = 3  # a burst arrives while c waits
+    clock.t = 2.0
+    d.done(a)
+    assert c.k == 3 and c.dispatched_at == 2.0  # the k of the moment it starts
+    load["k"] = 8
+    d.pump()
+    assert (b.k, c.k) == (8, 3)  # a running request's k never changes
+
+
+def test_the_queue_orders_by_tier_priority_then_deadline():
+    clock = Clock()
+    d = Dispatcher(1, lambda head, queued: 8, clock)
+    first = d.enter(0, 1.0)
+    late_balanced = d.enter(0, 3.0)
+    early_balanced = d.enter(0, 2.0)
+    fast = d.enter(-10, 9.0, fixed_k=2)
+    assert first.k == 8 and [t.seq for t in d.ordered()] == [fast.seq, early_balanced.seq, late_balanced.seq]
+    d.done(first)
+    assert fast.k == 2  # a fixed k is never re-bound
+    d.done(fast)
+    assert early_balanced.k == 8 and late_balanced.k is None
+
+
+def test_a_request_that_leaves_while_queued_frees_its_place():
+    clock = Clock()
+    d = Dispatcher(1, lambda head, queued: 8, clock)
+    a, b, c = d.enter(0, 1.0), d.enter(0, 2.0), d.enter(0, 3.0)
+    d.done(b)
+    d.done(a)
+    assert c.k == 8 and not d.queued and list(d.in_engine) == [c.seq]
+
+
+# -- the controller wired together ---------------------------------------------------------
+CONFIG = LayerConfig(contract=KContract(KPolicy(native_k=8, num_experts=32), True),
+                     tiers=parse_tier_spec("fast=2,balanced=8..2"), objectives=OBJ)
+
+
+def test_the_reactive_level_caps_the_feed_forward_choice():
+    clock = Clock()
+    pb = PredictiveBrownout(CONFIG, PredictiveSettings(), 32, LoadFeed(), clock, model())
+    t = pb.dispatcher.enter(0, 0.5, "balanced")
+    assert t.k == 8 and t.info["predicted_ttft_s"] > 0
+    pb.controller.level = 3  # the outer loop saw objectives missed
+    assert pb.dispatcher.enter(0, 0.5, "balanced").k == 5
+
+
+def test_arrivals_of_a_burst_lower_k_at_dispatch():
+    clock = Clock()
+    pb = PredictiveBrownout(CONFIG, PredictiveSettings(), 32, LoadFeed(), clock, model())
+    assert pb.dispatcher.enter(0, 0.5, "balanced").k == 8
+    for i in range(120):  # 60 requests/s over the last two seconds
+        pb.arrived("balanced", clock.t - i / 60)
+    assert pb.dispatcher.enter(0, 0.5, "balanced").k < 8
+
+
+def test_settings_are_checked():
+    with pytest.raises(TierConfigError, match="headroom"):
+        PredictiveSettings(headroom=1.5)
+    with pytest.raises(TierConfigError, match="mode"):
+        PredictiveSettings(mode="psychic")
+
+
+# -- steps from vLLM's stats ----------------------------------------------------------------
+def test_busy_engine_outputs_become_steps_with_the_k_of_the_requests_in_the_engine():
+    feed = LoadFeed()
+    feed.k_source = lambda: (6.0, 2.0)
+    feed.add_step(10.0, 0, 4, 0, busy=True)  # the first output: no step yet
+    feed.add_step(10.03, 100, 5, 1, busy=True)  # 4 decode rows at k 6, 100 prompt tokens at k 2
+    feed.add_step(10.05, 0, 5, 0, busy=False)
+    feed.add_step(15.0, 0, 1, 0, busy=True)  # after an idle engine: not a step
+    steps = feed.drain_steps()
+    assert len(steps) == 2
+    assert steps[0] == Step(pytest.approx(0.03), 4, 24.0, 100, 200.0)
+    assert steps[1].rows == 5 and steps[1].rows_k == 30.0 and not feed.drain_steps()
