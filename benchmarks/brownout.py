@@ -1,4 +1,4 @@
-"""Does brownout hold latency objectives under load, and what does it cost? Four arms, one run.
+"""Does brownout hold latency objectives under load, and what does it cost? Five arms, one run.
 
 A MoE-heavy OLMoE-shaped checkpoint (benchmarks/k_scaling.py's shape: 32 experts, native k 8,
 expert weights dominate) is served by phds-serve on this machine, and an open-loop locust load
@@ -7,8 +7,19 @@ its objectives, holds, ramps back, with two bursts. The same load, in the same r
 
   fixed-nominal   every request at the nominal k 8 (a tier with no range)
   fixed-lowest    every request at the lowest k the operator accepts (a fixed tier at that k)
-  brownout        a tier 8..lowest with the objectives given to phds-serve (--slo-ttft-ms/--slo-itl-ms)
+  brownout        a tier 8..lowest with the objectives given to phds-serve (--slo-ttft-ms/--slo-itl-ms),
+                  predictive controller (the default --brownout-mode): k bound when a request enters
+                  the engine, from a service model, the arrival rate and the queued work
+  brownout-reactive  the same tier, --brownout-mode reactive (the controller before issue 15: k bound
+                  at arrival from a level moved by measured latencies; the ablation arm)
   vllm-overload   nominal k, with vLLM's own overload answer: --max-num-queued-reqs (HTTP 503 beyond it)
+
+A second plan (``--plans two-tier``, part of the full run) sends 30 % of the requests to a fixed
+``fast`` tier (k 2, vLLM priority -10, --scheduling-policy priority) and 70 % to an elastic
+``balanced`` tier (8..2), against the predictive and the reactive server.
+
+Every server and load generator runs in its own process group and is ended when the benchmark
+exits: normally, on an exception, on Ctrl-C (SIGINT) or SIGTERM (see ``Children``).
 
 Objectives are set from the unloaded latency measured at the start (TTFT and inter-token latency
 multiples, see --ttft-x/--itl-x). A request *meets the objective* when it succeeded, its TTFT and
@@ -17,15 +28,18 @@ its mean inter-token latency are within them. Per arm: objective attainment (met
 price of each rung for the bundled PHDS model: held-out loss per k beside latency per k measured
 on a running phds-serve (phds-eval --url).
 
-    python benchmarks/brownout.py                 # ~15-20 min on 2 cores; writes docs/brownout/
-    python benchmarks/brownout.py --quick         # shorter plan, for a smoke check
+    python benchmarks/brownout.py                 # ~45 min on 2 cores; writes docs/brownout/
+    python benchmarks/brownout.py --quick         # one pass of a short plan, every arm: <= 8 min;
+                                                  # writes <out>/quick/, ends with one line per arm
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -52,6 +66,78 @@ SERVER_COMMON = ["--dtype", "float32", "--max-model-len", "512", "--max-num-seqs
 LOCUSTFILE = REPO / "benchmarks" / "brownout_locust.py"
 
 
+# --------------------------------------------------------------------------- child processes
+class Children:
+    """Every process group this benchmark starts (servers, locust), ended when it exits.
+
+    Each child runs in its own session/process group (vLLM's engine core and workers are in the
+    server's group), so ending a group ends everything it started. ``install`` ends them all at
+    interpreter exit (atexit) and turns SIGTERM/SIGHUP into SystemExit, so ``finally`` blocks and
+    atexit run on every way out: normal exit, an exception, Ctrl-C (KeyboardInterrupt), SIGTERM.
+    (SIGKILL cannot be caught: nothing can clean up after it.)"""
+
+    def __init__(self) -> None:
+        self.servers: list[srv.Server] = []
+        self.procs: list[subprocess.Popen] = []
+        self._installed = False
+
+    def install(self) -> None:
+        if self._installed:
+            return
+        self._installed = True
+        atexit.register(self.stop_all)
+
+        def leave(signum, _frame):
+            raise SystemExit(128 + signum)
+
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, leave)
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # e.g. started in the background by a shell
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def server(self, cmd: list[str], port: int, log: Path) -> srv.Server:
+        """A server, registered before it starts (a start interrupted half-way is still ended)."""
+        server = srv.Server(cmd, port, log)
+        self.servers.append(server)
+        return server
+
+    def popen(self, cmd: list[str], **kw) -> subprocess.Popen:
+        proc = subprocess.Popen(cmd, start_new_session=True, **kw)
+        self.procs.append(proc)
+        return proc
+
+    @staticmethod
+    def end_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                continue
+            try:  # the leader is gone; members of its group may not be
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+        try:
+            proc.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            self.end_group(proc)
+        for server in self.servers:
+            server.stop()
+        self.procs.clear()
+        self.servers.clear()
+
+
+CHILDREN = Children()
+
+
 # --------------------------------------------------------------------------- model and servers
 def build_model(path: Path) -> Path:
     """Random MoE-heavy OLMoE with a small trained tokenizer (the text is noise; the cost is real)."""
@@ -66,10 +152,39 @@ def build_model(path: Path) -> Path:
 
 
 def start_server(model: Path, extra: list[str], log: Path) -> srv.Server:
+    """A started phds-serve, registered with CHILDREN (stop it with .stop(); CHILDREN ends it anyway).
+    Not ``with start_server(...)``: Server.__enter__ starts the server again (a second process)."""
     port = srv.free_port()
-    server = srv.Server(srv.command(port, str(model), [*SERVER_COMMON, *extra]), port, log)
+    server = CHILDREN.server(srv.command(port, str(model), [*SERVER_COMMON, *extra]), port, log)
     print(f"  starting phds-serve {' '.join(extra)}", flush=True)
     return server.start(timeout=600)
+
+
+def start_servers(model: Path, flags: dict[str, list[str]], work: Path) -> dict[str, srv.Server]:
+    """Several servers started at once (before any measurement: their start-ups overlap, then they idle)."""
+    servers = {}
+    for name, extra in flags.items():
+        port = srv.free_port()
+        servers[name] = CHILDREN.server(srv.command(port, str(model), [*SERVER_COMMON, *extra]), port,
+                                        work / f"server-{name}.log")
+        print(f"  starting phds-serve ({name}) {' '.join(extra)}", flush=True)
+        with open(servers[name].log, "ab") as out:
+            servers[name].proc = subprocess.Popen(servers[name].cmd, stdout=out, stderr=subprocess.STDOUT,
+                                                  start_new_session=True)
+    deadline = time.monotonic() + 900
+    for name, server in servers.items():
+        while True:
+            if server.proc.poll() is not None:
+                raise RuntimeError(f"server {name} exited with {server.proc.returncode}:\n{server.tail()}")
+            try:
+                if requests.get(server.url + "/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server {name} not healthy:\n{server.tail()}")
+            time.sleep(1.0)
+    return servers
 
 
 def unloaded(url: str, tier: str, n: int = 8) -> tuple[float, float]:
@@ -96,15 +211,21 @@ def unloaded(url: str, tier: str, n: int = 8) -> tuple[float, float]:
 
 
 def run_load(url: str, plan: list[list[float]], tier: str, out: Path, prompt_tokens: int, max_tokens: int) -> dict:
-    """One locust run (headless, open loop) over ``plan``; returns the per-request rows and samples."""
+    """One locust run (headless, open loop) over ``plan``; returns the per-request rows and samples.
+    ``tier``: one tier name, or a mix 'fast:0.3,balanced:0.7'."""
     env = {**os.environ, "BROWNOUT_PLAN": json.dumps(plan), "BROWNOUT_TIER": tier, "BROWNOUT_MODEL": MODEL_NAME,
            "BROWNOUT_OUT": str(out), "BROWNOUT_PROMPT_TOKENS": str(prompt_tokens),
            "BROWNOUT_MAX_TOKENS": str(max_tokens)}
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", url,
            "--only-summary", "--loglevel", "WARNING"]
-    r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=plan[-1][0] + 300)
+    proc = CHILDREN.popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = proc.communicate(timeout=plan[-1][0] + 300)
+    finally:
+        CHILDREN.end_group(proc)
+        CHILDREN.procs.remove(proc)
     if not out.is_file():
-        raise RuntimeError(f"locust wrote no results (rc {r.returncode}):\n{r.stderr[-3000:]}")
+        raise RuntimeError(f"locust wrote no results (rc {proc.returncode}):\n{(err or '')[-3000:]}")
     return json.loads(out.read_text())
 
 
@@ -185,6 +306,7 @@ def timeline(data: dict, slo: dict, duration: float, bin_s: float = 5.0) -> dict
         out["mean_k"][i] = statistics.mean(ks) if ks else None
     out["level"] = [[s["t"], s.get("phds_brownout_level")] for s in data["samples"]]
     out["waiting"] = [[s["t"], s.get("vllm:num_requests_waiting")] for s in data["samples"]]
+    out["queued"] = [[s["t"], s.get("phds_brownout_queued")] for s in data["samples"]]
     return out
 
 
@@ -202,7 +324,7 @@ def load_plan(rate: float, duration: float) -> list[list[float]]:
 def saturation(url: str, tier: str, slo: dict, start_rate: float, work: Path, args) -> tuple[float, list]:
     """The lowest offered rate, on a x1.35 grid, at which fixed nominal k meets the objective for < 90%
     of requests: from ``start_rate`` up while it holds (or down while it does not)."""
-    step_s = 10.0 if args.quick else 15.0
+    step_s = 8.0 if args.quick else 15.0
     steps: list[dict] = []
 
     def attainment(rate: float) -> float:
@@ -236,13 +358,21 @@ def rung_price(out: Path, work: Path) -> dict:
 
     port = srv.free_port()
     kv = ["--kv-cache-memory-bytes", str(256 * 2**20)]  # the bundled default is a fraction of the machine
-    server = srv.Server(srv.command(port, None, kv), port, work / "rungs-server.log")
+    server = CHILDREN.server(srv.command(port, None, kv), port, work / "rungs-server.log")
     print("rung price: bundled model, phds-eval against a running phds-serve", flush=True)
-    with server:
+    try:
+        server.start()
         cmd = [sys.executable, "-m", "phds_serve.eval.cli", "--checkpoint", str(ASSET_DIR), "--url", server.url,
                "--max-blocks", "48", "--latency-requests", "12", "--latency-tokens", "32",
                "--out", str(work / "rungs")]
-        subprocess.run(cmd, check=True, cwd=REPO)
+        proc = CHILDREN.popen(cmd, cwd=REPO)
+        try:
+            if proc.wait() != 0:
+                raise RuntimeError(f"phds-eval failed (rc {proc.returncode})")
+        finally:
+            CHILDREN.end_group(proc)
+    finally:
+        server.stop()
     result = json.loads((work / "rungs" / "results.json").read_text())
     for name in ("results.json", "results.png"):
         (out / f"rungs_{name}").write_bytes((work / "rungs" / name).read_bytes())
@@ -250,8 +380,11 @@ def rung_price(out: Path, work: Path) -> dict:
 
 
 # --------------------------------------------------------------------------- plots and report
-ARMS = ("fixed-nominal", "fixed-lowest", "brownout", "vllm-overload")
-COLORS = {"fixed-nominal": "tab:blue", "fixed-lowest": "tab:green", "brownout": "tab:red", "vllm-overload": "tab:gray"}
+ARMS = ("fixed-nominal", "fixed-lowest", "brownout", "brownout-reactive", "vllm-overload")
+TWO_TIER_ARMS = ("brownout", "brownout-reactive")
+COLORS = {"fixed-nominal": "tab:blue", "fixed-lowest": "tab:green", "brownout": "tab:red",
+          "brownout-reactive": "tab:orange", "vllm-overload": "tab:gray"}
+TWO_TIER_MIX = "fast:0.3,balanced:0.7"
 
 
 def mean_timeline(tls: list[dict]) -> dict:
@@ -260,19 +393,19 @@ def mean_timeline(tls: list[dict]) -> dict:
         vals = [v for v in values if v is not None]
         return statistics.mean(vals) if vals else None
 
-    out = {"t": tls[0]["t"], "level": tls[0]["level"], "waiting": tls[0]["waiting"]}
+    out = {"t": tls[0]["t"], "level": tls[0]["level"], "waiting": tls[0]["waiting"], "queued": tls[0]["queued"]}
     for key in ("offered", "goodput", "errors", "ttft_p90", "mean_k"):
         out[key] = [mean(vals) for vals in zip(*(tl[key] for tl in tls))]
     return out
 
 
-def plot(path: Path, results: dict, slo: dict, plan: list) -> None:
+def plot(path: Path, results: dict, slo: dict, plan: list, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(5, 1, figsize=(10, 15), sharex=True)
+    fig, axes = plt.subplots(6, 1, figsize=(10, 18), sharex=True)
     t = [p[0] for p in plan]
     axes[0].plot(t, [p[1] for p in plan], "k--", label="offered (plan)")
     for arm in ARMS:
@@ -284,23 +417,33 @@ def plot(path: Path, results: dict, slo: dict, plan: list) -> None:
         axes[1].plot(tl["t"], [v if v is not None else float("nan") for v in tl["ttft_p90"]], color=c, label=arm)
         axes[2].plot(tl["t"], [v if v is not None else float("nan") for v in tl["mean_k"]], color=c, label=arm)
         axes[3].plot(tl["t"], tl["errors"], color=c, label=arm)
-        if arm == "brownout":
+        if arm.startswith("brownout"):
             axes[4].step([p[0] for p in tl["level"]], [p[1] or 0 for p in tl["level"]], color=c,
-                         where="post", label="brownout level")
-        w = [(p[0], p[1]) for p in tl["waiting"] if p[1] is not None]
+                         where="post", label=f"{arm} level")
+        w = [(p[0], (p[1] or 0) + (q[1] or 0)) for p, q in zip(tl["waiting"], tl["queued"]) if p[1] is not None]
         if w:
-            axes[4].plot([p[0] for p in w], [p[1] for p in w], color=c, alpha=0.4, lw=1, label=f"{arm} waiting")
+            axes[4].plot([p[0] for p in w], [p[1] for p in w], color=c, alpha=0.4, lw=1,
+                         label=f"{arm} waiting (vLLM + layer)")
+        pred = [(r["t"], r["pred_ttft"], r["ttft"]) for r in results[arm].get("rows_pass1", [])
+                if r.get("pred_ttft") is not None and r["ttft"] is not None]
+        if pred:
+            axes[5].scatter([p[0] for p in pred], [p[1] for p in pred], s=4, color="k", label="predicted TTFT")
+            axes[5].scatter([p[0] for p in pred], [p[2] for p in pred], s=4, color=c, label="measured TTFT")
     axes[1].axhline(slo["ttft_s"], color="k", ls=":", label="TTFT objective")
+    axes[5].axhline(slo["ttft_s"], color="k", ls=":", label="TTFT objective")
     axes[1].set_yscale("log")
-    labels = ("requests/s (good)", "p90 TTFT (s)", "mean applied k", "errors/s", "level / waiting requests")
+    axes[5].set_yscale("log")
+    labels = ("requests/s (good)", "p90 TTFT (s)", "mean applied k", "errors/s", "level / waiting requests",
+              "brownout TTFT (s), pass 1")
     for ax, label in zip(axes, labels):
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper right")
     axes[-1].set_xlabel("seconds into the load plan (by request start)")
-    fig.suptitle("phds-serve brownout: one load plan, four arms (mean of the passes; level of pass 1)")
+    fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def table(results: dict) -> str:
@@ -320,90 +463,236 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def phase_table(results: dict, duration: float) -> str:
+    arms = [a for a in ARMS if a in results]
+    out = ["| phase | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+    for i, (name, _, _) in enumerate(phases(duration)):
+        cells = [f"{results[a]['phases'][i]['attainment']:.0%} (k {results[a]['phases'][i]['mean_k'] or 0:.1f})"
+                 for a in arms]
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def prediction_error(rows: list[dict]) -> dict | None:
+    """Predicted TTFT (at the moment k was bound) against the measured one, over the requests that have both."""
+    pairs = [(r["pred_ttft"], r["ttft"]) for r in rows if r.get("pred_ttft") is not None and r["ttft"] is not None]
+    if not pairs:
+        return None
+    ratios = sorted(m / p for p, m in pairs if p > 0)
+    return {"n": len(pairs), "ratio_p10": quantile(ratios, 0.1), "ratio_p50": quantile(ratios, 0.5),
+            "ratio_p90": quantile(ratios, 0.9),
+            "within_2x": sum(0.5 <= r <= 2 for r in ratios) / len(ratios)}
+
+
+def targets(results: dict, duration: float) -> list[dict]:
+    """The issue's targets for the brownout arm, overall and per pass."""
+    out = []
+    burst_idx = [i for i, (n, _, _) in enumerate(phases(duration)) if n.startswith("burst")]
+    half_idx = [i for i, (n, _, _) in enumerate(phases(duration)) if n.startswith("0.5R") and "ramp" not in n]
+
+    def check(b: dict, lo: dict, b_rows: list, label: str) -> None:
+        bs, ls = b["summary"], lo["summary"]
+        ks = [r["k"] for i in half_idx for r in b_rows if r["status"] == 200 and r["k"] is not None
+              and phases(duration)[i][1] <= r["t"] < phases(duration)[i][2]]
+        half_k = statistics.mean(ks) if ks else None
+        rows = [
+            ("overall attainment >= fixed-lowest - 1.5 points", bs["attainment"], ls["attainment"] - 0.015,
+             bs["attainment"] >= ls["attainment"] - 0.015),
+            *[(f"{b['phases'][i]['phase']} >= fixed-lowest - 5 points", b["phases"][i]["attainment"],
+               lo["phases"][i]["attainment"] - 0.05, b["phases"][i]["attainment"] >= lo["phases"][i]["attainment"] - 0.05)
+              for i in burst_idx],
+            ("mean k >= 4.0", bs["mean_k"], 4.0, (bs["mean_k"] or 0) >= 4.0),
+            ("mean k in the 0.5R phases >= 7", half_k, 7.0, (half_k or 0) >= 7.0),
+            ("goodput >= 0.97 x fixed-lowest", bs["goodput_rps"], 0.97 * ls["goodput_rps"],
+             bs["goodput_rps"] >= 0.97 * ls["goodput_rps"]),
+            ("errors == 0", bs["errors"], 0, bs["errors"] == 0),
+        ]
+        for name, value, bound, ok in rows:
+            out.append({"scope": label, "target": name, "value": value, "bound": bound, "met": ok})
+
+    b, lo = results["brownout"], results["fixed-lowest"]
+    check(b, lo, b["rows"], "both passes")
+    for i, (bp, lp) in enumerate(zip(b["by_pass"], lo["by_pass"])):
+        check(bp, lp, bp["rows"], f"pass {i + 1}")
+    return out
+
+
+def analyse(runs: dict[str, list[dict]], slo: dict, duration: float) -> dict:
+    results = {}
+    for arm, datas in runs.items():
+        if not datas:
+            continue
+        merged = {"rows": [r for d in datas for r in d["rows"]], "samples": []}
+        results[arm] = {
+            "summary": summarize(merged, slo, duration * len(datas)),
+            "phases": by_phase(merged["rows"], slo, duration),
+            "passes": [summarize(d, slo, duration) for d in datas],
+            "by_pass": [{"summary": summarize(d, slo, duration), "phases": by_phase(d["rows"], slo, duration),
+                         "rows": d["rows"]} for d in datas],
+            "timelines": [timeline(d, slo, duration) for d in datas],
+            "rows": merged["rows"],
+            "rows_pass1": datas[0]["rows"],
+            "prediction": prediction_error(merged["rows"]),
+        }
+    return results
+
+
+def tier_report(results: dict, slo: dict, duration: float) -> dict:
+    """Two-tier plan: per arm and tier, attainment, mean k and p90 TTFT overall and in each burst phase."""
+    out: dict = {}
+    for arm, res in results.items():
+        out[arm] = {}
+        for tier in ("fast", "balanced"):
+            rows = [r for r in res["rows"] if r.get("tier") == tier]
+            ok = [r for r in rows if r["status"] == 200 and r["ttft"] is not None]
+            entry = {"sent": len(rows), "attainment": sum(met(r, slo) for r in rows) / max(1, len(rows)),
+                     "mean_k": statistics.mean([r["k"] for r in ok if r["k"] is not None]) if ok else None,
+                     "ttft_p90_s": quantile([r["ttft"] for r in ok], 0.9), "bursts": []}
+            for name, start, end in phases(duration):
+                if not name.startswith("burst"):
+                    continue
+                part = [r for r in rows if start <= r["t"] < end]
+                good = [r["ttft"] for r in part if r["status"] == 200 and r["ttft"] is not None]
+                p90 = quantile(good, 0.9)
+                entry["bursts"].append({"phase": name, "sent": len(part), "ttft_p90_s": p90,
+                                        "within_objective": p90 is not None and p90 <= slo["ttft_s"]
+                                        and len(good) == len(part)})
+            out[arm][tier] = entry
+    return out
+
+
+def strip_rows(results: dict) -> dict:
+    """What goes into the JSON report (the per-request rows stay in the work directory)."""
+    return {arm: {k: v for k, v in res.items() if k not in ("rows", "rows_pass1")} | {
+        "by_pass": [{k: v for k, v in p.items() if k != "rows"} for p in res["by_pass"]]} for arm, res in results.items()}
+
+
 # --------------------------------------------------------------------------- the arms
-def wait_level_zero(url: str, timeout: float = 120.0) -> None:
-    """Before a brownout arm: the controller back at level 0 (it also saw the other arms' load)."""
+def wait_idle(url: str, timeout: float = 120.0) -> None:
+    """Before a brownout arm: the controller back at level 0 and nothing queued (it also saw other arms)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        text = requests.get(url + "/metrics", timeout=10).text
-        if any(line.startswith("phds_brownout_level ") and float(line.split()[1]) == 0 for line in text.splitlines()):
+        values = {}
+        for line in requests.get(url + "/metrics", timeout=10).text.splitlines():
+            name = line.split(" ", 1)[0]
+            if name in ("phds_brownout_level", "phds_brownout_queued"):
+                values[name] = float(line.split()[1])
+        if values.get("phds_brownout_level", 0) == 0 and values.get("phds_brownout_queued", 0) == 0:
             return
         time.sleep(1.0)
     raise RuntimeError("the brownout level did not return to 0 on an idle server")
 
 
 def run_arms(args, work: Path) -> dict:
-    """Servers: S2 (nominal k, vLLM's queue limit) probes the unloaded latency, calibrates and runs
-    vllm-overload; S1 (fixed tiers and the elastic tier with the objectives) runs the other three arms
-    twice in mirrored order; S2 again for the second vllm-overload pass. Mirrored passes cancel a
-    linear drift of the machine's own load."""
+    """Three servers, started together before any measurement: ``overload`` (nominal k, vLLM's queue limit)
+    probes the unloaded latency, calibrates and runs vllm-overload; ``tiers`` (fixed tiers, and elastic tiers
+    with the objectives, predictive) runs fixed-nominal, fixed-lowest and brownout; ``reactive`` (the same
+    tiers, --brownout-mode reactive) runs brownout-reactive. The arms run in mirrored order over the passes
+    (a linear drift of the machine's own load hits every arm alike). Then the two-tier plan, if asked for."""
     model = build_model(work / "moe-heavy")
     print(f"model: OLMoE shape {SHAPE}, {NUM_EXPERTS} experts, native k {NATIVE_K}; work dir {work}", flush=True)
     L, passes = args.lowest_k, args.passes
     runs: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     overload_flags = ["--tiers", f"nominal={NATIVE_K}", "--max-num-queued-reqs", str(MAX_NUM_SEQS)]
+    # Objectives are passed once the unloaded latency is known: the tiered servers start after the probe.
+    overload = start_server(model, overload_flags, work / "server-overload.log")
+    ttft0, itl0 = unloaded(overload.url, "nominal")
+    slo = {"ttft_s": args.ttft_x * ttft0, "itl_s": args.itl_x * itl0}
+    print(f"unloaded at k={NATIVE_K}: TTFT {ttft0 * 1000:.0f} ms, ITL {itl0 * 1000:.1f} ms -> objectives "
+          f"TTFT {slo['ttft_s'] * 1000:.0f} ms, ITL {slo['itl_s'] * 1000:.1f} ms", flush=True)
+    brownout_flags = ["--slo-ttft-ms", f"{slo['ttft_s'] * 1000:.1f}", "--slo-itl-ms", f"{slo['itl_s'] * 1000:.2f}"]
+    tiers = (f"nominal={NATIVE_K},lowest={L},elastic={NATIVE_K}..{L},"
+             f"fast={L}:priority=-10,balanced={NATIVE_K}..{L}:priority=0")
+    common = ["--tiers", tiers, "--scheduling-policy", "priority", *brownout_flags]
+    servers = start_servers(model, {"tiers": common, "reactive": [*common, "--brownout-mode", "reactive"]}, work)
+    servers["overload"] = overload
+    if args.rate:
+        rate, steps = args.rate, []
+    else:
+        rate, steps = saturation(overload.url, "nominal", slo, start_rate=2.0 / (ttft0 + args.max_tokens * itl0),
+                                 work=work, args=args)
+    plan = load_plan(rate, args.duration)
+    print(f"native k misses at {rate:.2f} req/s; plan {args.duration:.0f} s, {0.5 * rate:.2f}..{2.5 * rate:.2f} "
+          f"req/s, {passes} pass(es)", flush=True)
+    lo_ttft, lo_itl = unloaded(servers["tiers"].url, "lowest")
+    print(f"unloaded at k={L}: TTFT {lo_ttft * 1000:.0f} ms, ITL {lo_itl * 1000:.1f} ms", flush=True)
+    unloaded(servers["reactive"].url, "elastic", n=2)  # warm-up
+    where = {"vllm-overload": ("overload", "nominal"), "fixed-nominal": ("tiers", "nominal"),
+             "fixed-lowest": ("tiers", "lowest"), "brownout": ("tiers", "elastic"),
+             "brownout-reactive": ("reactive", "elastic")}
+    order = ["vllm-overload", "fixed-nominal", "fixed-lowest", "brownout", "brownout-reactive"]
 
-    def arm_run(url: str, arm: str, tier: str, i: int) -> None:
-        print(f"arm {arm} (pass {i + 1})", flush=True)
-        if arm == "brownout":
-            wait_level_zero(url)
-        data = run_load(url, plan, tier, work / f"{arm}-{i}.json", args.prompt_tokens, args.max_tokens)
-        runs[arm].append(data)
+    def arm_run(arm: str, tier: str, server: str, i: int, plan_name: str, store: dict) -> None:
+        print(f"{plan_name}: arm {arm} (pass {i + 1})", flush=True)
+        url = servers[server].url
+        if arm.startswith("brownout"):
+            wait_idle(url)
+        data = run_load(url, plan, tier, work / f"{plan_name}-{arm}-{i}.json", args.prompt_tokens, args.max_tokens)
+        store[arm].append(data)
         time.sleep(5)
 
-    with start_server(model, overload_flags, work / "server-overload-1.log") as s2:
-        ttft0, itl0 = unloaded(s2.url, "nominal")
-        slo = {"ttft_s": args.ttft_x * ttft0, "itl_s": args.itl_x * itl0}
-        print(f"unloaded at k={NATIVE_K}: TTFT {ttft0 * 1000:.0f} ms, ITL {itl0 * 1000:.1f} ms -> objectives "
-              f"TTFT {slo['ttft_s'] * 1000:.0f} ms, ITL {slo['itl_s'] * 1000:.1f} ms", flush=True)
-        if args.rate:
-            rate, steps = args.rate, []
-        else:
-            rate, steps = saturation(s2.url, "nominal", slo, start_rate=2.0 / (ttft0 + args.max_tokens * itl0),
-                                     work=work, args=args)
-        plan = load_plan(rate, args.duration)
-        print(f"native k misses at {rate:.2f} req/s; plan {args.duration:.0f} s, {0.5 * rate:.2f}..{2.5 * rate:.2f} "
-              f"req/s, {passes} pass(es)", flush=True)
-        arm_run(s2.url, "vllm-overload", "nominal", 0)
-    brownout_flags = ["--slo-ttft-ms", f"{slo['ttft_s'] * 1000:.1f}", "--slo-itl-ms", f"{slo['itl_s'] * 1000:.2f}"]
-    s1_flags = ["--tiers", f"nominal={NATIVE_K},lowest={L},elastic={NATIVE_K}..{L}", *brownout_flags]
-    with start_server(model, s1_flags, work / "server-tiers.log") as s1:
-        lo_ttft, lo_itl = unloaded(s1.url, "lowest")
-        print(f"unloaded at k={L}: TTFT {lo_ttft * 1000:.0f} ms, ITL {lo_itl * 1000:.1f} ms", flush=True)
-        order = [("fixed-nominal", "nominal"), ("fixed-lowest", "lowest"), ("brownout", "elastic")]
+    for i in range(passes):
+        for arm in (order if i % 2 == 0 else order[::-1]):
+            server, tier = where[arm]
+            arm_run(arm, tier, server, i, "single-tier", runs)
+    two_runs: dict[str, list[dict]] = {arm: [] for arm in TWO_TIER_ARMS}
+    if "two-tier" in args.plans:
+        two_where = {"brownout": "tiers", "brownout-reactive": "reactive"}
         for i in range(passes):
-            for arm, tier in (order if i % 2 == 0 else order[::-1]):
-                arm_run(s1.url, arm, tier, i)
-    if passes > 1:
-        with start_server(model, overload_flags, work / "server-overload-2.log") as s2:
-            unloaded(s2.url, "nominal", n=2)  # warm-up
-            for i in range(1, passes):
-                arm_run(s2.url, "vllm-overload", "nominal", i)
+            for arm in (TWO_TIER_ARMS if i % 2 == 0 else TWO_TIER_ARMS[::-1]):
+                arm_run(arm, TWO_TIER_MIX, two_where[arm], i, "two-tier", two_runs)
+    calibrations = {}
+    for name in ("tiers", "reactive"):
+        try:
+            model_info = requests.get(servers[name].url + "/v1/models", timeout=10).json()["data"][0]["brownout"]
+            calibrations[name] = model_info
+        except (requests.RequestException, KeyError, IndexError, ValueError):
+            pass
+    for server in servers.values():
+        server.stop()
 
-    results = {}
-    for arm, datas in runs.items():
-        merged = {"rows": [r for d in datas for r in d["rows"]], "samples": []}
-        results[arm] = {
-            "summary": summarize(merged, slo, args.duration * len(datas)),
-            "phases": by_phase(merged["rows"], slo, args.duration),
-            "passes": [summarize(d, slo, args.duration) for d in datas],
-            "timeline": timeline(datas[0], slo, args.duration),
-            "timelines": [timeline(d, slo, args.duration) for d in datas],
-        }
-    plot(args.out / "brownout.png", results, slo, plan)
+    results = analyse(runs, slo, args.duration)
+    plot(args.out / "brownout.png", results, slo, plan,
+         "phds-serve brownout: one load plan, five arms (mean of the passes; level and TTFT of pass 1)")
     print("\n" + table(results))
-    print("\n| phase | " + " | ".join(ARMS) + " |\n|---|" + "---|" * len(ARMS))
-    for i, (name, _, _) in enumerate(phases(args.duration)):
-        cells = [f"{results[a]['phases'][i]['attainment']:.0%} (k {results[a]['phases'][i]['mean_k'] or 0:.1f})"
-                 for a in ARMS]
-        print(f"| {name} | " + " | ".join(cells) + " |")
+    print("\n" + phase_table(results, args.duration))
     base = results["fixed-nominal"]["summary"]["goodput_rps"]
     if base:
         print("\ngoodput vs fixed-nominal: " + ", ".join(
             f"{arm} {results[arm]['summary']['goodput_rps'] / base:.2f}x" for arm in ARMS))
-    return dict(slo=slo, unloaded={"native": [ttft0, itl0], "lowest": [lo_ttft, lo_itl]}, saturation_rate=rate,
-                calibration=steps, plan=plan, lowest_k=L, native_k=NATIVE_K, results=results,
-                max_num_seqs=MAX_NUM_SEQS, brownout_flags=brownout_flags, passes=passes)
+    for arm in ("brownout",):
+        print(f"{arm}: measured / predicted TTFT: {results[arm]['prediction']}")
+    checks = targets(results, args.duration)
+    print("\ntargets (brownout vs fixed-lowest):")
+    for c in checks:
+        print(f"  [{'met' if c['met'] else 'NOT met'}] {c['scope']}: {c['target']}: {c['value']} (bound {c['bound']})")
+    report = dict(slo=slo, unloaded={"native": [ttft0, itl0], "lowest": [lo_ttft, lo_itl]}, saturation_rate=rate,
+                  calibration=steps, plan=plan, lowest_k=L, native_k=NATIVE_K, results=strip_rows(results),
+                  targets=checks, max_num_seqs=MAX_NUM_SEQS, brownout_flags=brownout_flags, passes=passes,
+                  server_tiers=tiers, controllers=calibrations)
+    if any(two_runs.values()):
+        two = analyse(two_runs, slo, args.duration)
+        plot(args.out / "brownout_two_tier.png", two, slo, plan,
+             f"two-tier plan ({TWO_TIER_MIX}): predictive vs reactive brownout")
+        tiers_out = tier_report(two, slo, args.duration)
+        print("\ntwo-tier plan:\n" + table(two) + "\n\n" + phase_table(two, args.duration))
+        for arm, per in tiers_out.items():
+            for tier, e in per.items():
+                bursts = "; ".join(f"{b['phase']}: p90 TTFT {b['ttft_p90_s'] and round(b['ttft_p90_s'] * 1000)} ms"
+                                   f" ({'within' if b['within_objective'] else 'NOT within'})" for b in e["bursts"])
+                print(f"  {arm} {tier}: attainment {e['attainment']:.1%}, mean k {e['mean_k']}, {bursts}")
+        report["two_tier"] = {"mix": TWO_TIER_MIX, "results": strip_rows(two), "tiers": tiers_out}
+    report["final_lines"] = final_lines(results)
+    return report
+
+
+def final_lines(results: dict) -> list[str]:
+    out = []
+    for arm in ARMS:
+        s = results[arm]["summary"]
+        out.append(f"arm={arm} attainment={s['attainment']:.3f} goodput={s['goodput_rps']:.2f} "
+                   f"mean_k={(s['mean_k'] or 0):.2f} errors={s['errors']}")
+    return out
 
 
 # --------------------------------------------------------------------------- main
@@ -418,31 +707,44 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=None, help="skip calibration: native k misses at this req/s")
     ap.add_argument("--duration", type=float, default=100.0, help="seconds of one load plan")
     ap.add_argument("--passes", type=int, default=2, help="passes over the arms, in mirrored order")
-    ap.add_argument("--quick", action="store_true", help="one pass of a 60 s plan, short calibration steps")
+    ap.add_argument("--plans", default="single-tier,two-tier", help="comma-separated: single-tier, two-tier")
+    ap.add_argument("--quick", action="store_true",
+                    help="one pass of a 48 s plan (both bursts), single-tier plan, no rung price; writes <out>/quick")
     ap.add_argument("--skip-rungs", action="store_true")
     ap.add_argument("--skip-arms", action="store_true")
     args = ap.parse_args()
+    CHILDREN.install()
     if args.quick:
-        args.duration, args.passes = 60.0, 1
+        args.duration, args.passes, args.skip_rungs = 48.0, 1, True
+        if args.plans == ap.get_default("plans"):
+            args.plans = "single-tier"
+        args.out = args.out / "quick"
+    args.plans = [p.strip() for p in args.plans.split(",") if p.strip()]
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="phds-brownout-"))
     started = time.monotonic()
     report: dict = {}
-    if args.skip_arms and (args.out / "brownout.json").is_file():  # add the rungs to an earlier run
-        report = json.loads((args.out / "brownout.json").read_text())
-    report.setdefault("machine", f"{os.cpu_count()} CPU cores, load average at start {os.getloadavg()}")
-    report.setdefault("args", {k: str(v) for k, v in vars(args).items()})
+    try:
+        if args.skip_arms and (args.out / "brownout.json").is_file():  # add the rungs to an earlier run
+            report = json.loads((args.out / "brownout.json").read_text())
+        report.setdefault("machine", f"{os.cpu_count()} CPU cores, load average at start {os.getloadavg()}")
+        report.setdefault("args", {k: str(v) for k, v in vars(args).items()})
 
-    if not args.skip_arms:
-        report.update(run_arms(args, work))
+        if not args.skip_arms:
+            report.update(run_arms(args, work))
+            (args.out / "brownout.json").write_text(json.dumps(report, indent=1))
+
+        if not args.skip_rungs:
+            report["rungs"] = rung_price(args.out, work)
+        report["load_average_at_end"] = os.getloadavg()
+        report["wall_s"] = report.get("wall_s", 0.0) + time.monotonic() - started
         (args.out / "brownout.json").write_text(json.dumps(report, indent=1))
-
-    if not args.skip_rungs:
-        report["rungs"] = rung_price(args.out, work)
-    report["load_average_at_end"] = os.getloadavg()
-    report["wall_s"] = report.get("wall_s", 0.0) + time.monotonic() - started
-    (args.out / "brownout.json").write_text(json.dumps(report, indent=1))
-    print(f"\nwrote {args.out}/brownout.json, brownout.png (wall {report['wall_s'] / 60:.1f} min)")
+        print(f"\nwrote {args.out}/brownout.json (wall {report['wall_s'] / 60:.1f} min, load average at end "
+              f"{report['load_average_at_end']}); per-request rows in {work}")
+    finally:
+        CHILDREN.stop_all()
+    for line in report.get("final_lines", []):
+        print(line)
     return 0
 
 

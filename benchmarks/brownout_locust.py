@@ -6,9 +6,10 @@ for its responses (open loop: an overloaded server is not relieved by its own sl
 be with closed-loop users). So the offered load is ``users x PER_USER_RATE`` requests per second.
 
 Every request is a streaming /v1/completions with ``ignore_eos`` and a fixed length, sent with the
-arm's tier header; per request the file records its start (seconds since the run start), time to
-first token, mean inter-token latency, end-to-end latency, HTTP status, the applied k and the
-brownout level the server reports. A poller records the server's brownout level and vLLM's
+arm's tier header (one tier, or a weighted mix such as ``fast:0.3,balanced:0.7``); per request the
+file records its start (seconds since the run start), tier, time to first token, mean inter-token
+latency, end-to-end latency, HTTP status, the applied k, the brownout level the server reports and
+the TTFT the predictive controller predicted when it bound k (``x-phds-predicted-ttft-ms``). A poller records the server's brownout level and vLLM's
 running/waiting requests once a second. Both go to ``$BROWNOUT_OUT`` (JSON) when the run ends.
 
 Configuration by environment (set by benchmarks/brownout.py): BROWNOUT_PLAN (JSON list of
@@ -29,6 +30,8 @@ from locust import LoadTestShape, User, constant, events, task
 PER_USER_RATE = 0.5  # requests/s of one user
 PLAN: list[list[float]] = json.loads(os.environ.get("BROWNOUT_PLAN", "[[0, 1], [10, 1]]"))
 TIER = os.environ.get("BROWNOUT_TIER", "")
+MIX = [(name, float(weight)) for name, _, weight in (part.partition(":") for part in TIER.split(","))
+       if weight] if ":" in TIER else []
 MODEL = os.environ.get("BROWNOUT_MODEL", "")
 PROMPT_TOKENS = int(os.environ.get("BROWNOUT_PROMPT_TOKENS", "96"))
 MAX_TOKENS = int(os.environ.get("BROWNOUT_MAX_TOKENS", "32"))
@@ -73,8 +76,8 @@ def _write(environment, **_):
 
 
 def _poll(host: str) -> None:
-    wanted = ("phds_brownout_level", "phds_brownout_pressure", "vllm:num_requests_running",
-              "vllm:num_requests_waiting")
+    wanted = ("phds_brownout_level", "phds_brownout_pressure", "phds_brownout_queued",
+              "vllm:num_requests_running", "vllm:num_requests_waiting")
     while True:
         t = time.monotonic() - T0[0]
         try:
@@ -108,9 +111,10 @@ class OpenLoopSource(User):
 
     def _request(self, environment) -> None:
         start = time.monotonic()
-        row = {"t": start - T0[0], "status": None, "ttft": None, "itl": None, "e2e": None, "k": None,
-               "level": None, "tokens": 0}
-        headers = {"x-phds-tier": TIER} if TIER else {}
+        tier = random.choices([n for n, _ in MIX], [w for _, w in MIX])[0] if MIX else TIER
+        row = {"t": start - T0[0], "tier": tier, "status": None, "ttft": None, "itl": None, "e2e": None,
+               "k": None, "level": None, "pred_ttft": None, "pred_itl": None, "tokens": 0}
+        headers = {"x-phds-tier": tier} if tier else {}
         body = {"model": MODEL, "prompt": _prompt(), "max_tokens": MAX_TOKENS, "temperature": 0.0,
                 "ignore_eos": True, "stream": True}
         exc = None
@@ -121,6 +125,9 @@ class OpenLoopSource(User):
                 row["k"] = int(r.headers["x-phds-k"]) if "x-phds-k" in r.headers else None
                 if "x-phds-brownout-level" in r.headers:
                     row["level"] = int(r.headers["x-phds-brownout-level"])
+                if "x-phds-predicted-ttft-ms" in r.headers:
+                    row["pred_ttft"] = float(r.headers["x-phds-predicted-ttft-ms"]) / 1000
+                    row["pred_itl"] = float(r.headers["x-phds-predicted-itl-ms"]) / 1000
                 if r.status_code == 200:
                     first = last = None
                     for line in r.iter_lines(chunk_size=None, decode_unicode=True):
@@ -146,7 +153,7 @@ class OpenLoopSource(User):
         row["e2e"] = time.monotonic() - start
         ROWS.append(row)
         environment.events.request.fire(
-            request_type="POST", name=f"completions {TIER or 'default'}", response_time=row["e2e"] * 1000,
+            request_type="POST", name=f"completions {tier or 'default'}", response_time=row["e2e"] * 1000,
             response_length=row["tokens"], exception=exc or (None if row["status"] == 200 else
                                                              RuntimeError(f"HTTP {row['status']}")),
             context={})
