@@ -78,9 +78,12 @@ loadtest: install
 	$(PY) -m loadtest.run --run-time $(RUN_TIME) --users $(USERS) --k-mix "$(K_MIX)" --tier-mix "$(TIER_MIX)" \
 	  --serve-args "$(SERVE_ARGS)" --out $(OUT) $(if $(URL),--url $(URL)) $(LOADTEST_ARGS)
 
-# Brownout evaluation: four arms (fixed nominal k, fixed lowest k, brownout, vLLM's queue limit) under one
-# open-loop locust load plan on a MoE-heavy model, then the price of each k of the bundled model
-# (held-out loss beside measured latency). ~23 min on 2 cores; numbers and plots in docs/brownout/.
+# Brownout evaluation: five arms (fixed nominal k, fixed lowest k, predictive brownout, reactive brownout,
+# vLLM's queue limit) under one open-loop locust load plan on a MoE-heavy model, two mirrored passes, a
+# two-tier plan (fixed fast + elastic balanced), then the price of each k of the bundled model (held-out
+# loss beside measured latency). ~45 min on 2 cores; numbers and plots in docs/brownout/.
+# ARGS=--quick: one pass of a 48 s plan, every arm, <= 8 min, in docs/brownout/quick; ends with one
+# "arm=NAME attainment=A goodput=G mean_k=K errors=E" line per arm. Leaves no server or locust running.
 BROWNOUT_OUT ?= docs/brownout
 brownout-eval: install
 	$(PY) benchmarks/brownout.py --out $(BROWNOUT_OUT) $(ARGS)
