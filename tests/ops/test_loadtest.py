@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -38,6 +39,11 @@ def test_locust_reports_every_k_without_failures(phds_server, tmp_path):
             assert f"{metric} k={k}," in stats  # separate locust entries per k and metric
     assert (tmp_path / "report.html").stat().st_size > 10_000
     assert "| k=1 |" in (tmp_path / "report_per_k.md").read_text()
+    # locust's printed summary and the per-k table count the same requests (in-flight ones included).
+    stats_lines = re.findall(r"^\s*E2E\s+e2e k=(\d+)\s+(\d+)\s+\d+\(", r.stdout + r.stderr, re.M)
+    printed = {f"k={k}": int(n) for k, n in stats_lines}
+    assert printed == {label: rows[label]["requests"] for label in printed} and len(printed) == len(KS), \
+        (printed, r.stdout[-3000:])
 
 
 def test_loadtest_fails_on_request_errors(phds_server, tmp_path):
