@@ -116,16 +116,21 @@ def declared_k_router_kernel(
     token_k = tl.load(token_k_ptr + rows, mask=row_ok, other=0)
     weights = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
     ids = tl.full([BLOCK_T, BLOCK_K], -1, dtype=tl.int32)
+    # A NaN key (non-finite logits) ranks last, and an expert is picked at most once:
+    # even a row of NaN or -inf logits gets k distinct ids in [0, E), never one the
+    # expert kernels would index out of bounds with (its weights stay NaN, as stock).
+    key = tl.where(key == key, key, float("-inf"))
+    free = col_ok[None, :] & (rows >= 0)[:, None]
     for j in tl.static_range(K_MAX):
-        best = tl.max(key, axis=1)
-        winner = tl.min(tl.where(key == best[:, None], cols[None, :], BLOCK_E), axis=1)
+        best = tl.max(tl.where(free, key, float("-inf")), axis=1)
+        winner = tl.min(tl.where(free & (key == best[:, None]), cols[None, :], BLOCK_E), axis=1)
         picked = cols[None, :] == winner[:, None]
         # The unbiased score of the winner (exactly one term is non-zero).
         chosen = tl.sum(tl.where(picked, score, 0.0), axis=1)
         keep = (slots[None, :] == j) & (j < token_k)[:, None]
         weights = tl.where(keep, chosen[:, None], weights)
         ids = tl.where(keep, winner[:, None], ids)
-        key = tl.where(picked, float("-inf"), key)
+        free = free & ~picked
 
     if SCORING == 2:
         # Softmax over the kept logits; slot 0 holds the largest, so exp(. - top) <= 1.

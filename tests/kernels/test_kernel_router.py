@@ -281,3 +281,21 @@ def test_router_rejects_bad_arguments():
         declared_k_route_triton(logits, one, 2, RoutingRule(correction_bias=torch.zeros(5, device=DEVICE)))
     with pytest.raises(ValueError, match="device"):
         declared_k_route_triton(logits, one, 2, RoutingRule(correction_bias=torch.zeros(4, device="meta")))
+
+
+@pytest.mark.parametrize("fill", [float("nan"), float("-inf"), float("inf")])
+@pytest.mark.parametrize("rule", [RoutingRule(renormalize=True),
+                                  RoutingRule(scoring="sigmoid", num_groups=2, groups_kept=1)])
+def test_non_finite_rows_get_distinct_ids_in_range(fill, rule):
+    """A row of non-finite logits (a diverged model) still routes k distinct experts
+    in [0, E): an id >= E would send the expert kernels out of bounds."""
+    num_experts, k_max = 8, 4
+    logits = torch.randn(3, num_experts)
+    logits[1] = fill
+    token_k = torch.tensor([4, 4, 2])
+    _, ids = declared_k_route_triton(logits.to(DEVICE), token_k.to(DEVICE), k_max, rule)
+    ids = ids.cpu()
+    for row, k in enumerate(token_k.tolist()):
+        used = ids[row, :k]
+        assert ((used >= 0) & (used < num_experts)).all(), ids
+        assert used.unique().numel() == k, ids
