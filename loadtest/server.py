@@ -61,19 +61,28 @@ class Server:
             return ""
 
     def stop(self, grace: float = 20.0) -> None:
+        """SIGTERM to phds-serve alone first, as `docker stop` or the kubelet do: it stops its engine
+        itself. A SIGTERM to the whole group would also reach vLLM's engine core directly, which then
+        dies under any in-flight request (vLLM logs EngineDeadError tracebacks). Then the group."""
         if self.proc is None or self.proc.poll() is not None and not _group_alive(self.proc.pid):
             return
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        steps = ((self.proc.send_signal, signal.SIGTERM, grace), (self._signal_group, signal.SIGTERM, 5.0),
+                 (self._signal_group, signal.SIGKILL, 5.0))
+        for send, sig, wait in steps:
             try:
-                os.killpg(self.proc.pid, sig)
+                send(sig)
             except ProcessLookupError:
-                return
+                pass
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline and _group_alive(self.proc.pid):
                 self.proc.poll()  # reap the leader so it does not linger as a zombie
                 time.sleep(0.2)
             if not _group_alive(self.proc.pid):
                 return
+
+    def _signal_group(self, sig: int) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, sig)
 
     def __enter__(self):
         return self.start()

@@ -26,6 +26,7 @@ from typing import Any
 logger = logging.getLogger("phds_serve.server")
 
 MIDDLEWARE = "phds_serve.server.middleware.PhdsMiddleware"
+SHUTDOWN_TIMEOUT_S = 30  # default --shutdown-timeout: in-flight requests may finish after SIGTERM
 _NO_MODEL = "\0phds-no-model"
 
 
@@ -153,7 +154,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = build_parser()
     parser.set_defaults(model=_NO_MODEL)
     args = parser.parse_args(argv)
-    defaults: dict[str, Any] = {}
+    # vLLM's default (0) aborts in-flight requests on SIGTERM: each one fails with an EngineDeadError
+    # traceback. Drain them instead, for up to this long (--shutdown-timeout 0 restores vLLM's).
+    defaults: dict[str, Any] = {"shutdown_timeout": SHUTDOWN_TIMEOUT_S}
     if on_cpu():
         defaults.update(CPU_SAFE_DEFAULTS)
     if args.model_tag is None and args.model == _NO_MODEL:

@@ -110,6 +110,11 @@ def test_compose_publishes_only_the_gateway():
     assert "./gateway/templates:/etc/nginx/templates:ro" in services["gateway"]["volumes"]
     gpu = yaml.safe_load((DEPLOY / "compose.gpu.yaml").read_text())["services"]
     assert all("ports" not in svc for svc in gpu.values())
+    # docker stop waits longer than phds-serve drains in-flight requests (default --shutdown-timeout).
+    from phds_serve.server.cli import SHUTDOWN_TIMEOUT_S
+    assert int(services["phds-serve"]["stop_grace_period"].removesuffix("s")) > SHUTDOWN_TIMEOUT_S
+    dep = yaml.safe_load((DEPLOY / "k8s" / "base" / "deployment.yaml").read_text())
+    assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > SHUTDOWN_TIMEOUT_S
 
 
 def shipped_server_args() -> dict[str, list[str]]:
