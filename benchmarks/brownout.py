@@ -712,8 +712,14 @@ def main() -> int:
                     help="one pass of a 48 s plan (both bursts), single-tier plan, no rung price; writes <out>/quick")
     ap.add_argument("--skip-rungs", action="store_true")
     ap.add_argument("--skip-arms", action="store_true")
+    ap.add_argument("--engine-cores", default="1",
+                    help="VLLM_CPU_OMP_THREADS_BIND of the benchmark's engines (default: core 1; vLLM's 'auto' puts "
+                    "every engine on this machine, other people's included, on core 0, where their OpenMP threads "
+                    "spin against each other); '' leaves vLLM's choice")
     args = ap.parse_args()
     CHILDREN.install()
+    if args.engine_cores:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = args.engine_cores
     if args.quick:
         args.duration, args.passes, args.skip_rungs = 48.0, 1, True
         if args.plans == ap.get_default("plans"):

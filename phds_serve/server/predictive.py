@@ -35,7 +35,7 @@ from phds_serve.tiers import TierConfigError
 logger = logging.getLogger("phds_serve.server")
 
 MODES = ("predictive", "reactive")
-RATE_WINDOW_S = 2.0
+RATE_WINDOW_S = 2.0  # arrival rate: the higher of the last 1 s and the last 2 s (a burst shows within 1 s)
 OUTER_DOWN_AFTER = 2
 
 
@@ -101,6 +101,7 @@ class PredictiveBrownout:
         self.itl_scale = 1.0
         self.calibration: dict | None = None
         self._task: asyncio.Task | None = None
+        self._suspect = 0
         feed.k_source = self.dispatcher.k_mix
 
     @property
@@ -117,10 +118,12 @@ class PredictiveBrownout:
 
     def rates(self, now: float) -> dict[str, float]:
         out = {}
+        half = RATE_WINDOW_S / 2
         for tier, times in self.arrivals.items():
             while times and times[0] < now - RATE_WINDOW_S:
                 times.popleft()
-            out[tier] = len(times) / RATE_WINDOW_S
+            recent = sum(1 for t in times if t >= now - half)
+            out[tier] = max(len(times) / RATE_WINDOW_S, recent / half)
         return out
 
     def finished(self, prompt_tokens: int | None, generation_tokens: int | None) -> None:
@@ -170,6 +173,13 @@ class PredictiveBrownout:
 
     def _bind(self, head: Ticket, queued: list[Ticket]) -> int:
         tier = self.config.tiers.tiers[head.tier]
+        try:
+            return self._choose(tier, head, queued)
+        except Exception:  # never fail a request for the controller: the outer loop's k
+            logger.exception("phds-serve: feed-forward choice of k failed")
+            return tier.k_at(self.level)
+
+    def _choose(self, tier: Any, head: Ticket, queued: list[Ticket]) -> int:
         cap = tier.k_at(self.level)
         candidates = [k for k in range(tier.lowest_k, cap + 1) if k in self.config.allowed] or [tier.lowest_k]
         now = self.clock()
@@ -195,6 +205,17 @@ class PredictiveBrownout:
         metrics.BROWNOUT_QUEUED.set(len(self.dispatcher.queued))
         metrics.BROWNOUT_SERVICE_SCALE.set(self.model.scale)
         self.dispatcher.pump()
+        # A dispatch queue that thinks the engine is full while vLLM runs far fewer requests for a long time
+        # would be a lost ticket (requests wait for a slot nobody frees): say so loudly.
+        if len(self.dispatcher.in_engine) >= self.dispatcher.slots and self.feed.running + self.feed.waiting < (
+                self.dispatcher.slots // 2):
+            self._suspect += 1
+            if self._suspect in (20, 200):
+                logger.warning("phds-serve: dispatch queue counts %d requests in the engine, vLLM reports %d running "
+                               "and %d waiting (for %d ticks)", len(self.dispatcher.in_engine), self.feed.running,
+                               self.feed.waiting, self._suspect)
+        else:
+            self._suspect = 0
         return level
 
     def start(self) -> None:
