@@ -44,6 +44,19 @@ def ensure_multiproc_dir() -> str:
     return path
 
 
+def ensure_rpc_dir() -> str | None:
+    """vLLM's ZMQ IPC sockets go to ``$VLLM_RPC_BASE_PATH`` (default: the temp dir) and stay there after
+    the server exits, clean shutdown or not. Give them a private directory, removed at exit, unless the
+    user chose one."""
+    if os.environ.get("VLLM_RPC_BASE_PATH"):
+        return None
+    path = tempfile.mkdtemp(prefix="phds-rpc-")
+    os.environ["VLLM_RPC_BASE_PATH"] = path
+    pid = os.getpid()
+    atexit.register(lambda: os.getpid() == pid and shutil.rmtree(path, ignore_errors=True))
+    return path
+
+
 def add_phds_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "phds-serve (declared k)",
@@ -215,6 +228,7 @@ def finalize(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     ensure_multiproc_dir()
+    ensure_rpc_dir()
 
     from vllm.entrypoints.cli.serve import ServeSubcommand
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -15,6 +19,19 @@ import requests
 from phds_serve.server.cli import SHUTDOWN_TIMEOUT_S, parse_args
 
 from .conftest import server
+
+
+def test_vllm_ipc_sockets_get_a_private_directory_removed_at_exit(tmp_path):
+    """vLLM leaves its IPC sockets in $VLLM_RPC_BASE_PATH (default: the temp dir) after it exits."""
+    code = "from phds_serve.server.cli import ensure_rpc_dir; import os; print(ensure_rpc_dir())"
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    env.pop("VLLM_RPC_BASE_PATH", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    path = out.stdout.strip()
+    assert path.startswith(str(tmp_path)) and not os.path.exists(path) and not list(tmp_path.iterdir())
+    env["VLLM_RPC_BASE_PATH"] = str(tmp_path)  # the user's choice wins
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "None"
 
 
 def test_phds_serve_drains_by_default_and_the_flag_wins():
@@ -47,6 +64,9 @@ def test_sigterm_lets_in_flight_streams_finish(tmp_path):
         srv.stop()  # SIGTERM to phds-serve, as docker stop and the kubelet do
         for t in threads:
             t.join(timeout=60)
+        # Nothing of vLLM's IPC is left in the temporary directory (phds-serve's private RPC directory).
+        left = [p for p in Path(tmp).rglob("*") if stat.S_ISSOCK(p.lstat().st_mode)]
+        assert not left, left
     finally:
         srv.stop()
         shutil.rmtree(tmp, ignore_errors=True)
