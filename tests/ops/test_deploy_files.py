@@ -260,3 +260,15 @@ def test_kustomize_renders_each_layout(overlay, gpus):
     assert "--enable-expert-parallel" not in c["args"]
     volumes = {v["name"]: v for v in docs["Deployment"]["spec"]["template"]["spec"]["volumes"]}
     assert volumes["api-keys"]["secret"]["secretName"] == docs["Secret"]["metadata"]["name"]
+
+
+def test_error_ratio_panel_counts_what_the_error_alert_counts():
+    """The dashboard's "Error ratio by k" and PhdsServeErrors select the same outcomes (server-side
+    errors), so a red panel and a firing alert mean the same thing."""
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "phds-serve.json").read_text())
+    [panel] = [p for p in dashboard["panels"] if p.get("title") == "Error ratio by k"]
+    [target] = panel["targets"]
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "rules.yml").read_text())
+    [alert] = [r for g in rules["groups"] for r in g["rules"] if r.get("alert") == "PhdsServeErrors"]
+    outcomes = re.compile(r'outcome\s*(=~|!=|=)\s*"([^"]*)"')
+    assert set(outcomes.findall(target["expr"])) == set(outcomes.findall(alert["expr"])) == {("=", "error")}
