@@ -190,16 +190,18 @@ async def dispatched(
     assert ticket.future is not None
     try:
         await asyncio.wait({ticket.future, left}, return_when=asyncio.FIRST_COMPLETED)
+        if left.done() and not left.cancelled():
+            message = left.result()  # a receive that failed raises here: the slot is given back below
+            if message.get("type") == "http.disconnect":
+                brownout.dispatcher.done(ticket)
+                return None
+        left.cancel()
+        await brownout.dispatcher.wait(ticket)
+        return ticket
     except BaseException:
-        brownout.dispatcher.done(ticket)
+        brownout.dispatcher.done(ticket)  # queued or dispatched: never keep a slot nobody will free
         left.cancel()
         raise
-    if left.done() and not left.cancelled() and left.result().get("type") == "http.disconnect":
-        brownout.dispatcher.done(ticket)
-        return None
-    left.cancel()
-    await brownout.dispatcher.wait(ticket)
-    return ticket
 
 
 class PhdsMiddleware:
@@ -448,6 +450,21 @@ class PhdsMiddleware:
             if ticket is None:  # the client left while it waited for a slot
                 metrics.record(None, known_tier, "aborted")
                 return
+        try:
+            await self._bound(scope, receive, send, raw, obj, claim, config, route, prep, ticket, started, arrived)
+        finally:
+            if ticket is not None:
+                assert isinstance(self.brownout, PredictiveBrownout)
+                self.brownout.dispatcher.done(ticket)
+
+    async def _bound(
+        self, scope: Scope, receive: Receive, send: Send, raw: bytes, obj: Any, claim: TierClaim,
+        config: LayerConfig, route: Route, prep: Prepared, ticket: Ticket | None, started: float, arrived: float,
+    ) -> None:
+        """The request with its k bound: rewrite the body and run it."""
+        counted = route.generation
+        if ticket is not None:
+            assert isinstance(self.brownout, PredictiveBrownout)
             # The level this request ran at: for an elastic tier, the level at which the tier's k is the
             # k just bound (how far the feed-forward choice lowered it); otherwise the outer loop's level.
             level = prep.nominal_k - ticket.k if ticket.fixed_k is None else self.brownout.level
@@ -461,12 +478,7 @@ class PhdsMiddleware:
             body = raw  # a route that cannot carry k and runs the native k: unchanged bytes
         if counted and prep.resolution.browned_out:
             metrics.BELOW_NOMINAL.labels(tier=prep.tier_name, nominal_k=str(prep.nominal_k), k=str(prep.k)).inc()
-        try:
-            await self._run(scope, receive, send, body, prep, started, counted, ticket, arrived)
-        finally:
-            if ticket is not None:
-                assert isinstance(self.brownout, PredictiveBrownout)
-                self.brownout.dispatcher.done(ticket)
+        await self._run(scope, receive, send, body, prep, started, counted, ticket, arrived)
 
     async def _pass_through(
         self, scope: Scope, receive: Receive, send: Send, raw: bytes, counted: bool, tier: str
