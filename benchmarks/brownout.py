@@ -127,6 +127,12 @@ class Children:
             pass
 
     def stop_all(self) -> None:
+        # SIGTERM to every group first, so their grace periods run together, then wait for (or kill) each.
+        for proc in [*self.procs, *(s.proc for s in self.servers if s.proc is not None)]:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
         for proc in self.procs:
             self.end_group(proc)
         for server in self.servers:
