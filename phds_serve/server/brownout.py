@@ -7,7 +7,11 @@ most of a batch runs at low k every step is cheaper. The controller here turns
 that into an operating policy: while the server misses its latency objectives
 it raises a *brownout level*; each level takes one k off every elastic tier
 (never below the tier's lowest k, see :meth:`phds_serve.tiers.Tier.k_at`).
-k is chosen once, at admission; a running request keeps its k.
+k is chosen once, at admission; a running request keeps its k. This is the
+``--brownout-mode reactive`` controller; the default, predictive one
+(:mod:`phds_serve.server.predictive`) binds k when a request enters the engine
+from a service model and uses this controller's level only as a cap (its outer
+safety loop).
 
 Everything in this module is pure (no clock, no I/O): the server feeds it one
 :class:`Window` of observations per tick. The rules:
