@@ -15,6 +15,13 @@ from __future__ import annotations
 
 import os
 
+from phds_serve.testing import enable_cpu_v2_runner, requested_cpu_runner
+
+# PHDS_CPU_RUNNER=v2: every engine of this session runs vLLM's V2 model runner
+# (phds_serve.testing); it must be switched on before anything imports vLLM.
+if requested_cpu_runner() == "v2":
+    enable_cpu_v2_runner()
+
 _previous = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 try:

@@ -39,16 +39,22 @@ def kernels_available() -> bool:
     return triton_importable() and (torch.cuda.is_available() or interpret_mode())
 
 
+def requested_moe_backend(env: Mapping[str, str] | None = None) -> str:
+    """``PHDS_MOE_BACKEND`` as written: ``auto`` (the default), ``reference`` or ``triton``."""
+    env = os.environ if env is None else env
+    choice = env.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if choice not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}={choice!r}; expected one of {', '.join(BACKENDS)}")
+    return choice
+
+
 def select_moe_backend(env: Mapping[str, str] | None = None) -> Backend:
     """Resolve ``PHDS_MOE_BACKEND`` to the backend a declared-k MoE layer must use.
 
     ``triton`` forced where the kernels cannot run raises at selection time,
     which is model-load time, instead of failing in the first forward.
     """
-    env = os.environ if env is None else env
-    choice = env.get(BACKEND_ENV, "auto").strip().lower() or "auto"
-    if choice not in BACKENDS:
-        raise ValueError(f"{BACKEND_ENV}={choice!r}; expected one of {', '.join(BACKENDS)}")
+    choice = requested_moe_backend(env)
     if choice == "reference":
         return "reference"
     if choice == "triton":

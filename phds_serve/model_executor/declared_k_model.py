@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from phds_serve.model_executor import expert_metrics
 from phds_serve.model_executor.contract import contract_of
 from phds_serve.model_executor.layers.declared_k_moe import (
     DeclaredKMoERunner,
@@ -20,13 +21,12 @@ from phds_serve.model_executor.layers.declared_k_moe import (
 )
 from phds_serve.model_executor.step_k import (
     ROWS,
+    STEP_REAL_INPUT,
+    TOKEN_K_INPUT,
     StepPlan,
     publish_plan,
     tokens_per_row_from_forward_context,
 )
-
-# Model input the V2 model state passes each step: the persistent token -> k buffer.
-TOKEN_K_INPUT = "phds_token_k"
 
 
 class DeclaredKModelMixin:
@@ -63,14 +63,20 @@ class DeclaredKModelMixin:
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, *args, **kwargs):
         token_k = kwargs.pop(TOKEN_K_INPUT, None)
+        real = kwargs.pop(STEP_REAL_INPUT, True)
         if self.k_policy is not None:
             if token_k is not None:  # V2 runner: the model state's persistent buffer
-                publish_plan(StepPlan(token_k=token_k, groups=[(self.k_policy.max_k, None)],
-                                      k_max=self.k_policy.max_k))
+                publish_plan(StepPlan(token_k=token_k, width=self.k_policy.max_k, real=real))
             else:  # V1 runner: rows -> tokens from the attention layout
-                publish_plan(ROWS.plan(tokens_per_row_from_forward_context(),
-                                       positions.shape[-1], positions.device))
+                plan = ROWS.plan(tokens_per_row_from_forward_context(), positions.shape[-1],
+                                 positions.device)
+                if plan.token_k.is_cuda:  # the layers count only host-side ids
+                    expert_metrics.record_groups(plan, layers=self._num_moe_layers())
+                publish_plan(plan)
         return super().forward(input_ids, positions, *args, **kwargs)
+
+    def _num_moe_layers(self) -> int:
+        return len(self._phds_vllm_config.compilation_config.static_all_moe_layers)
 
     def get_model_state_cls(self):
         """V2 model runner (GPU): per-request k enters through the model state, mixed

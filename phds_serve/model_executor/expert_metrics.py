@@ -48,35 +48,57 @@ def counts_here() -> bool:
         return True
 
 
-def record_groups(plan: "StepPlan") -> bool:
-    """Count one MoE layer's tokens and (token, expert) pairs for one step, by k.
-    Returns whether this step is counted here."""
+def record_groups(plan: "StepPlan", layers: int = 1) -> bool:
+    """Count a step's tokens and (token, expert) pairs by k from the host-side plan,
+    for ``layers`` MoE layers: where the expert compute cannot be counted as it
+    is handed out (the Transformers backend's blocks, the V1 runner on CUDA).
+    Padding (k = 0) is not counted. Returns whether this step is counted here."""
     if not ENABLED or not plan.real or not counts_here():
         return False
     total = plan.token_k.shape[0]
     for k, rows in plan.groups:
         n = total if rows is None else rows.numel()
-        EXPERT_ACTIVATIONS.labels(k=str(k)).inc(n * k)
-        MOE_TOKENS.labels(k=str(k)).inc(n)
+        if k > 0:
+            EXPERT_ACTIVATIONS.labels(k=str(k)).inc(n * k * layers)
+            MOE_TOKENS.labels(k=str(k)).inc(n * layers)
     return True
 
 
-def record_layer_step(plan: "StepPlan", topk_ids: torch.Tensor) -> None:
-    """Count one MoE layer's work for one step (CPU path: cheap, host-side)."""
-    if not record_groups(plan):
+def record_kernel_inputs(plan: "StepPlan", handed: list[tuple[torch.Tensor | None, torch.Tensor]]) -> None:
+    """Count one MoE layer's step from what its expert kernel calls were handed:
+    ``(token rows or None for all, topk_ids)`` per call. Per declared k: tokens,
+    and (token, expert) slots with a real expert id; distinct experts touched.
+    Host tensors only (the CPU paths): no device sync."""
+    if not ENABLED or not plan.real or not counts_here() or not handed:
         return
-    valid = topk_ids[topk_ids >= 0]
-    DISTINCT_EXPERTS.observe(int(torch.unique(valid).numel()))
+    token_k = plan.token_k
+    pairs = torch.zeros(token_k.shape[0], dtype=torch.int64)
+    touched = []
+    for rows, ids in handed:
+        valid = ids >= 0
+        per_token = valid.sum(dim=1).to(torch.int64)
+        if rows is None:
+            pairs += per_token
+        else:
+            pairs.index_add_(0, rows.cpu(), per_token)
+        touched.append(ids[valid])
+    for k in torch.unique(token_k).tolist():
+        if k == 0:  # padding, never routed
+            continue
+        mask = token_k == k
+        MOE_TOKENS.labels(k=str(k)).inc(int(mask.sum()))
+        EXPERT_ACTIVATIONS.labels(k=str(k)).inc(int(pairs[mask].sum()))
+    DISTINCT_EXPERTS.observe(int(torch.unique(torch.cat(touched)).numel()))
 
 
 def record_step_from_host(token_k, num_moe_layers: int) -> None:
-    """GPU path: count a step's routed work from the host-side plan (no device sync).
-
-    Distinct experts per step would need a sync, so it is measured on CPU only.
-    """
+    """V2 runner on CUDA: count a step's routed work from the host-side token k the
+    model state stages (the expert kernels run inside CUDA graphs, where nothing
+    can be counted without a device sync). Distinct experts are not measured there."""
     if not ENABLED or len(token_k) == 0 or not counts_here():
         return
     ks, counts = np.unique(token_k, return_counts=True)
     for k, n in zip(ks.tolist(), counts.tolist()):
-        EXPERT_ACTIVATIONS.labels(k=str(k)).inc(n * k * num_moe_layers)
-        MOE_TOKENS.labels(k=str(k)).inc(n * num_moe_layers)
+        if k > 0:
+            EXPERT_ACTIVATIONS.labels(k=str(k)).inc(n * k * num_moe_layers)
+            MOE_TOKENS.labels(k=str(k)).inc(n * num_moe_layers)

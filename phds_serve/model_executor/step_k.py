@@ -20,7 +20,7 @@ Two parts, because vLLM keeps the two kinds of state in two places:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -36,20 +36,48 @@ logger = logging.getLogger(__name__)
 
 # Key of the step plan in ForwardContext.additional_kwargs.
 PLAN_KEY = "phds_step_plan"
+# Model inputs the V2 model state passes each step: the persistent token -> k
+# buffer, and whether the step serves requests (False: profiling, warm-up, capture).
+TOKEN_K_INPUT = "phds_token_k"
+STEP_REAL_INPUT = "phds_step_real"
 
 
 @dataclass
 class StepPlan:
-    """How the tokens of one forward pass split by declared k."""
+    """How the tokens of one forward pass split by declared k.
+
+    ``token_k[t] == 0`` marks a padding token: it is routed to no expert and its
+    routed output is 0 (stock vLLM masks padding rows the same way).
+    """
 
     token_k: torch.Tensor  # [T] int64, on the model's device
-    # (k, token indices) per distinct k, ascending k; indices None = every token.
-    groups: list[tuple[int, torch.Tensor | None]] = field(default_factory=list)
-    # Width of the routing tensors: the largest k this step (CPU) or the policy's
-    # max k (GPU, so that shapes stay static for CUDA graphs).
-    k_max: int = 0
+    # Width of the routing tensors on the static paths (Triton, modular): the
+    # policy's max k, never the step's, so shapes do not change from step to step
+    # (CUDA graphs, Triton specialisation).
+    width: int
     # False for dummy/profiling forwards (no scheduled requests): not counted in metrics.
     real: bool = True
+    # (k, token indices) per distinct k, ascending; indices None = every token.
+    # Built on the host on first use (the CPU paths); never read on CUDA.
+    _groups: list[tuple[int, torch.Tensor | None]] | None = None
+
+    @property
+    def groups(self) -> list[tuple[int, torch.Tensor | None]]:
+        if self._groups is None:
+            self._groups = _group_by_k(self.token_k.cpu().numpy(), self.token_k.device)
+        return self._groups
+
+    @property
+    def k_max(self) -> int:
+        """The largest k of any token this step (host-side: the CPU paths)."""
+        return max(self.groups[-1][0], 1)
+
+
+def _group_by_k(per_token: np.ndarray, device: torch.device) -> list[tuple[int, torch.Tensor | None]]:
+    distinct = np.unique(per_token).tolist() or [1]
+    if len(distinct) == 1:
+        return [(int(distinct[0]), None)]
+    return [(int(k), torch.from_numpy(np.flatnonzero(per_token == k)).to(device)) for k in distinct]
 
 
 def expand_row_k(
@@ -58,12 +86,12 @@ def expand_row_k(
     num_tokens_padded: int,
 ) -> np.ndarray:
     """Token k in batch order: row i's k over tokens ``query_start_loc[i]:[i+1]``;
-    tokens after the last row (padding) at k=1 (never read, so the cheapest k).
+    tokens after the last row (padding) at k=0: routed to no expert.
 
     Uses the exact token layout, not per-row counts: under spec-decode style
     compaction the counts are upper bounds and would shift later rows.
     """
-    out = np.ones(num_tokens_padded, dtype=np.int64)
+    out = np.zeros(num_tokens_padded, dtype=np.int64)
     starts, ends = query_start_loc[:-1], query_start_loc[1:]
     lengths = np.maximum(ends - starts, 0)
     positions = np.repeat(starts, lengths) + (
@@ -74,15 +102,11 @@ def expand_row_k(
     return out
 
 
-def plan_from_token_k(per_token: np.ndarray, device: torch.device, real: bool) -> StepPlan:
-    """Group the tokens of a step by k (CPU path: one expert-kernel call per k)."""
-    token_k = torch.from_numpy(per_token)
-    distinct = np.unique(per_token).tolist() or [1]
-    if len(distinct) == 1:
-        groups: list[tuple[int, torch.Tensor | None]] = [(distinct[0], None)]
-    else:
-        groups = [(k, torch.nonzero(token_k == k).flatten().to(device)) for k in distinct]
-    return StepPlan(token_k=token_k.to(device), groups=groups, k_max=groups[-1][0], real=real)
+def plan_from_token_k(per_token: np.ndarray, device: torch.device, real: bool, width: int) -> StepPlan:
+    """A step plan from host-side token k, grouped by k (the CPU paths run one
+    expert-kernel call per k)."""
+    token_k = torch.from_numpy(per_token).to(device)
+    return StepPlan(token_k=token_k, width=width, real=real, _groups=_group_by_k(per_token, device))
 
 
 class RowK:
@@ -124,16 +148,18 @@ class RowK:
         del self.row_k[batch_update.batch_size :]
 
     def plan(self, tokens_per_row: list[int] | None, num_tokens: int, device) -> StepPlan:
-        """Plan this step from the attention layout; a dummy run (no layout) runs native k."""
+        """Plan this step from the attention layout; a dummy run (no layout) runs the
+        widest k, so that profiling sizes memory and workspaces for it."""
         assert self.contract is not None, "declared-k model not configured"
-        native = self.contract.policy.native_k
+        widest = self.contract.policy.max_k
         if tokens_per_row is None:
             if any(self.row_k):
                 raise RuntimeError(
                     "declared k: a step with requests in the batch but no token layout in its "
                     "attention metadata; refusing to run it at the native k"
                 )
-            return plan_from_token_k(np.full(num_tokens, native, dtype=np.int64), device, real=False)
+            return plan_from_token_k(np.full(num_tokens, widest, dtype=np.int64), device, real=False,
+                                     width=widest)
         rows = len(tokens_per_row)
         row_k = np.array((self.row_k + [0] * rows)[:rows], dtype=np.int64)
         if (row_k == 0).any():
@@ -142,7 +168,7 @@ class RowK:
                 "request known to the logits processor; refusing to guess their k"
             )
         qsl = np.concatenate([[0], np.cumsum(tokens_per_row)])
-        return plan_from_token_k(expand_row_k(row_k, qsl, num_tokens), device, real=True)
+        return plan_from_token_k(expand_row_k(row_k, qsl, num_tokens), device, real=True, width=widest)
 
 
 ROWS = RowK()

@@ -20,7 +20,7 @@ import torch
 
 from phds_serve.model_executor import expert_metrics
 from phds_serve.model_executor.contract import contract_of
-from phds_serve.model_executor.step_k import expand_row_k
+from phds_serve.model_executor.step_k import STEP_REAL_INPUT, TOKEN_K_INPUT, expand_row_k
 
 
 class DeclaredKModelState:
@@ -31,9 +31,10 @@ class DeclaredKModelState:
         self.contract = contract_of(vllm_config) if model.k_policy is not None else None
         if self.contract is None:
             return  # not declared: exactly the default model state
-        native = self.contract.policy.native_k
-        self.slot_k = np.full(self.max_num_reqs, native, dtype=np.int64)
-        self.token_k = torch.full((self.max_num_tokens,), native, dtype=torch.int64, device=device)
+        policy = self.contract.policy
+        self.slot_k = np.full(self.max_num_reqs, policy.native_k, dtype=np.int64)
+        # Allocated once: CUDA graphs read it at the address they were captured with.
+        self.token_k = torch.full((self.max_num_tokens,), policy.max_k, dtype=torch.int64, device=device)
 
     def add_request(self, req_index: int, new_req_data) -> None:
         super().add_request(req_index, new_req_data)
@@ -50,28 +51,29 @@ class DeclaredKModelState:
         return self.token_k[:n]
 
     def prepare_inputs(self, input_batch, req_states) -> dict[str, Any]:
-        from phds_serve.model_executor.declared_k_model import TOKEN_K_INPUT
-
         inputs = super().prepare_inputs(input_batch, req_states)
         if self.contract is None:
             return inputs
         n_pad = input_batch.num_tokens_after_padding
         real = bool(input_batch.req_ids) and input_batch.req_ids[0] in req_states.req_id_to_index
-        if real:
+        if real:  # padding tokens (after the last row) at k = 0: routed to no expert
             row_k = self.slot_k[input_batch.idx_mapping_np[: input_batch.num_reqs]]
             host = expand_row_k(row_k, input_batch.query_start_loc_np[: input_batch.num_reqs + 1], n_pad)
-            expert_metrics.record_step_from_host(host[: input_batch.num_tokens], self.num_moe_layers)
-        else:  # a dummy batch (warm-up, CUDA-graph capture): never counted
-            host = np.full(n_pad, self.contract.policy.native_k, dtype=np.int64)
-        return {**inputs, TOKEN_K_INPUT: self._stage(host)}
+            if self.token_k.is_cuda:
+                # The expert kernels run inside CUDA graphs, where the layer cannot
+                # count; the host plan is what they are handed. On CPU the layer
+                # counts the ids it passes to the kernel.
+                expert_metrics.record_step_from_host(host[: input_batch.num_tokens], self.num_moe_layers)
+        else:  # a dummy batch (profiling, warm-up): the widest k, never counted
+            host = np.full(n_pad, self.contract.policy.max_k, dtype=np.int64)
+        return {**inputs, TOKEN_K_INPUT: self._stage(host), STEP_REAL_INPUT: real}
 
     def prepare_dummy_inputs(self, num_reqs: int, num_tokens: int) -> dict[str, Any]:
-        from phds_serve.model_executor.declared_k_model import TOKEN_K_INPUT
-
         inputs = super().prepare_dummy_inputs(num_reqs, num_tokens)
         if self.contract is None:
             return inputs
-        return {**inputs, TOKEN_K_INPUT: self.token_k[:num_tokens]}
+        # CUDA-graph capture: the same buffer, whatever it holds; replay reads it afresh.
+        return {**inputs, TOKEN_K_INPUT: self.token_k[:num_tokens], STEP_REAL_INPUT: False}
 
     @property
     def num_moe_layers(self) -> int:

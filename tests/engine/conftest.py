@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from phds_serve.testing import engine_runner, requested_cpu_runner
 from phds_serve.tiny import ARCHS, build_tiny_checkpoint
 
 NATIVE_K = 4
@@ -22,7 +23,8 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 @contextmanager
 def vllm_engine(model: Path, **overrides):
-    """A float32 vLLM engine on the CPU sized for this 2-core machine; shut down on exit."""
+    """A float32 vLLM engine on the CPU sized for this 2-core machine; shut down on exit.
+    It runs the model runner ``PHDS_CPU_RUNNER`` asks for (phds_serve.testing), or fails."""
     from vllm import LLM
 
     kwargs = dict(
@@ -36,6 +38,10 @@ def vllm_engine(model: Path, **overrides):
     )
     kwargs.update(overrides)
     llm = LLM(**kwargs)
+    runner = engine_runner(llm)
+    if runner != "unknown" and runner != requested_cpu_runner():
+        llm.llm_engine.engine_core.shutdown()
+        raise AssertionError(f"the engine runs the {runner} model runner, {requested_cpu_runner()} was asked for")
     try:
         yield llm
     finally:

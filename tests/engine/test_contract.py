@@ -203,7 +203,7 @@ def test_step_with_an_unplanned_token_layout_is_refused():
 
     stub = _layer_stub()
     with set_forward_context(None, VllmConfig()):
-        publish_plan(plan_from_token_k(np.array([1, 2, 4]), torch.device("cpu"), real=True))
+        publish_plan(plan_from_token_k(np.array([1, 2, 4]), torch.device("cpu"), real=True, width=4))
         assert DeclaredKMoERunner.step_plan(stub, 3, torch.device("cpu")).k_max == 4
         with pytest.raises(NotImplementedError, match="input has 5 tokens but the step planned 3"):
             DeclaredKMoERunner.step_plan(stub, 5, torch.device("cpu"))
@@ -227,13 +227,18 @@ def test_triton_kernels_only_for_layers_they_compute():
         experts = types.SimpleNamespace(quant_method=method, expert_map=None,
                                         w13_weight=torch.empty(E, 2 * I, H), w2_weight=torch.empty(E, H, I))
         cfg = dict(num_experts=E, has_bias=False, is_act_and_mul=True,
-                   activation=MoEActivation.SILU, is_lora_enabled=False)
+                   activation=MoEActivation.SILU, is_lora_enabled=False,
+                   swiglu_limit=None, swiglu_alpha=None, swiglu_beta=None)
         cfg.update(cfg_changes)
         return types.SimpleNamespace(routed_experts=experts, moe_config=types.SimpleNamespace(**cfg),
                                      rule=RoutingRule())
 
     assert triton_kernels_valid_for(runner())
     assert not triton_kernels_valid_for(runner(backend="FlashInfer CUTLASS"))  # re-laid-out weights
+    assert not triton_kernels_valid_for(runner(backend="CPU"))  # vLLM CPU repacks its weights
+    # Clamped / scaled SwiGLU (BailingMoeV3, ExaoneMoE): the kernel computes plain SiLU.
+    for field in ("swiglu_limit", "swiglu_alpha", "swiglu_beta"):
+        assert not triton_kernels_valid_for(runner(**{field: 7.0}))
     assert not triton_kernels_valid_for(runner(has_bias=True))  # gpt-oss style biases
     assert not triton_kernels_valid_for(runner(activation=MoEActivation.SWIGLUOAI))
     assert not triton_kernels_valid_for(runner(is_lora_enabled=True))

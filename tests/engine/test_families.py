@@ -17,6 +17,7 @@ import torch
 
 from phds_serve import tiny
 from phds_serve.offline import sampling_params_at_k
+from phds_serve.testing import moe_backends
 
 from .conftest import random_prompts, vllm_engine
 
@@ -69,9 +70,10 @@ def reference_logprobs(family: str, path, k: int, token_ids: list[int]) -> torch
     return logp[:-1].gather(1, torch.tensor(token_ids[1:])[:, None]).squeeze(1)
 
 
-def mixed_k_after_native(path, **engine) -> list[tuple[list[int], int, list[float]]]:
+def mixed_k_after_native(path, backends: set | None = None, **engine) -> list[tuple[list[int], int, list[float]]]:
     """Run a prompt at native k, then it and others at k in {1, 2, native, none} in one
-    batch: (prompt + completion, k, vLLM's log-probability of each next token)."""
+    batch: (prompt + completion, k, vLLM's log-probability of each next token).
+    ``backends``: filled with the expert-compute branches the engine's layers ran."""
     first, *others = random_prompts([40, 9, 23], seed=21)
     requests = [(first, 1), (first, 2)] + [(p, k) for p in others for k in (1, 2, NATIVE_K, None)]
     params = lambda k: sampling_params_at_k(  # noqa: E731
@@ -83,6 +85,8 @@ def mixed_k_after_native(path, **engine) -> list[tuple[list[int], int, list[floa
             [{"prompt_token_ids": p} for p, _ in requests], [params(k) for _, k in requests],
             use_tqdm=False,
         )
+        if backends is not None:
+            backends.update(moe_backends(llm))
     results = []
     for (prompt, k), out in zip(requests, outputs):
         completion = out.outputs[0]

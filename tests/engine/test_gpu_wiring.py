@@ -40,7 +40,7 @@ SETUP = textwrap.dedent(
 
 TRITON_SCRIPT = SETUP + textwrap.dedent(
     """
-    experts = types.SimpleNamespace(w13_weight=w13, w2_weight=w2)
+    experts = types.SimpleNamespace(phds_standard_weights=(w13, w2))
     cfg = types.SimpleNamespace(activation=types.SimpleNamespace(value="silu"))
     for rule in rules:
         layer = types.SimpleNamespace(backend="triton", rule=rule, routed_experts=experts,
@@ -49,7 +49,7 @@ TRITON_SCRIPT = SETUP + textwrap.dedent(
         layer.step_plan = lambda n, d: DeclaredKMoERunner.step_plan(layer, n, d)
         x, logits = torch.randn(T, H), torch.randn(T, E) * 3
         with set_forward_context(None, VllmConfig()):
-            publish_plan(StepPlan(token_k=token_k, groups=[(4, None)], k_max=4))
+            publish_plan(StepPlan(token_k=token_k, width=4))
             out = DeclaredKMoERunner.declared_k_forward(layer, x, logits)
         w, ids = route_declared_k(logits, token_k, 4, rule)
         torch.testing.assert_close(out, moe_reference(x, w13, w2, w, ids), rtol=1e-5, atol=1e-5)
@@ -89,11 +89,11 @@ def test_modular_branch_runs_full_width_without_minus_one():
             backend="modular", rule=rule, routed_experts=experts, layer_name="l0",
             _quant_method=types.SimpleNamespace(topk_indices_dtype=None),
             k_policy=namespace["KPolicy"](native_k=4, num_experts=E))
-        layer._run_experts = lambda x, w, i: DeclaredKMoERunner._run_experts(layer, x, w, i)
+        layer._run_experts = lambda *args: DeclaredKMoERunner._run_experts(layer, *args)
         layer.step_plan = lambda n, d: DeclaredKMoERunner.step_plan(layer, n, d)
         x, logits = torch.randn(T, H), torch.randn(T, E) * 3
         with namespace["set_forward_context"](None, namespace["VllmConfig"]()):
-            namespace["publish_plan"](StepPlan(token_k=token_k, groups=[(4, None)], k_max=4))
+            namespace["publish_plan"](StepPlan(token_k=token_k, width=4))
             out = DeclaredKMoERunner.declared_k_forward(layer, x, logits)
         w, ids = namespace["route_declared_k"](logits, token_k, 4, rule)
         ref = namespace["moe_reference"](x, w13, w2, w, ids)

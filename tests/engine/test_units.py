@@ -95,18 +95,19 @@ def test_step_plan_groups_tokens_by_row_k():
     for row, k in enumerate([1, 4, 2]):
         rows.set_row(row, k)
     rows.move_row(0, 2, swap=True)  # rows now declare 2, 4, 1
-    plan = rows.plan([3, 2, 1], 7, torch.device("cpu"))  # one padding token
-    assert plan.token_k.tolist() == [2, 2, 2, 4, 4, 1, 1]
-    assert [(k, r.tolist()) for k, r in plan.groups] == [(1, [5, 6]), (2, [0, 1, 2]), (4, [3, 4])]
-    assert plan.k_max == 4 and plan.real
+    plan = rows.plan([3, 2, 1], 7, torch.device("cpu"))  # one padding token, at k = 0
+    assert plan.token_k.tolist() == [2, 2, 2, 4, 4, 1, 0]
+    assert [(k, r.tolist()) for k, r in plan.groups] == [(0, [6]), (1, [5]), (2, [0, 1, 2]), (4, [3, 4])]
+    assert plan.k_max == 4 and plan.width == 4 and plan.real
     # A step with requests in the batch but no token layout is refused, not run at native k ...
     with pytest.raises(RuntimeError, match="no token layout"):
         rows.plan(None, 5, torch.device("cpu"))
-    # ... while a dummy run (warm-up, profiling: no requests) runs native k.
-    for row in range(3):
-        rows.set_row(row, 0)
-    dummy = rows.plan(None, 5, torch.device("cpu"))
-    assert dummy.groups[0][0] == 4 and dummy.groups[0][1] is None and not dummy.real
+    # ... while a dummy run (warm-up, profiling: no requests) runs the widest k, so
+    # that profiling measures the widest step (a widened range included).
+    wide = RowK()
+    wide.configure(KContract(KPolicy(native_k=4, num_experts=8, max_k=6), declared=True))
+    dummy = wide.plan(None, 5, torch.device("cpu"))
+    assert dummy.groups == [(6, None)] and not dummy.real
 
 
 def test_step_plan_refuses_rows_it_does_not_know():
@@ -129,8 +130,8 @@ def test_token_k_follows_the_exact_token_layout():
 
     row_k = np.array([2, 4, 1])
     out = expand_row_k(row_k, np.array([0, 3, 4, 6]), 8)
-    assert out.tolist() == [2, 2, 2, 4, 1, 1, 1, 1]
-    assert expand_row_k(np.array([3]), np.array([0, 0]), 2).tolist() == [1, 1]
+    assert out.tolist() == [2, 2, 2, 4, 1, 1, 0, 0]  # padding: k = 0, routed to no expert
+    assert expand_row_k(np.array([3]), np.array([0, 0]), 2).tolist() == [0, 0]
 
 
 def _bare_model(cls, is_hybrid: bool, monkeypatch):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch.library import Library
 from vllm.model_executor.layers.fused_moe.config import RoutingMethodType
@@ -44,9 +45,15 @@ from vllm.platforms import current_platform
 from vllm.utils.torch_utils import direct_register_custom_op
 
 from phds_serve.declared_k import KPolicy
+from phds_serve.kernels.backend import requested_moe_backend, select_moe_backend
 from phds_serve.model_executor import expert_metrics
 from phds_serve.model_executor.layers.routing_rule import rule_from_router
-from phds_serve.model_executor.step_k import StepPlan, current_plan, plan_from_token_k
+from phds_serve.model_executor.step_k import (
+    StepPlan,
+    current_plan,
+    plan_from_token_k,
+    tokens_per_row_from_forward_context,
+)
 from phds_serve.routing import route_declared_k
 
 _BUILDING: KPolicy | None = None
@@ -80,6 +87,38 @@ class DeclaredKRoutedExperts(RoutedExperts):
         if _BUILDING is not None:
             moe_config.routing_method = DECLARED_K_ROUTING_METHOD
         super().__init__(layer_name, params_dtype, moe_config, *args, **kwargs)
+        if _BUILDING is not None and current_platform.is_cpu() and requested_moe_backend() == "triton":
+            _keep_standard_weights(self)
+
+
+def _keep_standard_weights(experts: RoutedExperts) -> None:
+    """Test switch (``PHDS_MOE_BACKEND=triton`` on CPU, under the Triton interpreter):
+    vLLM's CPU experts repack w13/w2 for their own GEMM after loading, so keep a copy
+    in vLLM's standard [E, 2I, H] / [E, H, I] layout for the project's kernels.
+    Wraps the quant method's ``process_weights_after_loading`` (the hook vLLM's
+    loader calls once per layer)."""
+    method = experts.quant_method
+    process = method.process_weights_after_loading
+    experts.phds_keeps_standard_weights = True
+
+    def keep_then_process(layer) -> None:
+        layer.phds_standard_weights = (layer.w13_weight.detach().clone(), layer.w2_weight.detach().clone())
+        process(layer)
+
+    method.process_weights_after_loading = keep_then_process
+
+
+def _keeps_standard_layout(experts) -> bool:
+    """Whether the layer's weights stay (or are kept) in vLLM's standard layout after
+    loading: vLLM's Triton backend, or the CPU test switch's copy."""
+    backend = getattr(getattr(experts.quant_method, "unquantized_backend", None), "value", None)
+    return backend == "TRITON" or getattr(experts, "phds_keeps_standard_weights", False)
+
+
+def standard_expert_weights(experts) -> tuple[torch.Tensor, torch.Tensor]:
+    """w13 [E, 2I, H] and w2 [E, H, I] as the project's kernels read them."""
+    kept = getattr(experts, "phds_standard_weights", None)
+    return kept if kept is not None else (experts.w13_weight, experts.w2_weight)
 
 
 def _refuse(layer: str, why: str) -> NotImplementedError:
@@ -126,12 +165,14 @@ class DeclaredKMoERunner(MoERunner):
                           "(routes raw logits itself); choose a modular --moe-backend")
 
     def _select_backend(self) -> str:
-        """``cpu-grouped`` on CPU; on CUDA ``triton`` where the kernels are valid for
-        this layer, else ``modular`` (``PHDS_MOE_BACKEND=reference`` forces it)."""
-        if current_platform.is_cpu():
+        """From what this engine runs, not from the runner: ``cpu-grouped`` on CPU;
+        ``triton`` where the project's kernels can run and compute this layer exactly
+        (CUDA, or CPU under the Triton interpreter when ``PHDS_MOE_BACKEND=triton``
+        asks for it); else ``modular``, vLLM's own expert kernel at full width
+        (``PHDS_MOE_BACKEND=reference`` forces it, on CPU too)."""
+        requested = requested_moe_backend()
+        if current_platform.is_cpu() and requested == "auto":
             return "cpu-grouped"
-        from phds_serve.kernels import select_moe_backend
-
         if select_moe_backend() == "triton" and triton_kernels_valid_for(self):
             return "triton"
         return "modular"
@@ -180,20 +221,16 @@ class DeclaredKMoERunner(MoERunner):
 
     def step_plan(self, num_tokens: int, device: torch.device) -> StepPlan:
         """This step's plan, from the forward context; a forward with no plan is only
-        accepted where vLLM runs a dummy batch (no attention metadata)."""
+        accepted where vLLM runs a dummy batch (no attention metadata), at the widest k."""
         plan = current_plan()
         if plan is None:
-            from phds_serve.model_executor.step_k import tokens_per_row_from_forward_context
-
             if tokens_per_row_from_forward_context() is not None:
                 raise RuntimeError(f"{self.layer_name}: a scheduled step reached a declared-k "
                                    "MoE layer without a step plan")
             assert self.k_policy is not None
-            import numpy as np
-
-            plan = plan_from_token_k(
-                np.full(num_tokens, self.k_policy.native_k, dtype=np.int64), device, real=False
-            )
+            widest = self.k_policy.max_k
+            plan = plan_from_token_k(np.full(num_tokens, widest, dtype=np.int64), device,
+                                     real=False, width=widest)
         if plan.token_k.shape[0] != num_tokens:
             raise _refuse(self.layer_name, f"its input has {num_tokens} tokens but the step "
                           f"planned {plan.token_k.shape[0]} (a token layout phds-serve does not "
@@ -203,47 +240,65 @@ class DeclaredKMoERunner(MoERunner):
     def declared_k_forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """Routed-expert output of this step, every token at its declared k."""
         plan = self.step_plan(x.shape[0], x.device)
-        if self.backend == "triton":
-            from phds_serve.kernels import declared_k_route_triton, fused_declared_k_moe
-
-            weights, ids = declared_k_route_triton(router_logits, plan.token_k, plan.k_max, self.rule)
-            return fused_declared_k_moe(
-                x,
-                self.routed_experts.w13_weight,
-                self.routed_experts.w2_weight,
-                weights,
-                ids,
-                activation=self.moe_config.activation.value,
-            )
+        handed: list[tuple[torch.Tensor | None, torch.Tensor]] = []  # what each kernel call got
         if self.backend == "cpu-grouped":
             weights, ids = route_declared_k(router_logits, plan.token_k, plan.k_max, self.rule)
-            return self._grouped_experts(x, weights, ids, plan)
-        weights, ids = route_declared_k(
-            router_logits, plan.token_k, plan.k_max, self.rule, keep_ids=True
-        )
-        return self._run_experts(x, weights, ids)
+            out = self._grouped_experts(x, weights, ids, plan, handed)
+        elif self.backend == "triton":
+            from phds_serve.kernels import declared_k_route_triton, fused_declared_k_moe
 
-    def _run_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        ids = ids.to(self._quant_method.topk_indices_dtype or torch.int32)
+            weights, ids = declared_k_route_triton(router_logits, plan.token_k, plan.width, self.rule)
+            w13, w2 = standard_expert_weights(self.routed_experts)
+            out = fused_declared_k_moe(x, w13, w2, weights, ids,
+                                       activation=self.moe_config.activation.value)
+            handed.append((None, ids))
+        else:
+            weights, ids = route_declared_k(
+                router_logits, plan.token_k, plan.width, self.rule, keep_ids=True
+            )
+            out = self._run_experts(x, weights, ids, None, handed)
+        if x.device.type == "cpu":  # host tensors: counting costs no device sync
+            expert_metrics.record_kernel_inputs(plan, handed)
+        return out
+
+    def _run_experts(
+        self,
+        x: torch.Tensor,
+        weights: torch.Tensor,
+        ids: torch.Tensor,
+        rows: torch.Tensor | None,
+        handed: list[tuple[torch.Tensor | None, torch.Tensor]],
+    ) -> torch.Tensor:
+        ids = ids.to(self._quant_method.topk_indices_dtype or torch.int32).contiguous()
+        handed.append((rows, ids))
         out = self.routed_experts.forward_modular(
-            x=x, topk_weights=weights.contiguous(), topk_ids=ids.contiguous()
+            x=x, topk_weights=weights.contiguous(), topk_ids=ids
         )
         if not isinstance(out, torch.Tensor):
             raise _refuse(self.layer_name, "its kernel defers finalisation of the MoE output")
         return out
 
     def _grouped_experts(
-        self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, plan: StepPlan
+        self,
+        x: torch.Tensor,
+        weights: torch.Tensor,
+        ids: torch.Tensor,
+        plan: StepPlan,
+        handed: list[tuple[torch.Tensor | None, torch.Tensor]],
     ) -> torch.Tensor:
-        """One expert-kernel call per distinct k, each with exactly k valid slots."""
-        expert_metrics.record_layer_step(plan, ids)
-        if len(plan.groups) == 1:
-            k = plan.groups[0][0]
-            return self._run_experts(x, weights[:, :k], ids[:, :k])
-        out = torch.empty_like(x)
-        for k, rows in plan.groups:
-            assert rows is not None
-            out[rows] = self._run_experts(x[rows], weights[rows, :k], ids[rows, :k])
+        """One expert-kernel call per distinct k, each with exactly k valid slots;
+        padding tokens (k = 0) get no call and a zero output."""
+        groups = plan.groups
+        if len(groups) == 1 and groups[0][0] > 0:
+            k = groups[0][0]
+            return self._run_experts(x, weights[:, :k], ids[:, :k], None, handed)
+        out = torch.zeros_like(x)
+        for k, rows in groups:
+            if k == 0:
+                continue
+            if rows is None:
+                rows = torch.arange(x.shape[0], device=x.device)
+            out[rows] = self._run_experts(x[rows], weights[rows, :k], ids[rows, :k], rows, handed)
         return out
 
 
@@ -259,16 +314,18 @@ def triton_kernels_valid_for(runner: DeclaredKMoERunner) -> bool:
     from phds_serve.kernels.activation import ACTIVATION_CODES
 
     experts, cfg = runner.routed_experts, runner.moe_config
-    method = experts.quant_method
-    if type(method) is not UnquantizedFusedMoEMethod:
-        return False
-    if getattr(getattr(method, "unquantized_backend", None), "value", None) != "TRITON":
+    if type(experts.quant_method) is not UnquantizedFusedMoEMethod:
         return False
     if cfg.has_bias or not cfg.is_act_and_mul or cfg.activation.value not in ACTIVATION_CODES:
+        return False
+    # Clamped / scaled SwiGLU (BailingMoeV3, ExaoneMoE, gpt-oss): the kernels compute plain SiLU.
+    if any(getattr(cfg, f, None) is not None for f in ("swiglu_limit", "swiglu_alpha", "swiglu_beta")):
         return False
     if experts.expert_map is not None or cfg.is_lora_enabled or runner.rule.weight_on_input:
         return False
     if runner.rule.expert_scale is not None:  # the router kernel has no per-expert scale
+        return False
+    if not _keeps_standard_layout(experts):
         return False
     w13, w2 = getattr(experts, "w13_weight", None), getattr(experts, "w2_weight", None)
     if w13 is None or w2 is None or w13.dim() != 3 or w2.dim() != 3:

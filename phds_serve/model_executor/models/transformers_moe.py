@@ -106,18 +106,22 @@ class DeclaredKHFBlock(nn.Module):
         plan = current_plan()
         if plan is None:  # a dummy run: native k
             plan = plan_from_token_k(
-                torch.full((flat.shape[0],), self._phds_native_k).numpy(), flat.device, real=False
+                torch.full((flat.shape[0],), self._phds_native_k).numpy(), flat.device, real=False,
+                width=self._phds_native_k,
             )
         if plan.token_k.shape[0] != flat.shape[0]:
             raise NotImplementedError(
                 f"{self._phds_name}: {flat.shape[0]} tokens but the step planned {plan.token_k.shape[0]}"
             )
         expert_metrics.record_groups(plan)
-        if len(plan.groups) == 1:
+        if len(plan.groups) == 1 and plan.groups[0][0] > 0:
             return self._routed_at(hidden_states, plan.groups[0][0])
-        out = torch.empty_like(flat)
+        out = torch.zeros_like(flat)
         for k, rows in plan.groups:
-            assert rows is not None
+            if k == 0:  # padding: routed to no expert
+                continue
+            if rows is None:
+                rows = torch.arange(flat.shape[0], device=flat.device)
             out[rows] = self._routed_at(flat[rows].unsqueeze(0), k).reshape(-1, shape[-1])
         return out.view(shape)
 
