@@ -61,15 +61,20 @@ def engine_runner(llm) -> str:
     return "v2" if isinstance(runner, V2ModelRunner) else "v1"
 
 
-def _declared_k_backends(worker) -> list[str]:
+def _declared_k_layers(worker) -> list[tuple[str, str]]:
     from phds_serve.model_executor.layers.declared_k_moe import DeclaredKMoERunner
 
     model = worker.model_runner.model
-    return sorted({m.backend for m in model.modules() if isinstance(m, DeclaredKMoERunner) and m.k_policy})
+    return sorted({
+        (m.backend, m.routed_experts.moe_config.routing_method.name)
+        for m in model.modules()
+        if isinstance(m, DeclaredKMoERunner) and m.k_policy
+    })
 
 
-def moe_backends(llm) -> set[str]:
-    """The expert-compute branch every declared-k MoE layer of the engine runs
-    (``cpu-grouped``, ``triton`` or ``modular``), asked of the workers themselves.
-    A multiprocess engine needs ``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` to be asked."""
-    return {backend for worker in llm.collective_rpc(_declared_k_backends) for backend in worker}
+def declared_k_layers(llm) -> set[tuple[str, str]]:
+    """``(expert-compute branch, routing method advertised to vLLM's kernel oracle)`` of
+    every declared-k MoE layer of the engine, asked of the workers themselves. The
+    branch is ``cpu-grouped``, ``triton`` or ``modular``. A multiprocess engine needs
+    ``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` to be asked."""
+    return {tuple(layer) for worker in llm.collective_rpc(_declared_k_layers) for layer in worker}

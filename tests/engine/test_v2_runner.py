@@ -18,13 +18,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Default suite: the four core architectures at mixed k, prompt and decode, and
-# prefix isolation by k in the engine. Slow suite: chunked prefill, n > 1 and the
-# 600-request stress (one long-lived engine), every family vLLM CPU runs, and the
-# layer's GPU branches (Triton kernels, vLLM's modular kernel) inside the engine.
+# Default suite: the four core architectures at mixed k, prompt and decode, prefix
+# isolation by k in the engine, exactly k slots per token handed to the expert kernel.
+# Slow suite: chunked prefill, n > 1 and the 600-request stress (one long-lived
+# engine), every family vLLM CPU runs, and the layer's GPU branches (Triton kernels,
+# vLLM's modular kernel) inside the engine.
 DEFAULT = [
     "tests/engine/test_parity.py",
     "tests/engine/test_prefix_isolation.py",
+    "tests/engine/test_kernel_inputs.py",
 ]
 SLOW = [
     "tests/engine/test_engine_behaviour.py",
@@ -59,7 +61,7 @@ def assert_all_passed(rc: int, out: str) -> int:
 
 
 def test_engine_suite_on_the_v2_runner():
-    assert assert_all_passed(*run_on_v2(DEFAULT, "not slow")) >= 6  # 4 architectures + 2
+    assert assert_all_passed(*run_on_v2(DEFAULT, "not slow")) >= 8
 
 
 @pytest.mark.slow

@@ -32,7 +32,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from torch.library import Library
-from vllm.model_executor.layers.fused_moe.config import RoutingMethodType
+from vllm.model_executor.layers.fused_moe import layer as fused_moe_layer
+from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig, RoutingMethodType
 from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 from vllm.model_executor.layers.fused_moe.runner.moe_runner import (
     MoERunner,
@@ -64,15 +65,29 @@ _BUILDING: KPolicy | None = None
 DECLARED_K_ROUTING_METHOD = RoutingMethodType.Unspecified
 
 
+def _declared_k_moe_config(*args, **kwargs) -> FusedMoEConfig:
+    """vLLM's FusedMoEConfig, advertising the declared-k routing method: set here, where
+    every MoE layer's config is made, it reaches whatever RoutedExperts class the model
+    passes (gpt-oss and DBRX bring their own) before its kernel is chosen."""
+    config = FusedMoEConfig(*args, **kwargs)
+    config.routing_method = DECLARED_K_ROUTING_METHOD
+    return config
+
+
 @contextlib.contextmanager
 def building_declared_k_model(policy: KPolicy) -> Iterator[None]:
-    """MoE layers constructed inside this block route by declared k."""
+    """MoE layers constructed inside this block route by declared k. Private hook:
+    ``FusedMoEFactory`` builds each layer's config through the ``FusedMoEConfig``
+    name of ``vllm.model_executor.layers.fused_moe.layer``, swapped for the block."""
     global _BUILDING
     previous, _BUILDING = _BUILDING, policy
+    stock_config = fused_moe_layer.FusedMoEConfig
+    fused_moe_layer.FusedMoEConfig = _declared_k_moe_config
     try:
         yield
     finally:
         _BUILDING = previous
+        fused_moe_layer.FusedMoEConfig = stock_config
 
 
 def declared_k_layers_being_built() -> bool:
@@ -81,11 +96,10 @@ def declared_k_layers_being_built() -> bool:
 
 @RoutedExperts.register_oot
 class DeclaredKRoutedExperts(RoutedExperts):
-    """RoutedExperts that, inside a declared-k model, never get a monolithic kernel."""
+    """RoutedExperts that, inside a declared-k model on CPU with the Triton test switch,
+    keep their weights in the standard layout for the project's kernels."""
 
     def __init__(self, layer_name, params_dtype, moe_config, *args, **kwargs) -> None:
-        if _BUILDING is not None:
-            moe_config.routing_method = DECLARED_K_ROUTING_METHOD
         super().__init__(layer_name, params_dtype, moe_config, *args, **kwargs)
         if _BUILDING is not None and current_platform.is_cpu() and requested_moe_backend() == "triton":
             _keep_standard_weights(self)

@@ -25,22 +25,14 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 from torch.library import Library
-from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 from vllm.model_executor.models.transformers import TransformersMoEForCausalLM
 from vllm.model_executor.layers.fused_moe.runner.moe_runner_interface import MoERunnerInterface
-from vllm.model_executor.models.transformers.moe import (
-    TransformersMoERunner,
-    TransformersRoutedExperts,
-)
+from vllm.model_executor.models.transformers.moe import TransformersMoERunner
 from vllm.utils.torch_utils import direct_register_custom_op
 
 from phds_serve.model_executor import expert_metrics
 from phds_serve.model_executor.declared_k_model import DeclaredKModelMixin
-from phds_serve.model_executor.layers.declared_k_moe import (
-    DECLARED_K_ROUTING_METHOD,
-    DeclaredKMoERunner,
-    declared_k_layers_being_built,
-)
+from phds_serve.model_executor.layers.declared_k_moe import DeclaredKMoERunner
 from phds_serve.model_executor.step_k import current_plan, plan_from_token_k
 
 # Attribute names HF MoE blocks and routers keep their top-k under.
@@ -138,16 +130,6 @@ _LIB = Library("phds", "FRAGMENT")
 direct_register_custom_op(
     op_name="declared_k_hf_block", op_func=_hf_block, fake_impl=_hf_block_fake, target_lib=_LIB
 )
-
-
-@RoutedExperts.register_oot(name="TransformersRoutedExperts")
-class DeclaredKTransformersRoutedExperts(TransformersRoutedExperts):
-    """As DeclaredKRoutedExperts: inside a declared-k model, no monolithic kernel."""
-
-    def __init__(self, layer_name, params_dtype, moe_config, *args, **kwargs) -> None:
-        if declared_k_layers_being_built():
-            moe_config.routing_method = DECLARED_K_ROUTING_METHOD
-        super().__init__(layer_name, params_dtype, moe_config, *args, **kwargs)
 
 
 class DeclaredKTransformersMoEForCausalLM(DeclaredKModelMixin, TransformersMoEForCausalLM):
