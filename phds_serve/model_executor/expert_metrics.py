@@ -76,18 +76,18 @@ def record_kernel_inputs(plan: "StepPlan", handed: list[tuple[torch.Tensor | Non
     touched = []
     for rows, ids in handed:
         valid = ids >= 0
-        per_token = valid.sum(dim=1).to(torch.int64)
+        per_token = valid.sum(dim=1)
         if rows is None:
             pairs += per_token
         else:
-            pairs.index_add_(0, rows.cpu(), per_token)
+            pairs.index_add_(0, rows, per_token)
         touched.append(ids[valid])
-    for k in torch.unique(token_k).tolist():
-        if k == 0:  # padding, never routed
-            continue
-        mask = token_k == k
-        MOE_TOKENS.labels(k=str(k)).inc(int(mask.sum()))
-        EXPERT_ACTIVATIONS.labels(k=str(k)).inc(int(pairs[mask].sum()))
+    tokens_by_k = torch.bincount(token_k).tolist()
+    pairs_by_k = torch.bincount(token_k, weights=pairs.double()).tolist()
+    for k in range(1, len(tokens_by_k)):  # k = 0: padding, never routed
+        if tokens_by_k[k]:
+            MOE_TOKENS.labels(k=str(k)).inc(tokens_by_k[k])
+            EXPERT_ACTIVATIONS.labels(k=str(k)).inc(int(pairs_by_k[k]))
     DISTINCT_EXPERTS.observe(int(torch.unique(torch.cat(touched)).numel()))
 
 
