@@ -15,7 +15,10 @@ import torch
 from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 
 from phds_serve.model_executor import expert_metrics
+from phds_serve.model_executor.declared_k_model import DeclaredKModelMixin
+from phds_serve.model_executor.step_k import TOKEN_K_INPUT
 from phds_serve.offline import sampling_params_at_k
+from phds_serve.testing import engine_runner
 
 from .conftest import random_prompts, vllm_engine
 
@@ -38,8 +41,20 @@ def test_cpu_engine_hands_the_kernel_exactly_k_slots(tiny_checkpoints, monkeypat
         return original(self, x, topk_weights, topk_ids)
 
     monkeypatch.setattr(RoutedExperts, "forward_modular", spy)
+    # V2 runner: the token-k buffer the model state hands each forward (CUDA graphs
+    # replay the address they captured, so it must never move).
+    buffers: set[int] = set()
+    model_forward = DeclaredKModelMixin.forward
+
+    def forward_spy(self, input_ids, positions, *args, **kwargs):
+        if TOKEN_K_INPUT in kwargs:
+            buffers.add(kwargs[TOKEN_K_INPUT].data_ptr())
+        return model_forward(self, input_ids, positions, *args, **kwargs)
+
+    monkeypatch.setattr(DeclaredKModelMixin, "forward", forward_spy)
     prompts = random_prompts([7, 19, 4, 30], seed=5)
     with vllm_engine(tiny_checkpoints["olmoe"], enable_prefix_caching=False) as llm:
+        runner = engine_runner(llm)
         calls.clear()  # profiling and warm-up
         activations, tokens = counter_total(expert_metrics.EXPERT_ACTIVATIONS), counter_total(
             expert_metrics.MOE_TOKENS)
@@ -56,6 +71,8 @@ def test_cpu_engine_hands_the_kernel_exactly_k_slots(tiny_checkpoints, monkeypat
     fed = [len(p) + MAX_TOKENS - 1 for p in prompts]  # the last sampled token is never fed
     handed = sum(ids.numel() for ids in calls)
     assert handed == NUM_LAYERS * sum(n * k for n, k in zip(fed, KS))
+    # V2: one buffer address over profiling, warm-up and every step; V1 passes none.
+    assert len(buffers) == (1 if runner == "v2" else 0), (runner, buffers)
     # The metrics count what the kernel was handed, in this (in-process) engine.
     if expert_metrics.ENABLED:
         assert activations == handed
