@@ -70,6 +70,9 @@ def refusal_reason(vllm_config) -> str | None:
         return "EPLB: replicated experts are routed by vLLM's own router"
     if getattr(parallel, "use_ubatching", False) or parallel.enable_dbo:
         return "dual-batch overlap / micro-batching splits a step's tokens"
+    if getattr(vllm_config.cache_config, "kv_sharing_fast_prefill", False):
+        return ("kv_sharing_fast_prefill: later layers (Gemma 3n/4) run only some of a step's "
+                "tokens, not the token layout the step's k was planned over")
     if on_transformers_backend:
         return transformers_backend_reason(vllm_config)
     return None

@@ -62,6 +62,37 @@ def test_configurations_that_refuse_declared_k(tiny_checkpoints, overrides, reas
         admission.validate_declared_k({"k": 1})
 
 
+@pytest.mark.parametrize(
+    "section, field, value, reason",
+    [
+        ("parallel_config", "pipeline_parallel_size", 2, "pipeline parallel"),
+        ("parallel_config", "data_parallel_size", 2, "data parallel"),
+        ("parallel_config", "use_all2all", True, "all2all"),  # a property: patched below
+        ("parallel_config", "prefill_context_parallel_size", 2, "prefill context parallel"),
+        ("parallel_config", "enable_eplb", True, "EPLB"),
+        ("parallel_config", "enable_dbo", True, "dual-batch overlap"),
+        ("cache_config", "kv_sharing_fast_prefill", True, "kv_sharing_fast_prefill"),
+        ("model_config", "_architecture", "MysteryMoeForCausalLM", "not an architecture"),
+    ],
+)
+def test_each_configuration_refusal(tiny_checkpoints, section, field, value, reason, monkeypatch):
+    """Every config-level refusal, one at a time on an otherwise declared configuration
+    (vLLM CPU cannot build most of these engines, so the field is set on a real config)."""
+    import copy
+
+    from phds_serve.model_executor.contract import refusal_reason
+
+    config = copy.deepcopy(engine_config(tiny_checkpoints["olmoe"]))
+    assert refusal_reason(config) is None
+    part = getattr(config, section)
+    if isinstance(getattr(type(part), field, None), property):
+        monkeypatch.setattr(type(part), field, property(lambda self: value))
+    else:
+        object.__setattr__(part, field, value)
+    why = refusal_reason(config)
+    assert why is not None and reason in why, why
+
+
 def test_plugin_switched_off_refuses_other_k(tiny_checkpoints, monkeypatch):
     monkeypatch.setenv("PHDS_DISABLE", "1")
     contract = contract_of(engine_config(tiny_checkpoints["olmoe"]))
