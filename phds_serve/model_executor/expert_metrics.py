@@ -48,19 +48,23 @@ def counts_here() -> bool:
         return True
 
 
+def _add_tokens(tokens_by_k, layers: int) -> None:
+    """``(k, tokens)`` pairs of one step, each token computed at k in ``layers`` layers."""
+    for k, n in tokens_by_k:
+        if k > 0 and n:  # k = 0: padding, never routed
+            EXPERT_ACTIVATIONS.labels(k=str(k)).inc(n * k * layers)
+            MOE_TOKENS.labels(k=str(k)).inc(n * layers)
+
+
 def record_groups(plan: "StepPlan", layers: int = 1) -> bool:
     """Count a step's tokens and (token, expert) pairs by k from the host-side plan,
     for ``layers`` MoE layers: where the expert compute cannot be counted as it
     is handed out (the Transformers backend's blocks, the V1 runner on CUDA).
-    Padding (k = 0) is not counted. Returns whether this step is counted here."""
+    Returns whether this step is counted here."""
     if not ENABLED or not plan.real or not counts_here():
         return False
     total = plan.token_k.shape[0]
-    for k, rows in plan.groups:
-        n = total if rows is None else rows.numel()
-        if k > 0:
-            EXPERT_ACTIVATIONS.labels(k=str(k)).inc(n * k * layers)
-            MOE_TOKENS.labels(k=str(k)).inc(n * layers)
+    _add_tokens(((k, total if rows is None else rows.numel()) for k, rows in plan.groups), layers)
     return True
 
 
@@ -98,7 +102,4 @@ def record_step_from_host(token_k, num_moe_layers: int) -> None:
     if not ENABLED or len(token_k) == 0 or not counts_here():
         return
     ks, counts = np.unique(token_k, return_counts=True)
-    for k, n in zip(ks.tolist(), counts.tolist()):
-        if k > 0:
-            EXPERT_ACTIVATIONS.labels(k=str(k)).inc(n * k * num_moe_layers)
-            MOE_TOKENS.labels(k=str(k)).inc(n * num_moe_layers)
+    _add_tokens(zip(ks.tolist(), counts.tolist()), num_moe_layers)

@@ -306,12 +306,12 @@ class DeclaredKMoERunner(MoERunner):
         if len(groups) == 1 and groups[0][0] > 0:
             k = groups[0][0]
             return self._run_experts(x, weights[:, :k], ids[:, :k], None, handed)
-        out = torch.zeros_like(x)
+        # Groups ascend by k: padding, if any, comes first and keeps its zeros.
+        out = torch.zeros_like(x) if groups[0][0] == 0 else torch.empty_like(x)
         for k, rows in groups:
             if k == 0:
                 continue
-            if rows is None:
-                rows = torch.arange(x.shape[0], device=x.device)
+            assert rows is not None  # several groups, or one group of padding only
             out[rows] = self._run_experts(x[rows], weights[rows, :k], ids[rows, :k], rows, handed)
         return out
 

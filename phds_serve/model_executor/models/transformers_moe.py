@@ -112,8 +112,7 @@ class DeclaredKHFBlock(nn.Module):
         for k, rows in plan.groups:
             if k == 0:  # padding: routed to no expert
                 continue
-            if rows is None:
-                rows = torch.arange(flat.shape[0], device=flat.device)
+            assert rows is not None  # several groups, or one group of padding only
             out[rows] = self._routed_at(flat[rows].unsqueeze(0), k).reshape(-1, shape[-1])
         return out.view(shape)
 
