@@ -62,6 +62,15 @@ def family_root(tmp_path_factory):
     return tmp_path_factory.mktemp("families")
 
 
+def engine_for(family: str) -> dict:
+    """Engine arguments a family's tiny float32 checkpoint needs on vLLM CPU: MLA families
+    take vLLM's portable CPU_MLA backend, because on a CPU with AMX vLLM prefers its AMX
+    MLA backend, which accepts bf16 weights only (stock vLLM fails to start them in float32
+    there, plugin or not)."""
+    config = tiny.family_config(family)
+    return {"attention_backend": "CPU_MLA"} if getattr(config, "kv_lora_rank", None) else {}
+
+
 def reference_logprobs(family: str, path, k: int, token_ids: list[int]) -> torch.Tensor:
     model = tiny.reference_model(family, path, k)
     with torch.no_grad():
@@ -119,7 +128,7 @@ def test_family_mixed_k_after_native_matches_transformers(family, family_root, m
     monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # to ask the workers
     path = tiny.build_family_checkpoint(family, family_root / family)
     layers: set[tuple[str, str]] = set()
-    errors = max_errors(family, path, mixed_k_after_native(path, layers=layers))
+    errors = max_errors(family, path, mixed_k_after_native(path, layers=layers, **engine_for(family)))
     assert max(errors.values()) < TOL, (family, errors)
     # Every declared layer advertises the declared-k routing method, whatever RoutedExperts
     # class the model brings (gpt-oss and DBRX bring their own), so no monolithic kernel
@@ -130,20 +139,45 @@ def test_family_mixed_k_after_native_matches_transformers(family, family_root, m
     assert k_gap(family, path) > 10 * TOL, family
 
 
+def stock_logprobs(path, k: int, sequences: list[list[int]], **engine) -> list[list[float]]:
+    """Stock vLLM (plugin off) deployed at k through ``hf_overrides``: the log-probability
+    of each next token of each sequence."""
+    with vllm_engine(path, hf_overrides={"num_experts_per_tok": k}, **engine) as llm:
+        outs = llm.generate(
+            [{"prompt_token_ids": s} for s in sequences],
+            [sampling_params_at_k(None, max_tokens=1, temperature=0, prompt_logprobs=0)] * len(sequences),
+            use_tqdm=False,
+        )
+    return [[lp[t].logprob for lp, t in zip(o.prompt_logprobs[1:], s[1:])] for o, s in zip(outs, sequences)]
+
+
 @pytest.mark.slow
-def test_qwen3_next_bf16_mixed_k_within_bf16_noise(family_root):
+def test_qwen3_next_bf16_mixed_k_matches_stock_at_its_k(family_root, monkeypatch):
     """Qwen3-Next runs on vLLM CPU in bf16 only (its Gated DeltaNet kernel), so the
-    float32 transformers reference is met within bf16 noise, not 1e-4. The tolerance:
-    stock vLLM deployed at k=1 (``hf_overrides``) is 2.2e-2 from the same reference on
-    these prompts, token for token what the plugin gives (measured 2026-11-26); 3e-2
-    bounds it. Noise that size could hide a wrong k, so each k's output must also be
-    nearer transformers at its own k than at every other k. Router weights are scaled
-    up so bf16 rounding of the router logits creates no near ties."""
+    float32 transformers reference is met within bf16 noise, not 1e-4, and that noise
+    is as large as the gap between neighbouring k: float32 transformers is no yardstick
+    for which k ran (k=2 came out nearer transformers at k=4 than at k=2). The yardstick
+    with the same kernels and the same rounding is stock vLLM in bf16 deployed at each k
+    (``hf_overrides``, plugin off). Measured 2026-12-05: stock at k=1 is itself 5.3e-2
+    from float32 transformers, exactly what the plugin gives. So: (1) the plugin is as
+    near float32 transformers at k as stock deployed at k is, within 1e-2; (2) over all
+    of a k's tokens, the plugin's mean gap is smallest to stock at that k. Router weights
+    are scaled up so bf16 rounding of the router logits creates no near ties."""
     path = tiny.build_family_checkpoint("qwen3_next", family_root / "qwen3_next", router_scale=40.0)
     results = mixed_k_after_native(path, dtype="bfloat16")
+    sequences = [full for full, _, _ in results]
+    monkeypatch.setenv("PHDS_DISABLE", "1")
+    stock = {k: stock_logprobs(path, k, sequences, dtype="bfloat16") for k in (1, 2, NATIVE_K)}
     own = max_errors("qwen3_next", path, results)
-    assert max(own.values()) < 3e-2, own
-    for other in (1, 2, NATIVE_K):
-        versus = max_errors("qwen3_next", path, [r for r in results if r[1] != other], ref_k=other)
-        for k, err in versus.items():
-            assert own[k] < err, (k, other, own[k], err)
+    stock_own = max_errors("qwen3_next", path,
+                           [(full, k, stock[k][i]) for i, (full, k, _) in enumerate(results)])
+    for k in own:
+        assert own[k] <= stock_own[k] + 1e-2, (k, own, stock_own)
+    for k in own:
+        mine = [i for i, (_, kk, _) in enumerate(results) if kk == k]
+        gap = {
+            other: sum(abs(a - b) for i in mine for a, b in zip(results[i][2], stock[other][i]))
+            / sum(len(results[i][2]) for i in mine)
+            for other in stock
+        }
+        assert min(gap, key=gap.get) == k and sorted(gap.values())[0] < sorted(gap.values())[1], (k, gap)
