@@ -35,7 +35,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from phds_serve.server import metrics
-from phds_serve.server.brownout import BrownoutController, ControllerSettings, pressure
+from phds_serve.server.brownout import BrownoutController, ControllerSettings, Ticking, pressure
 from phds_serve.server.dispatch import Ticket
 from phds_serve.server.errors import RequestRejected, error_body
 from phds_serve.server.layer_config import build_layer_config, models_fields
@@ -124,7 +124,7 @@ class StartupRefused(RuntimeError):
     """The layer's options do not fit the engine's k contract."""
 
 
-class BrownoutDriver:
+class BrownoutDriver(Ticking):
     """Ticks the brownout controller from the load feed; the level is read at admission."""
 
     def __init__(self, config: LayerConfig, feed: LoadFeed = FEED) -> None:
@@ -148,22 +148,6 @@ class BrownoutDriver:
         metrics.BROWNOUT_PRESSURE.set(self.last_pressure or 0.0)
         return level
 
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="phds-brownout")
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.brownout_interval_s)
-            try:
-                self.tick()
-            except Exception:  # never let the controller take the server down
-                logger.exception("phds-serve: brownout tick failed")
-
-    def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
 
 
 async def dispatched(

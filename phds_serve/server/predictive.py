@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from phds_serve.server import metrics
-from phds_serve.server.brownout import BrownoutController, ControllerSettings, pressure
+from phds_serve.server.brownout import BrownoutController, ControllerSettings, Ticking, pressure
 from phds_serve.server.dispatch import Dispatcher, Ticket
 from phds_serve.server.feedforward import Demand, EngineState, choose, request_engine_s
 from phds_serve.server.load_feed import FEED, LoadFeed
@@ -78,7 +78,7 @@ class Ewma:
         self.value = x if self.value is None else self.value + self.alpha * (x - self.value)
 
 
-class PredictiveBrownout:
+class PredictiveBrownout(Ticking):
     """Dispatch queue + service model + arrival rate; the reactive level as a cap."""
 
     def __init__(self, config: LayerConfig, settings: PredictiveSettings, slots: int, feed: LoadFeed = FEED,
@@ -218,22 +218,6 @@ class PredictiveBrownout:
             self._suspect = 0
         return level
 
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="phds-brownout")
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.brownout_interval_s)
-            try:
-                self.tick()
-            except Exception:  # never let the controller take the server down
-                logger.exception("phds-serve: brownout tick failed")
-
-    def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
 
     async def calibrate(self, state: Any) -> None:
         """Start-up probes on the served model (see :mod:`phds_serve.server.calibration`); never fatal."""
