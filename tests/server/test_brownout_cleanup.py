@@ -54,6 +54,7 @@ HELPER = textwrap.dedent('''
     print(json.dumps({"server": server.proc.pid, "engine": int(engine_file.read_text()), "loadgen": loadgen.pid}),
           flush=True)
     if sys.argv[3] == "fail":
+        sys.stdin.readline()  # the test has seen the children alive
         raise RuntimeError("a failing benchmark")
     time.sleep(600)
 ''')
@@ -72,15 +73,18 @@ def test_benchmark_ends_every_process_it_started(tmp_path, how):
     (tmp_path / "fake_server.py").write_text(FAKE_SERVER)
     (tmp_path / "helper.py").write_text(HELPER)
     helper = subprocess.Popen([sys.executable, str(tmp_path / "helper.py"), str(REPO), str(tmp_path), how],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                              start_new_session=True)
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=REPO, start_new_session=True)
     pids: dict = {}
     try:
         line = helper.stdout.readline()
         assert line, helper.stderr.read()
         pids = json.loads(line)
         assert all(alive(pid) for pid in pids.values())  # the helper really started them
-        if how != "fail":
+        if how == "fail":
+            helper.stdin.write("go\n")
+            helper.stdin.flush()
+        else:
             helper.send_signal(getattr(signal, how))
         helper.wait(timeout=120)
         assert helper.returncode != 0

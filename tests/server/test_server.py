@@ -524,8 +524,11 @@ def test_a_burst_raises_the_brownout_level_and_its_end_brings_it_back(server, re
     while _level(server) > 0:
         assert time.monotonic() < deadline, "the level never came back after the burst"
         time.sleep(0.5)
-    k, nominal, level, _ = stream(0)
-    assert (k, nominal, level) == (native_k, native_k, 0)
+    # The predictive controller forgets the burst's arrival rate and queue over its window:
+    # a quiet request gets the nominal k again within the deadline.
+    while (got := stream(0)[:3]) != (native_k, native_k, 0):
+        assert time.monotonic() < deadline, f"k never came back to nominal after the burst: {got}"
+        time.sleep(0.5)
     below = sum(v for (name, labels), v in server.metrics().items()
                 if name == "phds_requests_below_nominal_total" and ("tier", "elastic") in labels)
     assert below >= len(lowered)
