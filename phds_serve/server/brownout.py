@@ -102,14 +102,27 @@ def quantile(values: Sequence[float], q: float) -> float:
     return ordered[rank - 1]
 
 
-def pressure(window: Window, objectives: Objectives) -> float | None:
-    """Worst observed-quantile / objective ratio; None when the window holds no evidence."""
+def pressure(window: Window, objectives: Objectives, expected: Window | None = None) -> float | None:
+    """Worst observed-quantile / objective ratio; None when the window holds no evidence.
+
+    ``expected``: latencies a model predicted for the same requests (the predictive controller's outer
+    loop). Where their quantile is above the objective, it replaces the objective in the ratio: a miss
+    the model saw coming (and answered with the lowest k it may pick) is not a reason to cap k further;
+    only latencies above both the objective and the prediction are."""
     ratios: list[float] = []
     ttft = [*window.ttft_s, *window.pending_s]  # a pending request's TTFT is at least its age
+
+    def bound(objective: float, predicted: Sequence[float]) -> float:
+        if expected is None or len(predicted) < objectives.min_samples:
+            return objective
+        return max(objective, quantile(predicted, objectives.quantile))
+
     if objectives.ttft_s is not None and len(ttft) >= objectives.min_samples:
-        ratios.append(quantile(ttft, objectives.quantile) / objectives.ttft_s)
+        ratios.append(quantile(ttft, objectives.quantile)
+                      / bound(objectives.ttft_s, expected.ttft_s if expected else ()))
     if objectives.itl_s is not None and len(window.itl_s) >= objectives.min_samples:
-        ratios.append(quantile(window.itl_s, objectives.quantile) / objectives.itl_s)
+        ratios.append(quantile(window.itl_s, objectives.quantile)
+                      / bound(objectives.itl_s, expected.itl_s if expected else ()))
     return max(ratios) if ratios else None
 
 

@@ -9,6 +9,12 @@ moment it arrived. Once dispatched its k is fixed: a running request's k never c
 output is exactly transformers at that k. Requests beyond ``slots`` would wait in vLLM's own queue
 anyway; here they wait with their k still open.
 
+``reserve`` slots are kept for requests whose k is fixed (a fixed tier, an explicit k): an elastic
+request enters only while fewer than ``slots - reserve`` requests are in the engine. A fixed tier
+with a higher priority (the ``fast`` tier of a two-tier table) then finds a slot at once when the
+elastic load has taken the others, instead of waiting for one of them to finish; elastic requests
+lose only those slots, and wait for them with their k open.
+
 asyncio, single event loop (the API server's); no threads.
 """
 
@@ -45,10 +51,13 @@ Bind = Callable[[Ticket, list[Ticket]], int]
 
 
 class Dispatcher:
-    def __init__(self, slots: int, bind: Bind, clock: Callable[[], float]) -> None:
+    def __init__(self, slots: int, bind: Bind, clock: Callable[[], float], reserve: int = 0) -> None:
         if slots < 1:
             raise ValueError("slots must be >= 1")
+        if not 0 <= reserve < slots:
+            raise ValueError(f"reserve must be in [0, slots), got {reserve}")
         self.slots = slots
+        self.reserve = reserve
         self.bind = bind
         self.clock = clock
         self.queued: list[Ticket] = []
@@ -89,12 +98,16 @@ class Dispatcher:
 
     # -- dispatch -------------------------------------------------------------------------
     def pump(self) -> None:
-        """Dispatch from the head while the engine has free slots."""
+        """Dispatch in queue order while the engine has free slots (the reserved ones only to a fixed k)."""
         while self.queued and len(self.in_engine) < self.slots:
             self.queued.sort(key=lambda t: t.order)
-            head = self.queued[0]
-            k = head.fixed_k if head.fixed_k is not None else self.bind(head, list(self.queued))
-            self.queued.pop(0)
+            elastic_room = len(self.in_engine) < self.slots - self.reserve
+            i = next((i for i, t in enumerate(self.queued) if elastic_room or t.fixed_k is not None), None)
+            if i is None:
+                return  # only elastic requests wait, and only reserved slots are free
+            head = self.queued[i]
+            k = head.fixed_k if head.fixed_k is not None else self.bind(head, self.queued[i:])
+            self.queued.pop(i)
             head.k, head.dispatched_at = k, self.clock()
             self.in_engine[head.seq] = head
             if head.future is not None and not head.future.done():

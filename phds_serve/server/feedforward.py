@@ -17,9 +17,16 @@ predicts, as if this request and every one queued behind it ran at that k:
 * **inter-token latency**: one decode step of the batch the engine will run (the requests in it at
   their own k, the free slots filled at k), stretched by the share of engine time that prefilling
   the arriving requests takes.
-* **utilisation**: the arrival rate times ``S(k)`` (plus the load other tiers put on the engine)
-  must stay below ``max_utilisation``: a load above capacity builds a queue that no later choice
-  can drain in time. This is what sees a burst coming before its queue exists.
+* **steady state of the arrival rate** (what sees a burst coming before its queue exists): if the
+  requests arriving at the measured rate all ran at k, the engine's share of time spent on their
+  work (prompt tokens and decode rows, without the per-step overhead) is the *utilisation*
+  ``u = rate x work(k)`` plus the other tiers' share, and the engine settles on a step of
+  ``overhead / (1 - u)`` seconds (each second holds ``1/step`` steps, their overhead and all the
+  work: ``step/overhead = 1/(1 - u)``). That step is the inter-token latency of every request
+  then, however few are running right now, so it is the other bound on the predicted inter-token
+  latency; ``u`` must also stay below ``max_utilisation``. A load whose rows are there already (the
+  batch now) and a load that is arriving (the steady state) both count, like Llumnix counting
+  queued demand before it runs.
 
 The first k that meets all three (each latency at ``headroom`` x its objective, a margin for the
 spread around a mean prediction) is chosen, so k can move any number of levels at once; when none
@@ -82,6 +89,21 @@ def request_engine_s(model: ServiceModel, k: float, demand: Demand, batch: float
             + its * demand.output_tokens * (model.row_s(k) + model.overhead_s() / b))
 
 
+def work_s(model: ServiceModel, k: float, demand: Demand, state: EngineState | None = None) -> float:
+    """Engine seconds of one request's own work at k (its prompt tokens and decode rows), without the
+    per-step overhead it shares with the batch; with the measured corrections of ``state``."""
+    ts, its = (state.ttft_scale, state.itl_scale) if state is not None else (1.0, 1.0)
+    return ts * demand.prompt_tokens * model.token_s(k) + its * demand.output_tokens * model.row_s(k)
+
+
+def steady_step_s(model: ServiceModel, utilisation: float, state: EngineState | None = None) -> float:
+    """The step the engine settles on when its work takes ``utilisation`` of the time: overhead / (1 - u)."""
+    if utilisation >= 1.0:
+        return INF
+    its = state.itl_scale if state is not None else 1.0
+    return its * model.overhead_s() / (1.0 - utilisation)
+
+
 def predict(
     k: int,
     model: ServiceModel,
@@ -102,7 +124,8 @@ def predict(
     life_k = (keep * run_mean_k + (batch - keep) * k) / max(1.0, batch)
     prefill_share = demand.arrival_rps * demand.prompt_tokens * model.token_s(k)
     stretch = INF if prefill_share >= 0.95 else 1.0 / (1.0 - prefill_share)
-    itl = state.itl_scale * model.step_s(batch, life_k) * stretch
+    util = demand.other_utilisation + demand.arrival_rps * work_s(model, k, demand, state)
+    itl = max(state.itl_scale * model.step_s(batch, life_k) * stretch, steady_step_s(model, util, state))
     own_prefill = state.ttft_scale * demand.prompt_tokens * model.token_s(k)
     # Prompts ahead of it in the engine (dispatched, no first token yet) are prefilled first.
     ahead_prefill = demand.prompt_tokens * (state.engine_waiting * model.token_s(run_mean_k)
@@ -135,7 +158,6 @@ def predict(
         if lows is not None and w + lows[ahead] + own_prefill > ttft_limit_s and j < len(behind):
             continue  # misses at any k: its own TTFT does not hold k down (its place in the queue does)
         worst = max(worst, w + waits[ahead] + own_prefill)
-    util = demand.other_utilisation + demand.arrival_rps * request_engine_s(model, k, demand, state.slots, state)
     return Prediction(k, ttft, itl, util, worst, False)
 
 

@@ -52,6 +52,7 @@ MODELS_PATH = "/v1/models"
 K_HEADER = "x-phds-k"
 NOMINAL_K_HEADER = "x-phds-nominal-k"
 LEVEL_HEADER = "x-phds-brownout-level"
+QUEUED_HEADER = "x-phds-queued-ms"  # predictive brownout: how long it waited in the layer for an engine slot
 PREDICTED_TTFT_HEADER = "x-phds-predicted-ttft-ms"  # predictive brownout: the TTFT predicted when k was bound
 PREDICTED_ITL_HEADER = "x-phds-predicted-itl-ms"
 TIER_HEADER = "x-phds-tier"  # response header, whatever request header names the tier
@@ -384,6 +385,8 @@ class PhdsMiddleware:
         if ticket is not None and "predicted_ttft_s" in ticket.info:
             out.append((PREDICTED_TTFT_HEADER.encode(), f"{ticket.info['predicted_ttft_s'] * 1000:.1f}".encode()))
             out.append((PREDICTED_ITL_HEADER.encode(), f"{ticket.info['predicted_itl_s'] * 1000:.2f}".encode()))
+        if ticket is not None and ticket.dispatched_at is not None:
+            out.append((QUEUED_HEADER.encode(), f"{(ticket.dispatched_at - ticket.arrived) * 1000:.1f}".encode()))
         return out
 
     async def _generate(self, scope: Scope, receive: Receive, send: Send, route: Route, config: LayerConfig) -> None:

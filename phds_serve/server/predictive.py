@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from phds_serve.server import metrics
-from phds_serve.server.brownout import BrownoutController, ControllerSettings, Ticking, pressure
+from phds_serve.server.brownout import BrownoutController, ControllerSettings, Ticking, Window, pressure
 from phds_serve.server.dispatch import Dispatcher, Ticket
-from phds_serve.server.feedforward import Demand, EngineState, choose, request_engine_s
+from phds_serve.server.feedforward import Demand, EngineState, choose, work_s
 from phds_serve.server.load_feed import FEED, LoadFeed
 from phds_serve.server.request_k import LayerConfig
 from phds_serve.server.service_model import ServiceModel
@@ -35,8 +35,10 @@ from phds_serve.tiers import TierConfigError
 logger = logging.getLogger("phds_serve.server")
 
 MODES = ("predictive", "reactive")
-RATE_WINDOW_S = 2.0  # arrival rate: the higher of the last 1 s and the last 2 s (a burst shows within 1 s)
+RATE_WINDOW_S = 2.0  # arrival rate: the highest of the last 1 s, the last 2 s and the last GAPS gaps
+GAPS = 5  # inter-arrival gaps of the burst detector: (GAPS - 1) / (their sum) is unbiased for Poisson arrivals
 OUTER_DOWN_AFTER = 2
+OUTER_LOW = 0.8
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,15 @@ def engine_slots(state: Any) -> int:
     """vLLM's max_num_seqs: how many requests the engine runs at once."""
     scheduler = getattr(getattr(state.engine_client, "vllm_config", None), "scheduler_config", None)
     return int(getattr(scheduler, "max_num_seqs", None) or getattr(state.args, "max_num_seqs", None) or 256)
+
+
+def reserved_slots(config: LayerConfig, slots: int) -> int:
+    """Engine slots kept for fixed tiers that run before the elastic ones (a lower vLLM priority):
+    one in eight, at least one, when there is such a tier; none otherwise."""
+    tiers = config.tiers.tiers.values()
+    elastic = [t.priority or 0 for t in tiers if t.elastic]
+    urgent = [t for t in tiers if not t.elastic and elastic and (t.priority or 0) < min(elastic)]
+    return min(slots - 1, max(1, slots // 8)) if urgent and slots > 1 else 0
 
 
 def settings_from(args: Namespace) -> PredictiveSettings:
@@ -85,12 +96,17 @@ class PredictiveBrownout(Ticking):
                  clock: Callable[[], float] = time.monotonic, model: ServiceModel | None = None) -> None:
         self.config, self.settings, self.feed, self.clock = config, settings, feed, clock
         self.model = model or ServiceModel()
-        self.dispatcher = Dispatcher(slots, self._bind, clock)
+        self.dispatcher = Dispatcher(slots, self._bind, clock, reserved_slots(config, slots))
         # The outer safety loop: only a cap, so it may give k back quickly (OUTER_DOWN_AFTER ticks of
         # headroom per level, not --brownout-down-after): the feed-forward choice keeps k down while the
         # load needs it.
+        # It acts only on misses the service model did not predict (see tick): slowness the online scale
+        # explains is the feed-forward choice's to answer. No per-rung memory (max_rung_ratio 1): a cap
+        # whose evidence is gone comes off; and a narrower dead band (low 0.8) for the same reason.
         self.controller = BrownoutController(ControllerSettings(
-            max_level=config.tiers.max_rungs(), down_after=OUTER_DOWN_AFTER, max_down_after=8 * OUTER_DOWN_AFTER))
+            max_level=config.tiers.max_rungs(), low=OUTER_LOW, down_after=OUTER_DOWN_AFTER,
+            max_down_after=8 * OUTER_DOWN_AFTER, max_rung_ratio=1.0))
+        self._predicted: deque[tuple[float, float, float]] = deque(maxlen=4096)  # (bound at, TTFT, ITL)
         self.last_pressure: float | None = None
         self.arrivals: dict[str, deque[float]] = {}
         self.last_k: dict[str, int] = {}
@@ -117,13 +133,23 @@ class PredictiveBrownout(Ticking):
             self.last_k[key] = fixed_k
 
     def rates(self, now: float) -> dict[str, float]:
+        """Arrival rate per tier: the highest of three estimates, the last 2 s, the last 1 s, and the
+        last ``GAPS`` inter-arrival gaps up to now. The gaps see a burst after a handful of its arrivals,
+        whatever the rate (a 1 s window needs a second of them); ``(GAPS - 1) / span`` is the unbiased
+        Poisson estimate, so a calm load reads at most twice its rate about 5 % of the time."""
         out = {}
         half = RATE_WINDOW_S / 2
         for tier, times in self.arrivals.items():
-            while times and times[0] < now - RATE_WINDOW_S:
+            while len(times) > GAPS + 1 and times[0] < now - RATE_WINDOW_S:
                 times.popleft()
+            in_window = sum(1 for t in times if t >= now - RATE_WINDOW_S)
             recent = sum(1 for t in times if t >= now - half)
-            out[tier] = max(len(times) / RATE_WINDOW_S, recent / half)
+            rate = max(in_window / RATE_WINDOW_S, recent / half)
+            if len(times) > GAPS:
+                span = now - times[-GAPS - 1]  # the last GAPS gaps, and the time since the last arrival
+                if span > 0:
+                    rate = max(rate, (GAPS - 1) / span)
+            out[tier] = rate
         return out
 
     def finished(self, prompt_tokens: int | None, generation_tokens: int | None) -> None:
@@ -162,7 +188,7 @@ class PredictiveBrownout(Ticking):
         for tier, rate in rates.items():
             if tier != head.tier and rate:
                 k = self.last_k.get(tier, self.config.native_k)
-                other += rate * request_engine_s(self.model, k, base, self.dispatcher.slots, self._state())
+                other += rate * work_s(self.model, k, base, self._state())
         return Demand(rates.get(head.tier, 0.0), prompt, output, other)
 
     # -- the choice, at dispatch ------------------------------------------------------------
@@ -190,15 +216,25 @@ class PredictiveBrownout(Ticking):
         head.info["predicted_ttft_s"] = choice.prediction.ttft_s
         head.info["waited_s"] = waited[0]
         head.info["predicted_itl_s"] = choice.prediction.itl_s
+        self._predicted.append((now, choice.prediction.ttft_s, choice.prediction.itl_s))
         self.last_k[head.tier] = choice.k
         return choice.k
 
     # -- the tick ---------------------------------------------------------------------------
+    def expected(self, now: float) -> Window:
+        """What the controller predicted for the requests it bound over the last two observation windows
+        (the latencies observed in one window are of requests bound a little before it)."""
+        since = now - 2 * self.config.brownout_window_s
+        while self._predicted and self._predicted[0][0] < since:
+            self._predicted.popleft()
+        finite = [(t, i) for _, t, i in self._predicted]
+        return Window([t for t, _ in finite if t < float("inf")], [i for _, i in finite if i < float("inf")])
+
     def tick(self, now: float | None = None) -> int:
         for step in self.feed.drain_steps():
             self.model.observe(step)
         window = self.feed.window(self.config.brownout_window_s, now)
-        self.last_pressure = pressure(window, self.config.objectives)
+        self.last_pressure = pressure(window, self.config.objectives, self.expected(self.clock()))
         level = self.controller.step(self.last_pressure)
         metrics.BROWNOUT_LEVEL.set(level)
         metrics.BROWNOUT_PRESSURE.set(self.last_pressure or 0.0)

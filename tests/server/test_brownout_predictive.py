@@ -182,3 +182,163 @@ def test_busy_engine_outputs_become_steps_with_the_k_of_the_requests_in_the_engi
     assert len(steps) == 2
     assert steps[0] == Step(pytest.approx(0.03), 4, 24.0, 100, 200.0)
     assert steps[1].rows == 5 and steps[1].rows_k == 30.0 and not feed.drain_steps()
+
+
+# -- issue 15, second round: the steady state of the arrival rate, the burst detector, the outer
+#    loop's evidence, reserved slots, and late binding through the layer ---------------------------
+def test_a_load_that_is_arriving_lowers_k_before_the_batch_shows_it():
+    """An idle engine, 5 requests/s arriving: at k 8 their work takes 64 % of the engine, so it settles
+    on a step of overhead / (1 - 0.64) = 28 ms, above the 24 ms the objective allows; at k 7 it fits.
+    The batch right now (one row) says every k fits, and the utilisation is under the 0.9 limit."""
+    from phds_serve.server.feedforward import steady_step_s, work_s
+
+    m, obj, demand = model(), Objectives(ttft_s=0.5, itl_s=0.03), Demand(5.0, 128, 32)
+    c = choose(KS, m, obj, EngineState((), 32), demand, [0.0])
+    assert c.k == 7 and c.prediction.meets
+    at8 = c.considered[0]
+    assert at8.k == 8 and not at8.meets and at8.utilisation < 0.9
+    assert at8.itl_s == pytest.approx(steady_step_s(m, 5.0 * work_s(m, 8, demand)))
+    assert m.step_s(1, 8) < 0.024  # what the batch alone predicts
+    # The same engine with that load gone keeps k 8.
+    assert choose(KS, m, obj, EngineState((), 32), Demand(0.5, 128, 32), [0.0]).k == 8
+
+
+def test_a_burst_shows_in_the_arrival_rate_after_a_handful_of_its_arrivals():
+    clock = Clock()
+    pb = PredictiveBrownout(CONFIG, PredictiveSettings(), 32, LoadFeed(), clock, model())
+    for i in range(10):  # calm: 1 request/s
+        pb.arrived("balanced", float(i))
+    assert pb.rates(9.5)["balanced"] <= 1.5
+    for i in range(1, 7):  # six arrivals in 0.25 s (24 requests/s): the windows still read 4 to 7 per s
+        pb.arrived("balanced", 9.0 + i * 0.05)
+    assert pb.rates(9.3)["balanced"] >= 12
+    assert pb.rates(12.0)["balanced"] < 2  # and it fades when they stop
+
+
+def test_the_outer_loop_acts_only_on_misses_the_model_did_not_predict():
+    from phds_serve.server.brownout import Window, pressure
+
+    seen = Window(ttft_s=[1.0] * 10)
+    assert pressure(seen, OBJ) == pytest.approx(2.0)
+    assert pressure(seen, OBJ, Window(ttft_s=[0.3] * 10)) == pytest.approx(2.0)  # predicted within: a surprise
+    assert pressure(seen, OBJ, Window(ttft_s=[1.0] * 10)) == pytest.approx(1.0)  # predicted: explained
+    assert pressure(seen, OBJ, Window(ttft_s=[1.0] * 2)) == pytest.approx(2.0)  # too few predictions: none
+
+    def run(predicted_ttft: float) -> int:
+        clock, feed = Clock(), LoadFeed()
+        pb = PredictiveBrownout(CONFIG, PredictiveSettings(), 32, feed, clock, model())
+        for tick in range(10):
+            clock.t = float(tick)
+            for _ in range(10):
+                pb._predicted.append((clock.t, predicted_ttft, 0.01))
+            feed.add_ttft([1.0] * 10, now=clock.t)  # every request took twice the TTFT objective
+            pb.tick(now=clock.t)
+        return pb.level
+
+    assert run(0.2) > 0  # the model said 0.2 s: wrong, cap k
+    assert run(1.1) == 0  # the model saw the miss coming (a slow machine, the lowest k): no cap
+
+
+def test_reserved_slots_let_a_fixed_tier_in_when_the_elastic_load_took_the_rest():
+    from phds_serve.server.predictive import reserved_slots
+
+    clock = Clock()
+    d = Dispatcher(4, lambda head, queued: 8, clock, reserve=1)
+    elastic = [d.enter(0, 1.0 + i, "balanced") for i in range(4)]
+    assert [t.k for t in elastic] == [8, 8, 8, None]  # the last slot is not for an elastic request
+    fast = d.enter(-10, 9.0, "", fixed_k=2)
+    assert fast.k == 2 and len(d.in_engine) == 4
+    d.done(fast)
+    assert elastic[3].k is None  # still reserved
+    d.done(elastic[0])
+    assert elastic[3].k == 8
+    two_tier = LayerConfig(contract=CONFIG.contract, objectives=OBJ,
+                           tiers=parse_tier_spec("fast=2:priority=-10,balanced=8..2:priority=0"))
+    assert reserved_slots(two_tier, 32) == 4 and reserved_slots(CONFIG, 32) == 0
+    with pytest.raises(ValueError, match="reserve"):
+        Dispatcher(2, lambda head, queued: 8, clock, reserve=2)
+
+
+def test_late_binding_through_the_layer_the_request_that_waited_gets_the_k_of_the_moment_it_starts():
+    """vLLM has one slot (max_num_seqs 1): the first request runs (at k 8, the engine idle), the second
+    waits in the layer with its k open; a burst arrives meanwhile; when the first finishes the second
+    enters at the k of that moment, its x-phds-k names it and vLLM is given it; the first kept k 8."""
+    import threading
+    import time
+    from argparse import Namespace
+    from types import SimpleNamespace
+
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    import phds_serve.model_executor.admission as admission
+    import phds_serve.server.middleware as middleware
+
+    release = threading.Event()
+
+    async def engine(request: Request):
+        import asyncio
+
+        body = await request.json()
+        while body.get("prompt") == "hold" and not release.is_set():
+            await asyncio.sleep(0.01)
+        return JSONResponse({"echo": body, "usage": {"prompt_tokens": 128, "completion_tokens": 32}})
+
+    created = []
+
+    class Captured(PredictiveBrownout):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            created.append(self)
+
+    app = Starlette(routes=[Route("/v1/completions", engine, methods=["POST"])])
+    hf = SimpleNamespace(num_experts_per_tok=8, num_experts=32, architectures=["OlmoeForCausalLM"])
+    app.state.args = Namespace(
+        phds_tiers="balanced=8..2", phds_tier_header="x-phds-tier", phds_binding_tiers=False, phds_max_k=None,
+        phds_default_k=None, scheduling_policy="fcfs", api_key=None, enable_force_include_usage=False,
+        phds_slo_ttft_ms=500.0, phds_slo_itl_ms=120.0, phds_brownout_calibrate=False,
+        phds_brownout_interval_ms=1e9, max_num_seqs=1, allowed_origins=["*"], allow_credentials=False,
+        allowed_methods=["*"], allowed_headers=["*"], enable_request_id_headers=False)  # no ticks during the test: only the burst moves k
+    app.state.engine_client = SimpleNamespace(model_config=SimpleNamespace(hf_config=hf))
+    contract = KContract(KPolicy(native_k=8, num_experts=32), True)
+    app.state.phds_contract = contract
+    app.add_middleware(middleware.PhdsMiddleware)
+    results: dict[str, object] = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(admission, "frontend_contract", lambda: contract, raising=False)
+        mp.setattr(middleware, "PredictiveBrownout", Captured)
+        with TestClient(app, client=("127.0.0.1", 50000)) as client:
+            def post(name: str) -> None:
+                results[name] = client.post("/v1/completions", json={"prompt": name, "max_tokens": 16},
+                                            headers={"x-phds-tier": "balanced"})
+
+            first = threading.Thread(target=post, args=("hold",))
+            first.start()
+            def until(condition) -> None:  # a guard against a hang, not a timing
+                deadline = time.monotonic() + 10
+                while not condition():
+                    assert time.monotonic() < deadline, f"the layer never got there: {[(r.status_code, r.text) for r in results.values()]}"
+                    time.sleep(0.01)
+
+            until(lambda: created and created[0].dispatcher.in_engine)
+            pb = created[0]
+            second = threading.Thread(target=post, args=("go",))
+            second.start()
+            until(lambda: pb.dispatcher.queued)
+            assert pb.dispatcher.queued[0].k is None  # waiting for the slot, its k still open
+            now = time.monotonic()
+            for i in range(120):  # a burst arrives while it waits: 60 requests/s
+                pb.arrived("balanced", now - i / 60)
+            release.set()
+            first.join(60)
+            second.join(60)
+    held, waited = results["hold"], results["go"]
+    assert held.status_code == waited.status_code == 200
+    assert held.headers["x-phds-k"] == "8" and held.json()["echo"]["vllm_xargs"]["k"] == 8
+    k = int(waited.headers["x-phds-k"])
+    assert k < 8 and waited.json()["echo"]["vllm_xargs"]["k"] == k  # the k that ran is the k named
+    assert waited.headers["x-phds-brownout-level"] == str(8 - k)
+    assert float(waited.headers["x-phds-queued-ms"]) > float(held.headers["x-phds-queued-ms"])  # it waited
