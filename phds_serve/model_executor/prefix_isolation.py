@@ -24,7 +24,7 @@ import logging
 
 from vllm.v1.request import Request, RequestStatus
 
-from phds_serve.declared_k import K_FIELD, InvalidK, KContract
+from phds_serve.declared_k import InvalidK, KContract
 from phds_serve.model_executor.contract import contract_of
 
 logger = logging.getLogger(__name__)

@@ -50,7 +50,7 @@ class StepPlan:
     routed output is 0 (stock vLLM masks padding rows the same way).
     """
 
-    token_k: torch.Tensor  # [T] int64, on the model's device
+    token_k: torch.Tensor  # [T] int32 (what the router kernel reads: no cast per layer), on the model's device
     # Width of the routing tensors on the static paths (Triton, modular): the
     # policy's max k, never the step's, so shapes do not change from step to step
     # (CUDA graphs, Triton specialisation).
@@ -91,7 +91,7 @@ def expand_row_k(
     Uses the exact token layout, not per-row counts: under spec-decode style
     compaction the counts are upper bounds and would shift later rows.
     """
-    out = np.zeros(num_tokens_padded, dtype=np.int64)
+    out = np.zeros(num_tokens_padded, dtype=np.int32)
     starts, ends = query_start_loc[:-1], query_start_loc[1:]
     lengths = np.maximum(ends - starts, 0)
     positions = np.repeat(starts, lengths) + (
@@ -105,7 +105,7 @@ def expand_row_k(
 def plan_from_token_k(per_token: np.ndarray, device: torch.device, real: bool, width: int) -> StepPlan:
     """A step plan from host-side token k, grouped by k (the CPU paths run one
     expert-kernel call per k)."""
-    token_k = torch.from_numpy(per_token).to(device)
+    token_k = torch.from_numpy(per_token.astype(np.int32, copy=False)).to(device)
     return StepPlan(token_k=token_k, width=width, real=real, _groups=_group_by_k(per_token, device))
 
 
@@ -158,7 +158,7 @@ class RowK:
                     "declared k: a step with requests in the batch but no token layout in its "
                     "attention metadata; refusing to run it at the native k"
                 )
-            return plan_from_token_k(np.full(num_tokens, widest, dtype=np.int64), device, real=False,
+            return plan_from_token_k(np.full(num_tokens, widest, dtype=np.int32), device, real=False,
                                      width=widest)
         rows = len(tokens_per_row)
         row_k = np.array((self.row_k + [0] * rows)[:rows], dtype=np.int64)

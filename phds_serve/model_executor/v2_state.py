@@ -34,7 +34,8 @@ class DeclaredKModelState:
         policy = self.contract.policy
         self.slot_k = np.full(self.max_num_reqs, policy.native_k, dtype=np.int64)
         # Allocated once: CUDA graphs read it at the address they were captured with.
-        self.token_k = torch.full((self.max_num_tokens,), policy.max_k, dtype=torch.int64, device=device)
+        # int32: what the router kernel reads, so no layer casts it.
+        self.token_k = torch.full((self.max_num_tokens,), policy.max_k, dtype=torch.int32, device=device)
 
     def add_request(self, req_index: int, new_req_data) -> None:
         super().add_request(req_index, new_req_data)
@@ -65,7 +66,7 @@ class DeclaredKModelState:
                 # counts the ids it passes to the kernel.
                 expert_metrics.record_step_from_host(host[: input_batch.num_tokens], self.num_moe_layers)
         else:  # a dummy batch (profiling, warm-up): the widest k, never counted
-            host = np.full(n_pad, self.contract.policy.max_k, dtype=np.int64)
+            host = np.full(n_pad, self.contract.policy.max_k, dtype=np.int32)
         return {**inputs, TOKEN_K_INPUT: self._stage(host), STEP_REAL_INPUT: real}
 
     def prepare_dummy_inputs(self, num_reqs: int, num_tokens: int) -> dict[str, Any]:

@@ -243,7 +243,7 @@ class DeclaredKMoERunner(MoERunner):
                                    "MoE layer without a step plan")
             assert self.k_policy is not None
             widest = self.k_policy.max_k
-            plan = plan_from_token_k(np.full(num_tokens, widest, dtype=np.int64), device,
+            plan = plan_from_token_k(np.full(num_tokens, widest, dtype=np.int32), device,
                                      real=False, width=widest)
         if plan.token_k.shape[0] != num_tokens:
             raise _refuse(self.layer_name, f"its input has {num_tokens} tokens but the step "
