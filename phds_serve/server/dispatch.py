@@ -9,11 +9,12 @@ moment it arrived. Once dispatched its k is fixed: a running request's k never c
 output is exactly transformers at that k. Requests beyond ``slots`` would wait in vLLM's own queue
 anyway; here they wait with their k still open.
 
-``reserve`` slots are kept for requests whose k is fixed (a fixed tier, an explicit k): an elastic
-request enters only while fewer than ``slots - reserve`` requests are in the engine. A fixed tier
-with a higher priority (the ``fast`` tier of a two-tier table) then finds a slot at once when the
+``reserve`` slots are kept for urgent requests: a fixed k (a fixed tier, an explicit k) with a
+priority below ``urgent_below`` (the ``fast`` tier of a two-tier table). While such a request has
+arrived in the last ``RESERVE_HOLD_S`` seconds, an elastic request enters only while fewer than
+``slots - reserve`` requests are in the engine, so the urgent one finds a slot at once when the
 elastic load has taken the others, instead of waiting for one of them to finish; elastic requests
-lose only those slots, and wait for them with their k open.
+lose only those slots, and wait for them with their k open. Without urgent traffic nothing is kept.
 
 asyncio, single event loop (the API server's); no threads.
 """
@@ -24,6 +25,9 @@ import asyncio
 import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+
+RESERVE_HOLD_S = 10.0
 
 
 @dataclass(eq=False)
@@ -51,13 +55,16 @@ Bind = Callable[[Ticket, list[Ticket]], int]
 
 
 class Dispatcher:
-    def __init__(self, slots: int, bind: Bind, clock: Callable[[], float], reserve: int = 0) -> None:
+    def __init__(self, slots: int, bind: Bind, clock: Callable[[], float], reserve: int = 0,
+                 urgent_below: int | None = None) -> None:
         if slots < 1:
             raise ValueError("slots must be >= 1")
         if not 0 <= reserve < slots:
             raise ValueError(f"reserve must be in [0, slots), got {reserve}")
         self.slots = slots
         self.reserve = reserve
+        self.urgent_below = urgent_below
+        self._urgent_at: float | None = None
         self.bind = bind
         self.clock = clock
         self.queued: list[Ticket] = []
@@ -68,6 +75,8 @@ class Dispatcher:
     def enter(self, priority: int, deadline: float, tier: str = "", fixed_k: int | None = None,
               **info: Any) -> Ticket:
         ticket = Ticket(priority, deadline, self.clock(), tier, fixed_k, dict(info), next(self._seq))
+        if fixed_k is not None and self.urgent_below is not None and priority < self.urgent_below:
+            self._urgent_at = ticket.arrived
         try:
             ticket.future = asyncio.get_running_loop().create_future()
         except RuntimeError:  # no loop (pure tests): dispatch is read from ticket.k
@@ -101,7 +110,7 @@ class Dispatcher:
         """Dispatch in queue order while the engine has free slots (the reserved ones only to a fixed k)."""
         while self.queued and len(self.in_engine) < self.slots:
             self.queued.sort(key=lambda t: t.order)
-            elastic_room = len(self.in_engine) < self.slots - self.reserve
+            elastic_room = len(self.in_engine) < self.slots - self.kept()
             i = next((i for i, t in enumerate(self.queued) if elastic_room or t.fixed_k is not None), None)
             if i is None:
                 return  # only elastic requests wait, and only reserved slots are free
@@ -112,6 +121,11 @@ class Dispatcher:
             self.in_engine[head.seq] = head
             if head.future is not None and not head.future.done():
                 head.future.set_result(k)
+
+    def kept(self) -> int:
+        """Slots kept from elastic requests now: ``reserve`` while urgent requests have been arriving."""
+        recent = self._urgent_at is not None and self.clock() - self._urgent_at <= RESERVE_HOLD_S
+        return self.reserve if recent else 0
 
     # -- what the service model and the controller read -------------------------------------
     def engine_ks(self) -> list[int]:

@@ -63,13 +63,16 @@ def engine_slots(state: Any) -> int:
     return int(getattr(scheduler, "max_num_seqs", None) or getattr(state.args, "max_num_seqs", None) or 256)
 
 
-def reserved_slots(config: LayerConfig, slots: int) -> int:
-    """Engine slots kept for fixed tiers that run before the elastic ones (a lower vLLM priority):
-    one in eight, at least one, when there is such a tier; none otherwise."""
+def reserved_slots(config: LayerConfig, slots: int) -> tuple[int, int | None]:
+    """Engine slots kept for fixed tiers that run before the elastic ones (a lower vLLM priority), and
+    the priority below which a request is such: one slot in eight, at least one, when there is such a
+    tier (kept only while its requests arrive, see :mod:`~phds_serve.server.dispatch`); else none."""
     tiers = config.tiers.tiers.values()
     elastic = [t.priority or 0 for t in tiers if t.elastic]
     urgent = [t for t in tiers if not t.elastic and elastic and (t.priority or 0) < min(elastic)]
-    return min(slots - 1, max(1, slots // 8)) if urgent and slots > 1 else 0
+    if not urgent or slots < 2:
+        return 0, None
+    return min(slots - 1, max(1, slots // 8)), min(elastic)
 
 
 def settings_from(args: Namespace) -> PredictiveSettings:
@@ -96,7 +99,7 @@ class PredictiveBrownout(Ticking):
                  clock: Callable[[], float] = time.monotonic, model: ServiceModel | None = None) -> None:
         self.config, self.settings, self.feed, self.clock = config, settings, feed, clock
         self.model = model or ServiceModel()
-        self.dispatcher = Dispatcher(slots, self._bind, clock, reserved_slots(config, slots))
+        self.dispatcher = Dispatcher(slots, self._bind, clock, *reserved_slots(config, slots))
         # The outer safety loop: only a cap, so it may give k back quickly (OUTER_DOWN_AFTER ticks of
         # headroom per level, not --brownout-down-after): the feed-forward choice keeps k down while the
         # load needs it.

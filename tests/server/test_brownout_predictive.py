@@ -243,18 +243,22 @@ def test_reserved_slots_let_a_fixed_tier_in_when_the_elastic_load_took_the_rest(
     from phds_serve.server.predictive import reserved_slots
 
     clock = Clock()
-    d = Dispatcher(4, lambda head, queued: 8, clock, reserve=1)
+    d = Dispatcher(4, lambda head, queued: 8, clock, reserve=1, urgent_below=0)
+    d.done(d.enter(-10, 1.0, "", fixed_k=2))  # the fast tier has traffic
     elastic = [d.enter(0, 1.0 + i, "balanced") for i in range(4)]
     assert [t.k for t in elastic] == [8, 8, 8, None]  # the last slot is not for an elastic request
     fast = d.enter(-10, 9.0, "", fixed_k=2)
     assert fast.k == 2 and len(d.in_engine) == 4
     d.done(fast)
-    assert elastic[3].k is None  # still reserved
+    assert elastic[3].k is None  # still kept
     d.done(elastic[0])
     assert elastic[3].k == 8
+    clock.t = 60.0  # no fast request for a minute: nothing is kept
+    late = [d.enter(0, 61.0, "balanced") for _ in range(2)]
+    assert [t.k for t in late] == [8, None] and len(d.in_engine) == 4
     two_tier = LayerConfig(contract=CONFIG.contract, objectives=OBJ,
                            tiers=parse_tier_spec("fast=2:priority=-10,balanced=8..2:priority=0"))
-    assert reserved_slots(two_tier, 32) == 4 and reserved_slots(CONFIG, 32) == 0
+    assert reserved_slots(two_tier, 32) == (4, 0) and reserved_slots(CONFIG, 32) == (0, None)
     with pytest.raises(ValueError, match="reserve"):
         Dispatcher(2, lambda head, queued: 8, clock, reserve=2)
 
