@@ -57,7 +57,10 @@ SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024)
 NUM_EXPERTS, NATIVE_K = 32, 8
 MODEL_NAME = "moe-heavy"
-MAX_NUM_SEQS = 32
+# 16 engine slots: in the bursts every arm's engine has all of them taken, so vLLM (or, with predictive
+# brownout, the layer's dispatch queue) queues requests; with 32 that never happened here, and the late
+# binding of k (a request that waited gets the k of the moment it starts) was never exercised.
+MAX_NUM_SEQS = 16
 # A fixed 512 MiB KV cache (plenty: 32 sequences x 512 tokens x 8 KiB) instead of a fraction of the
 # machine's memory, which on a shared box is gigabytes per engine.
 SERVER_COMMON = ["--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", str(MAX_NUM_SEQS),
@@ -270,7 +273,20 @@ def summarize(data: dict, slo: dict, duration: float) -> dict:
         "ttft_p50_s": quantile([r["ttft"] for r in ok], 0.5),
         "ttft_p90_s": quantile([r["ttft"] for r in ok], 0.9),
         "itl_p90_s": quantile([r["itl"] for r in ok], 0.9),
+        **late_binding(rows),
     }
+
+
+def late_binding(rows: list[dict]) -> dict:
+    """Requests that waited in the layer's dispatch queue (predictive brownout: ``x-phds-queued-ms``), and
+    the k they got when they entered the engine, against the k of those that entered at once."""
+    waited = [r for r in rows if r.get("queued") is not None and r["queued"] >= 0.001 and r["k"] is not None]
+    direct = [r for r in rows if r.get("queued") is not None and r["queued"] < 0.001 and r["k"] is not None]
+    if not waited and not direct:
+        return {}
+    return {"waited_in_layer": len(waited), "waited_p90_s": quantile([r["queued"] for r in waited], 0.9),
+            "waited_mean_k": statistics.mean([r["k"] for r in waited]) if waited else None,
+            "direct_mean_k": statistics.mean([r["k"] for r in direct]) if direct else None}
 
 
 def phases(duration: float) -> list[tuple[str, float, float]]:
@@ -334,13 +350,16 @@ def saturation(url: str, tier: str, slo: dict, start_rate: float, work: Path, ar
     steps: list[dict] = []
 
     def attainment(rate: float) -> float:
-        data = run_load(url, [[0, rate], [step_s, rate]], tier, work / f"calib-{len(steps)}.json",
+        # At least ~20 requests after the ramp-in: a step of 6 requests is one slow neighbour's noise
+        # (a quick run once went down to 1.2 req/s on such steps, its plan then too light to test anything).
+        duration = min(20.0, max(step_s, 3.0 + 20.0 / rate))
+        data = run_load(url, [[0, rate], [duration, rate]], tier, work / f"calib-{len(steps)}.json",
                         args.prompt_tokens, args.max_tokens)
         rows = [r for r in data["rows"] if r["t"] >= 3.0]  # skip the ramp-in
         attained = sum(met(r, slo) for r in rows) / max(1, len(rows))
         steps.append({"rate": rate, "attainment": attained, "sent": len(rows)})
         print(f"  calibration: {rate:5.2f} req/s -> objective met by {attained:.0%} of {len(rows)}", flush=True)
-        time.sleep(3)
+        time.sleep(1 if args.quick else 3)
         return attained
 
     rate = start_rate
@@ -539,6 +558,10 @@ def analyse(runs: dict[str, list[dict]], slo: dict, duration: float) -> dict:
             "rows": merged["rows"],
             "rows_pass1": datas[0]["rows"],
             "prediction": prediction_error(merged["rows"]),
+            "queue_peak": max((smp.get("phds_brownout_queued") or 0 for d in datas for smp in d["samples"]),
+                              default=None),
+            "vllm_waiting_peak": max((smp.get("vllm:num_requests_waiting") or 0 for d in datas
+                                      for smp in d["samples"]), default=None),
         }
     return results
 
@@ -636,7 +659,7 @@ def run_arms(args, work: Path) -> dict:
             wait_idle(url)
         data = run_load(url, plan, tier, work / f"{plan_name}-{arm}-{i}.json", args.prompt_tokens, args.max_tokens)
         store[arm].append(data)
-        time.sleep(5)
+        time.sleep(2 if args.quick else 5)
 
     for i in range(passes):
         for arm in (order if i % 2 == 0 else order[::-1]):
@@ -669,6 +692,11 @@ def run_arms(args, work: Path) -> dict:
             f"{arm} {results[arm]['summary']['goodput_rps'] / base:.2f}x" for arm in ARMS))
     for arm in ("brownout",):
         print(f"{arm}: measured / predicted TTFT: {results[arm]['prediction']}")
+        s = results[arm]["summary"]
+        if "waited_in_layer" in s:
+            print(f"{arm}: late binding: {s['waited_in_layer']} of {s['sent']} requests waited in the layer's dispatch "
+                  f"queue (p90 wait {s['waited_p90_s']}), mean k {s['waited_mean_k']} (those that entered at once: "
+                  f"{s['direct_mean_k']}); layer queue peak {results[arm]['queue_peak']}")
     checks = targets(results, args.duration)
     print("\ntargets (brownout vs fixed-lowest):")
     for c in checks:

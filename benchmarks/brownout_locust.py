@@ -9,7 +9,8 @@ Every request is a streaming /v1/completions with ``ignore_eos`` and a fixed len
 arm's tier header (one tier, or a weighted mix such as ``fast:0.3,balanced:0.7``); per request the
 file records its start (seconds since the run start), tier, time to first token, mean inter-token
 latency, end-to-end latency, HTTP status, the applied k, the brownout level the server reports and
-the TTFT the predictive controller predicted when it bound k (``x-phds-predicted-ttft-ms``). A poller records the server's brownout level and vLLM's
+the TTFT the predictive controller predicted when it bound k (``x-phds-predicted-ttft-ms``) and how long
+the request waited in the layer's dispatch queue for an engine slot (``x-phds-queued-ms``). A poller records the server's brownout level and vLLM's
 running/waiting requests once a second. Both go to ``$BROWNOUT_OUT`` (JSON) when the run ends.
 
 Configuration by environment (set by benchmarks/brownout.py): BROWNOUT_PLAN (JSON list of
@@ -113,7 +114,7 @@ class OpenLoopSource(User):
         start = time.monotonic()
         tier = random.choices([n for n, _ in MIX], [w for _, w in MIX])[0] if MIX else TIER
         row = {"t": start - T0[0], "tier": tier, "status": None, "ttft": None, "itl": None, "e2e": None,
-               "k": None, "level": None, "pred_ttft": None, "pred_itl": None, "tokens": 0}
+               "k": None, "level": None, "pred_ttft": None, "pred_itl": None, "queued": None, "tokens": 0}
         headers = {"x-phds-tier": tier} if tier else {}
         body = {"model": MODEL, "prompt": _prompt(), "max_tokens": MAX_TOKENS, "temperature": 0.0,
                 "ignore_eos": True, "stream": True}
@@ -125,6 +126,8 @@ class OpenLoopSource(User):
                 row["k"] = int(r.headers["x-phds-k"]) if "x-phds-k" in r.headers else None
                 if "x-phds-brownout-level" in r.headers:
                     row["level"] = int(r.headers["x-phds-brownout-level"])
+                if "x-phds-queued-ms" in r.headers:  # time waited in the layer's dispatch queue
+                    row["queued"] = float(r.headers["x-phds-queued-ms"]) / 1000
                 if "x-phds-predicted-ttft-ms" in r.headers:
                     row["pred_ttft"] = float(r.headers["x-phds-predicted-ttft-ms"]) / 1000
                     row["pred_itl"] = float(r.headers["x-phds-predicted-itl-ms"]) / 1000

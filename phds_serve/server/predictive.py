@@ -15,7 +15,6 @@ controller alone, k bound at arrival (the ablation arm).
 from __future__ import annotations
 
 import asyncio
-import statistics
 import logging
 import time
 from argparse import Namespace
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from phds_serve.server import metrics
-from phds_serve.server.brownout import BrownoutController, ControllerSettings, Ticking, Window, pressure
+from phds_serve.server.brownout import BrownoutController, ControllerSettings, Ticking, Window, pressure, quantile
 from phds_serve.server.dispatch import Dispatcher, Ticket
 from phds_serve.server.feedforward import Demand, EngineState, choose, work_s
 from phds_serve.server.load_feed import FEED, LoadFeed
@@ -171,7 +170,7 @@ class PredictiveBrownout(Ticking):
         if engine_predicted > 0 and ttft_s > waited:
             self._ttft_ratios.append((ttft_s - waited) / engine_predicted)
             if len(self._ttft_ratios) >= 8:
-                self.ttft_scale = min(20.0, max(0.5, statistics.median(self._ttft_ratios)))
+                self.ttft_scale = min(20.0, max(0.5, self._correction(self._ttft_ratios)))
 
     def observed_itl(self, ticket: Ticket, itl_s: float) -> None:
         """A finished stream's mean inter-token latency: correct the ITL and decode-time predictions."""
@@ -180,7 +179,13 @@ class PredictiveBrownout(Ticking):
             return
         self._itl_ratios.append(itl_s / (predicted / self.itl_scale))
         if len(self._itl_ratios) >= 8:
-            self.itl_scale = min(20.0, max(0.5, statistics.median(self._itl_ratios)))
+            self.itl_scale = min(20.0, max(0.5, self._correction(self._itl_ratios)))
+
+    def _correction(self, ratios: deque[float]) -> float:
+        """The objectives' quantile of measured / predicted: the objectives hold the 90th percentile, so the
+        corrected prediction is of that percentile, not of a typical request (the median once let requests
+        in at k 8 that the median predicted in time and a burst's slower tail did not)."""
+        return quantile(list(ratios), self.config.objectives.quantile)
 
     def demand(self, head: Ticket, now: float) -> Demand:
         prompt = self.prompt_tokens.value or head.info.get("prompt_tokens") or 128.0

@@ -346,3 +346,14 @@ def test_late_binding_through_the_layer_the_request_that_waited_gets_the_k_of_th
     assert k < 8 and waited.json()["echo"]["vllm_xargs"]["k"] == k  # the k that ran is the k named
     assert waited.headers["x-phds-brownout-level"] == str(8 - k)
     assert float(waited.headers["x-phds-queued-ms"]) > float(held.headers["x-phds-queued-ms"])  # it waited
+
+
+def test_the_online_corrections_predict_the_objectives_percentile_not_a_typical_request():
+    """Eight streams as predicted and two three times slower: the median says 1, the 90th percentile 3;
+    the objectives are on the 90th percentile, so the corrected inter-token prediction is 3x."""
+    from phds_serve.server.dispatch import Ticket
+
+    pb = PredictiveBrownout(CONFIG, PredictiveSettings(), 32, LoadFeed(), Clock(), model())
+    for itl in [0.01] * 8 + [0.03] * 2:
+        pb.observed_itl(Ticket(0, 0.0, 0.0, info={"predicted_itl_s": 0.01 * pb.itl_scale}), itl)
+    assert pb.itl_scale == pytest.approx(3.0)
