@@ -89,11 +89,13 @@ def request_engine_s(model: ServiceModel, k: float, demand: Demand, batch: float
             + its * demand.output_tokens * (model.row_s(k) + model.overhead_s() / b))
 
 
-def work_s(model: ServiceModel, k: float, demand: Demand, state: EngineState | None = None) -> float:
+def work_s(model: ServiceModel, k: float, demand: Demand) -> float:
     """Engine seconds of one request's own work at k (its prompt tokens and decode rows), without the
-    per-step overhead it shares with the batch; with the measured corrections of ``state``."""
-    ts, its = (state.ttft_scale, state.itl_scale) if state is not None else (1.0, 1.0)
-    return ts * demand.prompt_tokens * model.token_s(k) + its * demand.output_tokens * model.row_s(k)
+    per-step overhead it shares with the batch. The service model's online scale (measured steps) is in
+    it; the TTFT and inter-token corrections are not: they are for what the engine's steps do not show
+    (the API server, streaming), and multiplying the engine's work by them once read a calm phase as a
+    saturated engine."""
+    return demand.prompt_tokens * model.token_s(k) + demand.output_tokens * model.row_s(k)
 
 
 def steady_step_s(model: ServiceModel, utilisation: float, state: EngineState | None = None) -> float:
@@ -124,7 +126,7 @@ def predict(
     life_k = (keep * run_mean_k + (batch - keep) * k) / max(1.0, batch)
     prefill_share = demand.arrival_rps * demand.prompt_tokens * model.token_s(k)
     stretch = INF if prefill_share >= 0.95 else 1.0 / (1.0 - prefill_share)
-    util = demand.other_utilisation + demand.arrival_rps * work_s(model, k, demand, state)
+    util = demand.other_utilisation + demand.arrival_rps * work_s(model, k, demand)
     itl = max(state.itl_scale * model.step_s(batch, life_k) * stretch, steady_step_s(model, util, state))
     own_prefill = state.ttft_scale * demand.prompt_tokens * model.token_s(k)
     # Prompts ahead of it in the engine (dispatched, no first token yet) are prefilled first.
