@@ -3,8 +3,10 @@
     phds-eval --checkpoint phds_serve/assets/tiny-olmoe --ks 1,2,3,4 --out runs/eval
     phds-eval ... --url http://localhost:8000   # also latency per k from a running phds-serve
 
-Default data is the Python standard library held-out split the bundled tiny
-model was trained without (same file-name hash split as phds-train).
+Default data: for a checkpoint with a ``data_manifest.tsv`` (the bundled tiny
+model), the files it marks held out, checked by sha256, in blocks of the length
+it was trained at, ``--max-blocks`` evenly spaced over them; otherwise the Python
+standard library's top-level files held out by file-name hash (as phds-train).
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from phds_serve.train.cli import parse_ks
 from phds_serve.train.data import load_documents, pack_blocks, split_documents, stdlib_dir
 
+from phds_serve.train.checkpoint import read_phds
+
+from .bundled import MANIFEST, heldout_documents, spread
 from .latency import measure, served_model
 from .metrics import agreement_matrix, evaluate_k
 from .report import plot, write_csv, write_json
@@ -35,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--glob", default="*.py")
     p.add_argument("--heldout-frac", type=float, default=0.1,
                    help="use the documents a training run with this fraction held out (0: use all)")
-    p.add_argument("--block-size", type=int, default=256)
+    p.add_argument("--block-size", type=int, help="default: the trained block size (manifest) or 256")
     p.add_argument("--max-blocks", type=int, default=0, help="cap evaluated blocks (0: all)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
@@ -48,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def heldout_blocks(a: argparse.Namespace, tokenizer) -> torch.Tensor:
+    manifest = Path(a.checkpoint) / MANIFEST
+    if not a.data and manifest.is_file():
+        phds = read_phds(a.checkpoint) or {}
+        blocks = pack_blocks(heldout_documents(manifest), tokenizer, a.block_size or int(phds.get("block_size", 256)))
+        return spread(blocks, a.max_blocks)
+    a.block_size = a.block_size or 256
     docs = load_documents(a.data or [stdlib_dir()], a.glob, tokenizer)
     train, held = split_documents(docs, a.heldout_frac) if a.heldout_frac > 0 else ([], docs)
     if not held:

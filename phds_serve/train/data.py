@@ -111,3 +111,38 @@ def stdlib_dir() -> Path:
     import sysconfig
 
     return Path(sysconfig.get_paths()["stdlib"])
+
+
+# Files of the standard library tree that are not the same on every machine of one Python
+# version (build paths, installed third-party packages, compiled caches).
+STDLIB_EXCLUDE = ("site-packages/", "dist-packages/", "__pycache__/", "config-", "_sysconfigdata")
+
+
+def load_tree(
+    root: str | Path, glob: str = "**/*.py", exclude: Sequence[str] = STDLIB_EXCLUDE
+) -> list[Document]:
+    """Documents of every file under ``root`` matching ``glob``, named by relative path.
+
+    Named by path (not file name) so the held-out split is by file and files of the
+    same name in different packages (``__init__.py``) are distinct documents.
+    A relative path containing any of ``exclude`` is skipped.
+    """
+    root = Path(root)
+    docs = []
+    for f in sorted(root.glob(glob)):
+        rel = f.relative_to(root).as_posix()
+        if f.is_file() and not any(x in rel for x in exclude):
+            docs.append(Document(rel, f.read_text(encoding="utf-8", errors="replace")))
+    if not docs:
+        raise FileNotFoundError(f"no {glob} files under {root}")
+    return docs
+
+
+def manifest(docs: Sequence[Document], heldout_frac: float) -> list[dict[str, Any]]:
+    """Per document: name, split, UTF-8 size and sha256 (to check a rebuild used the same text)."""
+    rows = []
+    for d in docs:
+        data = d.text.encode("utf-8")
+        split = "heldout" if is_heldout(d.name, heldout_frac) else "train"
+        rows.append({"name": d.name, "split": split, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    return rows

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
-from transformers import PreTrainedModel, Trainer, TrainingArguments, default_data_collator
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
 from .callback import KScheduleCallback
 from .data import BlockDataset
@@ -64,8 +64,15 @@ def train(
     train_blocks: torch.Tensor,
     schedule: KSchedule,
     s: TrainSettings,
+    callbacks: Sequence[TrainerCallback] = (),
+    resume_from_checkpoint: str | bool | None = None,
 ) -> tuple[KScheduleCallback, Trainer]:
     """Run SFT following ``schedule``; leaves the model routing at its native k.
+
+    ``s.extra_args`` override any TrainingArguments field (e.g. ``save_strategy``
+    and ``save_steps`` for a resumable run); ``resume_from_checkpoint`` is passed
+    to ``Trainer.train`` (optimizer, scheduler, RNG and data position restored).
+    After a resume, the callback's ``history`` holds only the steps run in this call.
 
     Returns the callback (its ``history`` is the k applied per step) and the
     Trainer (``trainer.state.log_history`` has the loss per logging step;
@@ -81,7 +88,7 @@ def train(
     elif s.routing != "topk":
         raise ValueError(f"routing must be topk or mask, got {s.routing!r}")
 
-    args = TrainingArguments(
+    kwargs: dict[str, Any] = dict(
         output_dir=s.output_dir,
         max_steps=schedule.total_steps,
         learning_rate=s.lr,
@@ -100,17 +107,17 @@ def train(
         dataloader_num_workers=0,
         dataloader_pin_memory=False,
         remove_unused_columns=False,
-        **s.extra_args,
     )
+    args = TrainingArguments(**{**kwargs, **s.extra_args})
     callback = KScheduleCallback(schedule)
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=BlockDataset(train_blocks),
         data_collator=default_data_collator,
-        callbacks=[callback],
+        callbacks=[callback, *callbacks],
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     if s.routing == "mask":
         remove_mask_routing(model)
     set_k(model, native_k, routers)

@@ -1,0 +1,176 @@
+"""Bits per byte of the bundled model per k, on standard-library files it never saw.
+
+The held-out files are those the model's ``data_manifest.tsv`` marks ``heldout``
+(a hash of the file's path inside the standard library); each file's sha256 is
+checked against the manifest, so a number is only reported on the exact text that
+was held out. The model is plain transformers with ``num_experts_per_tok = k``
+(the definition of declared k), float32.
+
+    python -m phds_serve.eval.bundled [--checkpoint DIR] [--ks 1,2,3,4] [--max-blocks N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from phds_serve.train.data import Document, pack_blocks, stdlib_dir
+
+ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-olmoe"
+MANIFEST = "data_manifest.tsv"
+
+
+def token_bytes(tokenizer: Any) -> torch.Tensor:
+    """UTF-8 bytes each token id stands for (byte-level BPE: one character per byte; specials 0)."""
+    special = set(tokenizer.all_special_ids)
+    vocab = tokenizer.get_vocab()
+    table = torch.zeros(max(vocab.values()) + 1, dtype=torch.long)
+    for tok, i in vocab.items():
+        if i not in special:
+            table[i] = len(tok)
+    return table
+
+
+def read_manifest(path: str | Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh, delimiter="\t"))
+
+
+def write_manifest(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=["name", "split", "bytes", "sha256"], delimiter="\t", lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def heldout_documents(manifest_path: str | Path, root: str | Path | None = None) -> list[Document]:
+    """The held-out files named in the manifest, read from ``root`` and checked by sha256."""
+    root = Path(root) if root else stdlib_dir()
+    docs = []
+    for row in read_manifest(manifest_path):
+        if row["split"] != "heldout":
+            continue
+        text = (root / row["name"]).read_text(encoding="utf-8", errors="replace")
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        if digest != row["sha256"]:
+            raise ValueError(f"{row['name']}: not the held-out text of the manifest (sha256 differs)")
+        docs.append(Document(row["name"], text))
+    if not docs:
+        raise ValueError(f"{manifest_path}: no held-out files")
+    return docs
+
+
+def spread(blocks: torch.Tensor, max_blocks: int) -> torch.Tensor:
+    """At most ``max_blocks`` blocks evenly spaced over all of them (every file, not the first few)."""
+    n = blocks.shape[0]
+    if not max_blocks or n <= max_blocks:
+        return blocks
+    idx = torch.linspace(0, n - 1, max_blocks).round().long()
+    return blocks[idx]
+
+
+@dataclass
+class BpbRow:
+    """Quality of the model at one k on the held-out blocks."""
+
+    k: int
+    loss: float  # nats per token
+    bits_per_byte: float
+    accuracy: float
+    tokens: int
+    bytes: int
+    agreement_with_reference: float | None = None
+
+
+@torch.no_grad()
+def evaluate_bpb(model: Any, blocks: torch.Tensor, tbytes: torch.Tensor, k: int,
+                 batch_size: int = 8) -> tuple[BpbRow, torch.Tensor]:
+    """Loss, bits per byte and argmax predictions of ``model`` (already at k) on ``blocks``."""
+    model.eval()
+    nats, correct, count, nbytes, preds = 0.0, 0, 0, 0, []
+    for s in range(0, blocks.shape[0], batch_size):
+        batch = blocks[s : s + batch_size]
+        logits = model(input_ids=batch).logits[:, :-1].float()
+        target = batch[:, 1:]
+        nats += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").item()
+        pred = logits.argmax(-1)
+        correct += (pred == target).sum().item()
+        count += target.numel()
+        nbytes += int(tbytes[target].sum())
+        preds.append(pred.to(torch.int32))
+    row = BpbRow(k, nats / count, nats / math.log(2) / nbytes, correct / count, count, nbytes)
+    return row, torch.cat(preds)
+
+
+def load_at_k(checkpoint: str | Path, k: int) -> Any:
+    """Plain transformers model of the checkpoint with k experts per token, float32."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32, num_experts_per_tok=k).eval()
+
+
+def evaluate_checkpoint(checkpoint: str | Path, ks: Sequence[int], max_blocks: int = 0,
+                        root: str | Path | None = None) -> dict[str, Any]:
+    """bits/byte per k on the manifest's held-out files; agreement with the native k's argmax."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    checkpoint = Path(checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    config = AutoConfig.from_pretrained(str(checkpoint))
+    native = int(config.num_experts_per_tok)
+    block = int(config.max_position_embeddings)
+    docs = heldout_documents(checkpoint / MANIFEST, root)
+    all_blocks = pack_blocks(docs, tokenizer, block)
+    blocks = spread(all_blocks, max_blocks)
+    tbytes = token_bytes(tokenizer)
+    rows, preds = {}, {}
+    for k in sorted(set(ks) | {native}):
+        rows[k], preds[k] = evaluate_bpb(load_at_k(checkpoint, k), blocks, tbytes, k)
+    for k, row in rows.items():
+        row.agreement_with_reference = (preds[k] == preds[native]).float().mean().item()
+    out = [asdict(rows[k]) for k in sorted(rows) if k in ks or k == native]
+    return {
+        "checkpoint": str(checkpoint), "native_k": native, "block_size": block,
+        "heldout_files": len(docs), "heldout_blocks": int(all_blocks.shape[0]),
+        "evaluated_blocks": int(blocks.shape[0]), "rows": out,
+        "k1_over_native_bpb": rows[1].bits_per_byte / rows[native].bits_per_byte if 1 in rows else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=str(ASSET_DIR))
+    p.add_argument("--ks", default="1,2,3,4")
+    p.add_argument("--max-blocks", type=int, default=0, help="evenly spaced held-out blocks (0: all)")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", help="write the result as JSON here too")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    res = evaluate_checkpoint(a.checkpoint, [int(x) for x in a.ks.split(",")], a.max_blocks)
+    print(f"held-out: {res['heldout_files']} files, {res['evaluated_blocks']}/{res['heldout_blocks']} blocks "
+          f"of {res['block_size']} tokens")
+    print("| k | bits/byte | loss (nats/token) | next-token acc | agreement with native k |")
+    print("|---|---|---|---|---|")
+    for r in res["rows"]:
+        print(f"| {r['k']} | {r['bits_per_byte']:.3f} | {r['loss']:.4f} | {r['accuracy']:.4f} | "
+              f"{r['agreement_with_reference']:.4f} |")
+    if res["k1_over_native_bpb"] is not None:
+        print(f"k=1 / native bits per byte: {res['k1_over_native_bpb']:.3f}")
+    if a.out:
+        Path(a.out).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
