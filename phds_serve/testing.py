@@ -47,18 +47,34 @@ def enable_cpu_v2_runner() -> None:
     backends = triton.backends.backends
     if "cpu" not in backends:
         backends["cpu"] = backends["nvidia"]
+    # Worker processes (tensor parallel) start afresh: the same stand-in, at their start-up.
+    bootstrap = os.path.join(os.path.dirname(__file__), "testing_bootstrap")
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if bootstrap not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([bootstrap, *filter(None, paths)])
+
+
+def _runner_kind(worker) -> str:
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2ModelRunner
+
+    return "v2" if isinstance(worker.model_runner, V2ModelRunner) else "v1"
 
 
 def engine_runner(llm) -> str:
-    """``v1`` or ``v2``: the model runner an in-process ``vllm.LLM`` really uses
-    (``unknown`` for an engine in another process)."""
-    from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2ModelRunner
-
+    """``v1`` or ``v2``: the model runner an in-process ``vllm.LLM`` really uses. Worker
+    processes (tensor parallel) are asked, which needs
+    ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``; ``unknown`` where they cannot be asked or
+    the engine core runs in another process."""
     core = getattr(llm.llm_engine.engine_core, "engine_core", None)
     if core is None:
         return "unknown"
-    runner = core.model_executor.driver_worker.worker.model_runner
-    return "v2" if isinstance(runner, V2ModelRunner) else "v1"
+    driver = getattr(core.model_executor, "driver_worker", None)
+    if driver is not None:
+        return _runner_kind(driver.worker)
+    if os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION") != "1":
+        return "unknown"
+    kinds = set(llm.collective_rpc(_runner_kind))
+    return kinds.pop() if len(kinds) == 1 else f"mixed {sorted(kinds)}"
 
 
 def _declared_k_layers(worker) -> list[tuple[str, str]]:

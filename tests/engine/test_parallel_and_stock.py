@@ -37,6 +37,7 @@ def _decode_errors(path, requests, outputs):
 def test_tensor_parallel_mixed_k(tiny_checkpoints, tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # the fixture asks the workers their runner
     path = tiny_checkpoints["qwen3_moe"]
     prompts = random_prompts([7, 30], seed=11)
     requests = [(p, k) for p in prompts for k in (1, 2, NATIVE_K)]

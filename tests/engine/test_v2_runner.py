@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # Default suite: the four core architectures at mixed k, prompt and decode, prefix
 # isolation by k in the engine, exactly k slots per token handed to the expert kernel.
 # Slow suite: chunked prefill, n > 1 and the 600-request stress (one long-lived
-# engine), every family vLLM CPU runs, and the layer's GPU branches (Triton kernels,
-# vLLM's modular kernel) inside the engine.
+# engine), every family vLLM CPU runs, the layer's GPU branches (Triton kernels,
+# vLLM's modular kernel) inside the engine, and tensor parallel (TP=2).
 DEFAULT = [
     "tests/engine/test_parity.py",
     "tests/engine/test_prefix_isolation.py",
@@ -32,6 +32,8 @@ SLOW = [
     "tests/engine/test_engine_behaviour.py",
     "tests/engine/test_families.py",
     "tests/engine/test_gpu_branches.py",
+    # TP=2: the workers are new processes (phds_serve/testing_bootstrap gives them the switch).
+    "tests/engine/test_parallel_and_stock.py::test_tensor_parallel_mixed_k",
 ]
 
 
