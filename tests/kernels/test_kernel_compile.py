@@ -70,3 +70,33 @@ def test_grouped_gemms_use_tensor_cores(compiled, arch):
             assert facts["mma"], (name, facts)
             if arch == 90 and name.endswith("[large]"):
                 assert facts["wgmma"], (name, facts)
+
+
+FAMILY_PROBE = PROBE.replace("compile_all(arch, 'bf16')", "compile_all(arch, 'bf16', families=True)")
+
+
+@pytest.mark.slow
+def test_every_declared_family_shape_compiles_without_spills(tmp_path):
+    """Every family's router at its released checkpoints' shape (E up to 512, groups,
+    biases) at native and 2x native k, and the expert kernels at every routing width
+    those need: no register spill on sm_90 or sm_80."""
+    from phds_serve.kernels.compile_check import family_router_shapes
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-c", FAMILY_PROBE], env=env, capture_output=True, text=True, timeout=3000)
+    if proc.returncode == NO_CUDA_BACKEND:
+        pytest.skip(f"Triton's CUDA backend cannot be loaded here: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    compiled = json.loads(proc.stdout.strip().splitlines()[-1])
+    shapes = family_router_shapes()
+    assert max(experts for _, experts, _, _ in shapes) >= 512
+    for arch in ARCHS:
+        kernels = compiled[str(arch)]
+        for tag, *_ in shapes:
+            assert f"declared_k_router_kernel{tag}" in kernels, tag
+        for width in {k for _, _, k, _ in shapes}:
+            assert f"decode_w13_act_kernel[k{width}]" in kernels, width
+        spills = {name: facts for name, facts in kernels.items() if facts["stack"] != 0}
+        assert not spills, f"register spills on sm_{arch}: {spills}"
