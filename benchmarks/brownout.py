@@ -363,13 +363,14 @@ def saturation(url: str, tier: str, slo: dict, start_rate: float, work: Path, ar
         return attained
 
     rate = start_rate
+    tries = 4 if args.quick else 8  # --quick must end within 8 minutes: at most 5 steps (~1.5 min)
     if attainment(rate) < 0.9:
-        for _ in range(8):  # down until it holds; the rate above that is the answer
+        for _ in range(tries):  # down until it holds; the rate above that is the answer
             if attainment(rate / 1.35) >= 0.9:
                 return rate, steps
             rate /= 1.35
         return rate, steps
-    for _ in range(10):
+    for _ in range(tries + 2):
         rate *= 1.35
         if attainment(rate) < 0.9:
             return rate, steps
