@@ -100,7 +100,7 @@ def transformers_backend_reason(vllm_config) -> str | None:
     from vllm.model_executor.models.transformers.fusers.moe import MoEBlockFuser
     from vllm.platforms import current_platform
 
-    from phds_serve.model_executor.models.transformers_moe import EXPERTS_NAME, top_k_slots
+    from phds_serve.model_executor.hf_blocks import EXPERTS_NAME, top_k_slots
 
     model_config = vllm_config.model_config
     if model_config.runner_type != "generate" or model_config.is_multimodal_model:

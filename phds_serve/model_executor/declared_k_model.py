@@ -45,15 +45,19 @@ class DeclaredKModelMixin:
         self.k_policy = contract.policy
         self._check_runners()
 
+    # MoE runner classes that apply declared k (the Transformers backend adds its own).
+    declared_k_runner_types: tuple[type, ...] = (DeclaredKMoERunner,)
+
     def _check_runners(self) -> None:
-        """Every MoE layer must be ours: a runner class vLLM built that register_oot did
-        not replace (e.g. a model-specific MoERunner subclass) would run native k."""
+        """Every MoE layer must be one that applies declared k: a runner class vLLM built
+        that register_oot did not replace (e.g. a model-specific MoERunner subclass)
+        would run native k."""
         from vllm.model_executor.layers.fused_moe.runner.moe_runner_interface import (
             MoERunnerInterface,
         )
 
         runners = [m for m in self.modules() if isinstance(m, MoERunnerInterface)]
-        foreign = sorted({type(m).__name__ for m in runners if not isinstance(m, DeclaredKMoERunner)})
+        foreign = sorted({type(m).__name__ for m in runners if not isinstance(m, self.declared_k_runner_types)})
         if foreign or not runners:
             raise NotImplementedError(
                 f"declared k cannot be applied exactly to {type(self).__name__}: "

@@ -4,13 +4,10 @@ Two parts, because vLLM keeps the two kinds of state in two places:
 
 * **Across steps, batch row -> k** (V1 runner, the CPU runner). vLLM's V1
   runner tells every logits processor about each change of the persistent batch
-  (rows added, removed, moved) *before* each forward pass.
-  :class:`DeclaredKLogitsProcessor` (installed through vLLM's
-  ``vllm.logits_processors`` entry point) keeps ``row -> k`` in :data:`ROWS` for
-  declared-k models; it never changes logits. The same class is the admission
-  check of every model (:mod:`phds_serve.model_executor.admission`) and, on the
-  V2 runner, only that (the V2 model state tracks k there,
-  :mod:`phds_serve.model_executor.v2_state`).
+  (rows added, removed, moved) *before* each forward pass; the entry-point
+  logits processor (:mod:`phds_serve.model_executor.logits_processor`) keeps
+  ``row -> k`` in :data:`ROWS` for declared-k models. (On the V2 runner the
+  model state tracks k, :mod:`phds_serve.model_executor.v2_state`.)
 * **Within one step, token -> k**: a :class:`StepPlan`, built at the start of
   the declared-k model's forward and kept in vLLM's forward context
   (``additional_kwargs``), which lives exactly as long as the step. Every MoE
@@ -25,19 +22,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
-from vllm.v1.worker.gpu.sample.logits_processor.interface import (
-    LogitsProcessor as V2LogitsProcessor,
-)
 
 from phds_serve.declared_k import KContract
-from phds_serve.model_executor.admission import validate_declared_k
 
 logger = logging.getLogger(__name__)
 
-# Key of the step plan in ForwardContext.additional_kwargs.
+# Key of the step plan in ForwardContext.additional_kwargs, and the model inputs the
+# V2 model state passes each step: the persistent token -> k buffer, and whether the
+# step serves requests (False: profiling, warm-up, capture).
 PLAN_KEY = "phds_step_plan"
-# Model inputs the V2 model state passes each step: the persistent token -> k
-# buffer, and whether the step serves requests (False: profiling, warm-up, capture).
 TOKEN_K_INPUT = "phds_token_k"
 STEP_REAL_INPUT = "phds_step_real"
 
@@ -223,46 +216,3 @@ def current_plan() -> StepPlan | None:
     if not is_forward_context_available():
         return None
     return get_forward_context().additional_kwargs.get(PLAN_KEY)
-
-
-class DeclaredKLogitsProcessor(V2LogitsProcessor):
-    """Admission check of k for every model; on the V1 runner, also the row -> k
-    tracker of declared-k models. Never touches logits.
-
-    One class serves both of vLLM's logits-processor interfaces, because an
-    entry-point processor is loaded by both runners: it subclasses the V2
-    interface (the V2 loader checks that) and implements the V1 one
-    (``__init__(vllm_config, device, is_pin_memory)``, ``apply(logits)``,
-    ``is_argmax_invariant``, ``update_state``).
-    """
-
-    @classmethod
-    def validate_params(cls, sampling_params) -> None:
-        validate_declared_k(sampling_params.extra_args)
-
-    def __init__(self, vllm_config, *runner_args) -> None:
-        from phds_serve.model_executor.contract import contract_of
-
-        contract = contract_of(vllm_config)
-        # Three positional arguments: V1 (device, is_pin_memory); one: V2 (req_states).
-        self.tracks_rows = len(runner_args) == 2 and contract is not None and contract.declared
-        if self.tracks_rows:
-            ROWS.configure(contract)
-
-    # -- V1 interface --------------------------------------------------------
-    def is_argmax_invariant(self) -> bool:
-        return True
-
-    def update_state(self, batch_update: BatchUpdate | None) -> None:
-        if self.tracks_rows and batch_update is not None:
-            ROWS.apply(batch_update)
-
-    # -- V2 interface (and V1's apply) ----------------------------------------
-    def add_request(self, req_idx: int, sampling_params) -> bool:
-        return False  # never modifies logits
-
-    def apply(self, logits: torch.Tensor, ctx=None) -> torch.Tensor:
-        return logits
-
-
-LOGITS_PROCESSOR_FQCN = f"{__name__}:DeclaredKLogitsProcessor"

@@ -31,7 +31,6 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from torch.library import Library
 from vllm.model_executor.layers.fused_moe import layer as fused_moe_layer
 from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig, RoutingMethodType
 from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
@@ -43,11 +42,11 @@ from vllm.model_executor.layers.fused_moe.runner.shared_experts import (
     SharedExpertsOrder,
 )
 from vllm.platforms import current_platform
-from vllm.utils.torch_utils import direct_register_custom_op
 
 from phds_serve.declared_k import KPolicy
 from phds_serve.kernels.backend import requested_moe_backend, select_moe_backend
 from phds_serve.model_executor import expert_metrics
+from phds_serve.model_executor.custom_ops import register_op
 from phds_serve.model_executor.layers.routing_rule import rule_from_router
 from phds_serve.model_executor.step_k import (
     StepPlan,
@@ -358,10 +357,4 @@ def _declared_k_moe_fake(hidden_states: torch.Tensor, router_logits: torch.Tenso
     return torch.empty_like(hidden_states)
 
 
-_PHDS_LIB = Library("phds", "FRAGMENT")
-direct_register_custom_op(
-    op_name="declared_k_moe",
-    op_func=_declared_k_moe,
-    fake_impl=_declared_k_moe_fake,
-    target_lib=_PHDS_LIB,
-)
+register_op("declared_k_moe", _declared_k_moe, _declared_k_moe_fake)

@@ -19,53 +19,20 @@ vLLM's backend replaces each HF MoE block's experts in one of two ways:
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 from torch import nn
-from torch.library import Library
 from vllm.model_executor.models.transformers import TransformersMoEForCausalLM
-from vllm.model_executor.layers.fused_moe.runner.moe_runner_interface import MoERunnerInterface
 from vllm.model_executor.models.transformers.moe import TransformersMoERunner
-from vllm.utils.torch_utils import direct_register_custom_op
 
 from phds_serve.model_executor import expert_metrics
+from phds_serve.model_executor.custom_ops import register_op
 from phds_serve.model_executor.declared_k_model import DeclaredKModelMixin
 from phds_serve.model_executor.layers.declared_k_moe import DeclaredKMoERunner
+from phds_serve.model_executor.hf_blocks import EXPERTS_NAME, routing_at, top_k_slots
 from phds_serve.model_executor.step_k import current_plan, plan_from_token_k
-
-# Attribute names HF MoE blocks and routers keep their top-k under.
-TOP_K_ATTRS = ("top_k", "num_experts_per_tok", "moe_topk", "topk", "moe_k", "num_experts_per_token")
-EXPERTS_NAME = "experts"
 
 # block name -> block, for the custom op (per worker process, like vLLM's layer registry).
 _BLOCKS: dict[str, nn.Module] = {}
-
-
-def top_k_slots(block: nn.Module, native_k: int) -> list[tuple[nn.Module, str]]:
-    """(module, attribute) pairs in an HF MoE block holding its top-k (the native k)."""
-    slots = []
-    for module in block.modules():
-        if module is getattr(block, EXPERTS_NAME, None):
-            continue
-        for name in TOP_K_ATTRS:
-            value = module.__dict__.get(name)
-            if isinstance(value, int) and not isinstance(value, bool) and value == native_k:
-                slots.append((module, name))
-    return slots
-
-
-@contextlib.contextmanager
-def routing_at(slots: list[tuple[nn.Module, str]], k: int) -> Iterator[None]:
-    saved = [getattr(m, n) for m, n in slots]
-    for m, n in slots:
-        setattr(m, n, k)
-    try:
-        yield
-    finally:
-        for (m, n), value in zip(slots, saved):
-            setattr(m, n, value)
 
 
 class DeclaredKHFBlock(nn.Module):
@@ -125,16 +92,16 @@ def _hf_block_fake(hidden_states: torch.Tensor, block_name: str) -> torch.Tensor
     return torch.empty_like(hidden_states)
 
 
-_LIB = Library("phds", "FRAGMENT")
-direct_register_custom_op(
-    op_name="declared_k_hf_block", op_func=_hf_block, fake_impl=_hf_block_fake, target_lib=_LIB
-)
+register_op("declared_k_hf_block", _hf_block, _hf_block_fake)
 
 
 class DeclaredKTransformersMoEForCausalLM(DeclaredKModelMixin, TransformersMoEForCausalLM):
+    # Blocks vLLM routes externally run per k through the HF block (wrapped below).
+    declared_k_runner_types = (DeclaredKMoERunner, TransformersMoERunner)
+
     def _check_runners(self) -> None:
         """Blocks vLLM routes externally (TransformersMoERunner) run per k through the HF
-        block; every other MoE layer must be our declared-k runner."""
+        block; every other MoE layer must be our declared-k runner (the mixin's check)."""
         assert self.k_policy is not None
         native = self.k_policy.native_k
         for name, block in self.named_modules():
@@ -149,12 +116,14 @@ class DeclaredKTransformersMoEForCausalLM(DeclaredKModelMixin, TransformersMoEFo
             block.__class__ = type(f"DeclaredK{type(block).__name__}", (DeclaredKHFBlock, type(block)), {})
             block._phds_slots, block._phds_name, block._phds_native_k = slots, name, native
             _BLOCKS[name] = block
-        runners = [m for m in self.modules() if isinstance(m, MoERunnerInterface)]
-        external = [m for m in runners if isinstance(m, TransformersMoERunner)]
-        blocks = [m for m in self.modules() if isinstance(m, DeclaredKHFBlock)]
-        foreign = [m for m in runners if not isinstance(m, (DeclaredKMoERunner, TransformersMoERunner))]
-        if not runners or foreign or len(external) != len(blocks):
+        super()._check_runners()
+        external = [m for m in self.modules() if isinstance(m, TransformersMoERunner)]
+        if len(external) != len(_blocks_of(self)):
             raise NotImplementedError(
-                f"declared k cannot be applied exactly to {type(self).__name__}: MoE layers "
-                f"{sorted({type(m).__name__ for m in foreign}) or 'not found'}"
+                f"declared k cannot be applied exactly to {type(self).__name__}: an externally "
+                "routed MoE layer outside any HF block phds-serve wrapped"
             )
+
+
+def _blocks_of(model: nn.Module) -> list[DeclaredKHFBlock]:
+    return [m for m in model.modules() if isinstance(m, DeclaredKHFBlock)]
