@@ -95,11 +95,17 @@ def native_k_of(hf_config: Any) -> int:
 
 
 def set_k(hf_config: Any, k: int) -> None:
-    """Set the routed top-k in place: the transformers reference at declared k."""
-    dotted = k_config_attr(hf_config)
-    owner, leaf = _lookup(text_config(hf_config), dotted)  # type: ignore[misc]
-    current = getattr(owner, leaf)
-    setattr(owner, leaf, [k] * len(current) if isinstance(current, (list, tuple)) else k)
+    """Set the routed top-k in place: the transformers reference at declared k. The
+    project's one k-attribute writer: every attribute of K_CONFIG_ATTRS the config has
+    (the one vLLM reads and any alias transformers reads instead) gets k."""
+    config = text_config(hf_config)
+    k_config_attr(hf_config)  # raises when the config names no top-k
+    for dotted in K_CONFIG_ATTRS:
+        found = _lookup(config, dotted)
+        if found is not None:
+            owner, leaf = found
+            current = getattr(owner, leaf)
+            setattr(owner, leaf, [k] * len(current) if isinstance(current, (list, tuple)) else k)
 
 
 def num_routed_experts(hf_config: Any) -> int:
@@ -154,22 +160,6 @@ class KPolicy:
             f"(native k {self.native_k}, {self.num_experts} experts)"
         )
 
-    def validate(self, value: Any) -> int:
-        """Return value as an allowed k, or raise InvalidK naming the allowed values."""
-        try:
-            k = parse_k(value)
-        except InvalidK as exc:
-            raise InvalidK(f"{exc}; {self.describe()}") from None
-        if k not in self.allowed:
-            raise InvalidK(f"k={k} is not allowed; {self.describe()}")
-        return k
-
-    def resolve(self, extra_args: Mapping[str, Any] | None) -> int:
-        """The k a request runs at: its declared k, else the native k."""
-        if not extra_args or K_FIELD not in extra_args:
-            return self.native_k
-        return self.validate(extra_args[K_FIELD])
-
 
 @dataclass(frozen=True)
 class KContract:
@@ -197,15 +187,14 @@ class KContract:
         )
 
     def validate(self, value: Any) -> int:
-        """Return value as a k this model really runs, or raise InvalidK naming why not."""
-        if self.declared:
-            return self.policy.validate(value)
+        """Return value as a k this model really runs, or raise InvalidK naming why not.
+        The one definition of a valid k: every admission path calls it."""
         try:
             k = parse_k(value)
         except InvalidK as exc:
             raise InvalidK(f"{exc}; {self.describe()}") from None
-        if k != self.policy.native_k:
-            raise InvalidK(f"k={k} is not available; {self.describe()}")
+        if k not in self.allowed:
+            raise InvalidK(f"k={k} is {'not allowed' if self.declared else 'not available'}; {self.describe()}")
         return k
 
     def resolve(self, extra_args: Mapping[str, Any] | None) -> int:

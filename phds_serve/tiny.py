@@ -21,6 +21,8 @@ from typing import Any, Callable
 
 import torch
 
+from phds_serve import declared_k
+
 ARCHS = ("olmoe", "qwen2_moe", "mixtral", "qwen3_moe")
 
 _COMMON = dict(
@@ -555,13 +557,12 @@ def reference_config(name: str, path: str | Path, k: int | None = None):
 
 
 def set_k(config, name: str, k: int) -> None:
-    """Set k on a transformers config, on the attribute vLLM reads and every alias."""
-    fam = FAMILIES[name]
-    _set_path(config, fam.k_attr, k)
-    # transformers reads num_experts_per_tok in most families; where it is an alias
-    # (attribute_map) setting either is enough, otherwise keep both in step.
-    if "." not in fam.k_attr and hasattr(config, "num_experts_per_tok"):
-        config.num_experts_per_tok = k
+    """Set k on a transformers config through the project's one k writer
+    (:func:`phds_serve.declared_k.set_k`); the family's own k attribute must get it."""
+    declared_k.set_k(config, k)
+    value = _get_path(config, FAMILIES[name].k_attr)
+    if value != k and not (isinstance(value, (list, tuple)) and set(value) == {k}):
+        raise RuntimeError(f"{name}: set_k did not reach {FAMILIES[name].k_attr} ({value!r})")
 
 
 def reference_model(name: str, path: str | Path, k: int | None = None):

@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers as tf
 
-from phds_serve.declared_k import InvalidK, KPolicy, parse_k
+from phds_serve.declared_k import InvalidK, KContract, KPolicy, parse_k
 from phds_serve.kernels.reference import moe_loop_reference as moe_reference
 from phds_serve.routing import declared_k_topk
 from phds_serve.tiny import ARCHS, tiny_config
@@ -22,16 +22,21 @@ def test_parse_k_accepts_only_integers(bad):
 
 def test_policy_range_and_messages():
     policy = KPolicy(native_k=4, num_experts=8)
+    contract = KContract(policy, declared=True)
     assert list(policy.allowed) == [1, 2, 3, 4]
-    assert policy.resolve(None) == 4 and policy.resolve({}) == 4
-    assert policy.resolve({"k": 2}) == 2
+    assert contract.resolve(None) == 4 and contract.resolve({}) == 4
+    assert contract.resolve({"k": 2}) == 2
     for bad in (0, -1, 5):
-        with pytest.raises(InvalidK, match=r"from 1 to 4 \(native k 4, 8 experts\)"):
-            policy.validate(bad)
+        with pytest.raises(InvalidK, match=r"k=-?\d is not allowed; k must be an integer from 1 to 4 \(native k 4, 8 experts\)"):
+            contract.validate(bad)
     with pytest.raises(InvalidK):
-        policy.resolve({"k": None})
-    wide = KPolicy(native_k=4, num_experts=8, max_k=8)
+        contract.resolve({"k": None})
+    wide = KContract(KPolicy(native_k=4, num_experts=8, max_k=8), declared=True)
     assert wide.validate(8) == 8
+    undeclared = KContract(policy, declared=False, reason="why")
+    assert undeclared.validate(4) == 4
+    with pytest.raises(InvalidK, match=r"k=2 is not available; this model serves only its native k 4"):
+        undeclared.validate(2)
     with pytest.raises(ValueError, match="number of experts"):
         KPolicy(native_k=4, num_experts=8, max_k=9)
 
@@ -87,7 +92,6 @@ def test_moe_reference_ignores_unused_slots():
 
 # -- V1 bookkeeping ------------------------------------------------------------
 def test_step_plan_groups_tokens_by_row_k():
-    from phds_serve.declared_k import KContract
     from phds_serve.model_executor.step_k import RowK
 
     rows = RowK()
@@ -112,7 +116,6 @@ def test_step_plan_groups_tokens_by_row_k():
 
 def test_step_plan_refuses_rows_it_does_not_know():
     """No silent native k: a batch row the logits processor never saw is an error."""
-    from phds_serve.declared_k import KContract
     from phds_serve.model_executor.step_k import RowK
 
     rows = RowK()
@@ -157,7 +160,6 @@ def test_v2_runner_picks_our_model_state_and_admission(monkeypatch):
         build_custom_logits_processors_params_validator,
     )
 
-    from phds_serve.declared_k import KContract
     from phds_serve.model_executor import admission
     from phds_serve.model_executor.models.olmoe import DeclaredKOlmoeForCausalLM
     from phds_serve.model_executor.v2_state import DeclaredKModelState
@@ -234,7 +236,6 @@ def test_hybrid_models_take_the_layout_from_an_attention_layer():
     from vllm.config import VllmConfig
     from vllm.forward_context import set_forward_context
 
-    from phds_serve.declared_k import KContract
     from phds_serve.model_executor.step_k import RowK, tokens_per_row_from_forward_context
 
     mamba = types.SimpleNamespace(query_start_loc_d=torch.tensor([0, 1]),
