@@ -24,10 +24,15 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import time
+from pathlib import Path
 
 import requests
 from locust import HttpUser, between, events, task
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # locust imports this file by path
+from loadtest.mix import parse_mix  # noqa: E402
 
 TIER_HEADER = "x-phds-tier"
 K_HEADER = "x-phds-k"
@@ -84,19 +89,6 @@ def _final_stats_csv(**_):
         return
     with open(f"{prefix}_stats.csv", "w", newline="") as f:
         StatsCSV(_ENV, PERCENTILES_TO_REPORT).requests_csv(csv.writer(f))
-
-
-def parse_mix(text: str) -> list[tuple[str, float]]:
-    """'1:0.3,2:0.7' -> [('1', 0.3), ('2', 0.7)]; a bare item weighs 1."""
-    out = []
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        name, _, weight = item.partition(":")
-        w = float(weight) if weight else 1.0
-        if w < 0:
-            raise ValueError(f"negative weight in mix item {item!r}")
-        if w > 0:
-            out.append((name.strip(), w))
-    return out
 
 
 def targets(options) -> list[tuple[tuple[str, str], float]]:

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from loadtest import server, summarize
+from loadtest.mix import parse_mix
 
 HERE = Path(__file__).resolve().parent
 
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     prefix = out / "report"
     expect_k = args.expect_k if args.expect_k is not None else ",".join(
-        k for k, _ in summarize_mix(args.k_mix))
+        k for k, _ in parse_mix(args.k_mix))
 
     srv = None
     try:
@@ -125,14 +126,6 @@ def main(argv=None) -> int:
         print(f"FAIL: locust exited with {rc} (failed requests or exceptions; see {prefix}_failures.csv, "
               f"{prefix}_exceptions.csv)", file=sys.stderr)
     return 1 if (rc or src) else 0
-
-
-def summarize_mix(text: str):
-    # Same parser as the locustfile, without importing locust (gevent monkey-patching) here.
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        name, _, w = item.partition(":")
-        if float(w or 1) > 0:
-            yield name.strip(), float(w or 1)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ def test_summary_fails_on_failures_and_missing_k(tmp_path):
 
 
 def test_mix_parsing():
-    from loadtest.run import seconds, summarize_mix
-    assert list(summarize_mix("1:0.3, 2:0.7,4:0")) == [("1", 0.3), ("2", 0.7)]
+    from loadtest.mix import parse_mix
+    from loadtest.run import seconds
+    assert parse_mix("1:0.3, 2:0.7,4:0") == [("1", 0.3), ("2", 0.7)]
     assert seconds("1m30s") == 90 and seconds("45") == 45
