@@ -45,3 +45,25 @@ def test_k_changes_the_reference(tiny_checkpoints):
     prompt = random_prompts([40], seed=2)[0]
     gap = (hf_logprobs(path, 1, prompt) - hf_logprobs(path, NATIVE_K, prompt)).abs().max()
     assert gap > 100 * TOL
+
+
+def test_stock_vllm_deployed_at_k_matches_transformers(tiny_checkpoints, monkeypatch):
+    """The yardstick holds on this runner: stock vLLM (plugin off) deployed at k=1 through
+    ``hf_overrides`` equals transformers at k=1, prompt and decode. Run on both runners
+    (tests/engine/test_v2_runner.py), it shows stock V2 equal to stock V1."""
+    monkeypatch.setenv("PHDS_DISABLE", "1")
+    path = tiny_checkpoints["qwen3_moe"]
+    prompts = random_prompts([9, 31], seed=4)
+    with vllm_engine(path, hf_overrides={"num_experts_per_tok": 1}) as llm:
+        outputs = llm.generate(
+            [{"prompt_token_ids": p} for p in prompts],
+            [sampling_params_at_k(None, max_tokens=4, temperature=0, prompt_logprobs=0, logprobs=0)] * 2,
+            use_tqdm=False,
+        )
+    for prompt, out in zip(prompts, outputs):
+        completion = out.outputs[0]
+        full = prompt + list(completion.token_ids)
+        got = [lp[t].logprob for lp, t in zip(out.prompt_logprobs[1:], prompt[1:])]
+        got += [lp[t].logprob for lp, t in zip(completion.logprobs, completion.token_ids)]
+        ref = hf_logprobs(path, 1, full).tolist()
+        assert max(abs(a - b) for a, b in zip(got, ref)) < TOL
