@@ -52,11 +52,14 @@ class Ticket:
 
 
 Bind = Callable[[Ticket, list[Ticket]], int]
+# () -> (vLLM's running + waiting requests, when it reported them) or None: the engine's own count
+EngineView = Callable[[], "tuple[int, float] | None"]
+ENGINE_VIEW_MAX_AGE_S = 5.0
 
 
 class Dispatcher:
     def __init__(self, slots: int, bind: Bind, clock: Callable[[], float], reserve: int = 0,
-                 urgent_below: int | None = None) -> None:
+                 urgent_below: int | None = None, engine_view: EngineView | None = None) -> None:
         if slots < 1:
             raise ValueError("slots must be >= 1")
         if not 0 <= reserve < slots:
@@ -64,6 +67,7 @@ class Dispatcher:
         self.slots = slots
         self.reserve = reserve
         self.urgent_below = urgent_below
+        self.engine_view = engine_view
         self._urgent_at: float | None = None
         self.bind = bind
         self.clock = clock
@@ -108,9 +112,9 @@ class Dispatcher:
     # -- dispatch -------------------------------------------------------------------------
     def pump(self) -> None:
         """Dispatch in queue order while the engine has free slots (the reserved ones only to a fixed k)."""
-        while self.queued and len(self.in_engine) < self.slots:
+        while self.queued and self.occupied() < self.slots:
             self.queued.sort(key=lambda t: t.order)
-            elastic_room = len(self.in_engine) < self.slots - self.kept()
+            elastic_room = self.occupied() < self.slots - self.kept()
             i = next((i for i, t in enumerate(self.queued) if elastic_room or t.fixed_k is not None), None)
             if i is None:
                 return  # only elastic requests wait, and only reserved slots are free
@@ -121,6 +125,25 @@ class Dispatcher:
             self.in_engine[head.seq] = head
             if head.future is not None and not head.future.done():
                 head.future.set_result(k)
+
+    def occupied(self) -> int:
+        """Engine slots taken: the requests dispatched and not finished, or fewer where vLLM says so.
+
+        The layer holds a request until its response has been sent; vLLM frees its slot when the last
+        token is generated. On a busy machine the tail of sending (a slow client, a starved API server)
+        kept the layer's count at ``slots`` while vLLM ran a few requests, and a queue of requests waited
+        here for slots that were free (a run on 2026-12-05: 16 queued, vLLM running 1). So: vLLM's own
+        last count of running and waiting requests (no older than ``ENGINE_VIEW_MAX_AGE_S``) plus those
+        dispatched after it, when that is lower."""
+        mine = len(self.in_engine)
+        view = self.engine_view() if self.engine_view is not None else None
+        if view is None:
+            return mine
+        count, at = view
+        if self.clock() - at > ENGINE_VIEW_MAX_AGE_S:
+            return mine
+        after = sum(1 for t in self.in_engine.values() if t.dispatched_at is not None and t.dispatched_at >= at)
+        return min(mine, count + after)
 
     def kept(self) -> int:
         """Slots kept from elastic requests now: ``reserve`` while urgent requests have been arriving."""

@@ -44,6 +44,7 @@ class LoadFeed:
         self._pending: dict[int, float] = {}  # request token -> admission time (no first token yet)
         self._next = 0
         self.waiting = 0
+        self.queue_at: float | None = None  # when waiting/running were last reported
         self.running = 0
         self.engine_steps = 0
         self.steps: deque[Step] = deque(maxlen=4096)  # busy engine steps, drained by the controller
@@ -63,8 +64,9 @@ class LoadFeed:
         with self._lock:
             self._itl.extend((t, float(v)) for v in values)
 
-    def set_queue(self, waiting: int, running: int) -> None:
+    def set_queue(self, waiting: int, running: int, now: float | None = None) -> None:
         self.waiting, self.running = waiting, running
+        self.queue_at = time.monotonic() if now is None else now
         self.engine_steps += 1
 
     def admitted(self, now: float | None = None) -> int:

@@ -99,7 +99,8 @@ class PredictiveBrownout(Ticking):
                  clock: Callable[[], float] = time.monotonic, model: ServiceModel | None = None) -> None:
         self.config, self.settings, self.feed, self.clock = config, settings, feed, clock
         self.model = model or ServiceModel()
-        self.dispatcher = Dispatcher(slots, self._bind, clock, *reserved_slots(config, slots))
+        self.dispatcher = Dispatcher(slots, self._bind, clock, *reserved_slots(config, slots),
+                                     engine_view=self._engine_view)
         # The outer safety loop: only a cap, so it may give k back quickly (OUTER_DOWN_AFTER ticks of
         # headroom per level, not --brownout-down-after): the feed-forward choice keeps k down while the
         # load needs it.
@@ -122,6 +123,11 @@ class PredictiveBrownout(Ticking):
         self._task: asyncio.Task | None = None
         self._suspect = 0
         feed.k_source = self.dispatcher.k_mix
+
+    def _engine_view(self) -> tuple[int, float] | None:
+        """vLLM's last count of its running and waiting requests, and when (None before the first)."""
+        at = self.feed.queue_at
+        return None if at is None else (self.feed.running + self.feed.waiting, at)
 
     @property
     def level(self) -> int:

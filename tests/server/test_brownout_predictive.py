@@ -363,3 +363,25 @@ def test_the_online_corrections_are_medians_and_stay_out_of_the_engines_work():
     slow = predict(8, model(), EngineState((), 32, itl_scale=3.0), demand, [0.0])
     assert slow.utilisation == pytest.approx(plain.utilisation)
     assert slow.itl_s == pytest.approx(3 * plain.itl_s)
+
+
+def test_slots_vllm_has_freed_are_used_while_the_layer_still_sends_the_tails():
+    """The layer holds two requests (their responses still being sent); vLLM says it runs none: two more
+    enter, counted with vLLM's count from when it was reported; a third waits. A view older than 5 s is
+    not trusted: then the layer's own count holds."""
+    clock = Clock()
+    view = {"v": None}
+    d = Dispatcher(2, lambda head, queued: 8, clock, engine_view=lambda: view["v"])
+    sending = [d.enter(0, 1.0), d.enter(0, 1.0)]
+    assert all(t.k == 8 for t in sending)
+    clock.t = 1.0
+    view["v"] = (0, 1.0)  # vLLM: nothing running or waiting (both finished generating)
+    a, b, c = d.enter(0, 2.0), d.enter(0, 2.0), d.enter(0, 2.0)
+    assert (a.k, b.k, c.k) == (8, 8, None)  # vLLM's 0 + the two dispatched since: full
+    clock.t = 10.0
+    view["v"] = (0, 4.0)  # 6 s old (it would let c in): the layer's own count (3 after this) decides
+    d.done(sending[0])
+    assert c.k is None
+    view["v"] = (1, 10.0)  # fresh: vLLM runs one of them
+    d.pump()
+    assert c.k == 8
