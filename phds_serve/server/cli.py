@@ -30,31 +30,31 @@ SHUTDOWN_TIMEOUT_S = 30  # default --shutdown-timeout: in-flight requests may fi
 _NO_MODEL = "\0phds-no-model"
 
 
-def ensure_multiproc_dir() -> str:
-    """Turn on prometheus_client multiprocess mode (a fresh temp dir unless the user set one)."""
-    existing = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if existing:
-        os.makedirs(existing, exist_ok=True)
-        return existing
-    path = tempfile.mkdtemp(prefix="phds-prometheus-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+def _owned_tempdir(env_var: str, prefix: str) -> str | None:
+    """A private temp dir in ``env_var``, removed at exit by the process that made it
+    (spawned children run atexit too); None when the user already set ``env_var``."""
+    if os.environ.get(env_var):
+        return None
+    path = tempfile.mkdtemp(prefix=prefix)
+    os.environ[env_var] = path
     pid = os.getpid()
-    # Only the process that created it removes it (spawned children run atexit too).
     atexit.register(lambda: os.getpid() == pid and shutil.rmtree(path, ignore_errors=True))
     return path
+
+
+def ensure_multiproc_dir() -> str:
+    """Turn on prometheus_client multiprocess mode (a fresh temp dir unless the user set one)."""
+    made = _owned_tempdir("PROMETHEUS_MULTIPROC_DIR", "phds-prometheus-")
+    if made is None:
+        os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+    return os.environ["PROMETHEUS_MULTIPROC_DIR"]
 
 
 def ensure_rpc_dir() -> str | None:
     """vLLM's ZMQ IPC sockets go to ``$VLLM_RPC_BASE_PATH`` (default: the temp dir) and stay there after
     the server exits, clean shutdown or not. Give them a private directory, removed at exit, unless the
     user chose one."""
-    if os.environ.get("VLLM_RPC_BASE_PATH"):
-        return None
-    path = tempfile.mkdtemp(prefix="phds-rpc-")
-    os.environ["VLLM_RPC_BASE_PATH"] = path
-    pid = os.getpid()
-    atexit.register(lambda: os.getpid() == pid and shutil.rmtree(path, ignore_errors=True))
-    return path
+    return _owned_tempdir("VLLM_RPC_BASE_PATH", "phds-rpc-")
 
 
 def add_phds_args(parser: argparse.ArgumentParser) -> None:
