@@ -59,6 +59,19 @@ def prepare_model(model: PreTrainedModel, s: TrainSettings) -> None:
     model.config.use_cache = False
 
 
+def load_checkpoint_weights(model: PreTrainedModel, checkpoint: str) -> None:
+    """Load a Trainer checkpoint's weights the way from_pretrained does, strictly.
+
+    transformers 5 saves MoE experts per expert (``experts.0.up_proj.weight``) but
+    the model holds them fused (``experts.gate_up_proj``); Trainer's own resume loads
+    the file non-strictly, so the experts silently stay at their initial values.
+    Loading through from_pretrained first converts them; Trainer then reloads the
+    rest unchanged and restores optimizer, scheduler and RNG.
+    """
+    loaded = type(model).from_pretrained(checkpoint, config=model.config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+
+
 def train(
     model: PreTrainedModel,
     train_blocks: torch.Tensor,
@@ -117,6 +130,8 @@ def train(
         data_collator=default_data_collator,
         callbacks=[callback, *callbacks],
     )
+    if isinstance(resume_from_checkpoint, str):
+        load_checkpoint_weights(model, resume_from_checkpoint)
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     if s.routing == "mask":
         remove_mask_routing(model)
