@@ -14,7 +14,12 @@ header named no configured tier); ``outcome`` is one of OUTCOMES.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Iterable
+
 from prometheus_client import Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from phds_serve.tiers import Tier
 
 OUTCOMES = ("success", "rejected", "error", "aborted")
 
@@ -123,3 +128,27 @@ def record(
         PROMPT_TOKENS.labels(k=k_label).inc(prompt_tokens)
     if generation_tokens:
         GENERATION_TOKENS.labels(k=k_label).inc(generation_tokens)
+
+
+def record_brownout(
+    level: int, pressure: float | None, queued: int | None = None, service_scale: float | None = None
+) -> None:
+    """Record one brownout tick (both controllers); queued and service scale are the predictive one's."""
+    BROWNOUT_LEVEL.set(level)
+    BROWNOUT_PRESSURE.set(pressure or 0.0)
+    if queued is not None:
+        BROWNOUT_QUEUED.set(queued)
+    if service_scale is not None:
+        BROWNOUT_SERVICE_SCALE.set(service_scale)
+
+
+def declare_below_nominal(tiers: Iterable[Tier]) -> None:
+    """Create every (tier, nominal k, k) series a brownout can produce at 0, so rate() works from the first scrape."""
+    for tier in tiers:
+        for k in range(tier.lowest_k, tier.k):
+            BELOW_NOMINAL.labels(tier=tier.name, nominal_k=str(tier.k), k=str(k))
+
+
+def record_below_nominal(tier: str, nominal_k: int, k: int) -> None:
+    """Count one request admitted below its tier's nominal k."""
+    BELOW_NOMINAL.labels(tier=tier, nominal_k=str(nominal_k), k=str(k)).inc()

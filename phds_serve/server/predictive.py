@@ -251,10 +251,7 @@ class PredictiveBrownout(Ticking):
         window = self.feed.window(self.config.brownout_window_s, now)
         self.last_pressure = pressure(window, self.config.objectives, self.expected(self.clock()))
         level = self.controller.step(self.last_pressure)
-        metrics.BROWNOUT_LEVEL.set(level)
-        metrics.BROWNOUT_PRESSURE.set(self.last_pressure or 0.0)
-        metrics.BROWNOUT_QUEUED.set(len(self.dispatcher.queued))
-        metrics.BROWNOUT_SERVICE_SCALE.set(self.model.scale)
+        metrics.record_brownout(level, self.last_pressure, len(self.dispatcher.queued), self.model.scale)
         self.dispatcher.pump()
         # A dispatch queue that thinks the engine is full while vLLM runs far fewer requests for a long time
         # would be a lost ticket (requests wait for a slot nobody frees): say so loudly.
