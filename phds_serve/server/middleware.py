@@ -12,11 +12,11 @@ and the brownout settings. Pure ASGI, not BaseHTTPMiddleware: streaming
 responses stay streaming and disconnects still reach vLLM.
 
 Being outermost, the layer sits outside vLLM's own API-key check, CORS and
-``X-Request-Id`` middlewares. So it runs vLLM's ``AuthenticationMiddleware``
-itself first (an unauthenticated request gets vLLM's 401, never a k error), and
-its own 400s go out through Starlette's ``CORSMiddleware`` and vLLM's
-``XRequestIdMiddleware`` configured from the same server arguments, so they
-carry the headers vLLM's own responses carry.
+``X-Request-Id`` middlewares: it runs them itself (:mod:`phds_serve.server.layer_chain`),
+so an unauthenticated request gets vLLM's 401, never a k error, and its own 400s
+carry the headers vLLM's own responses carry. ``GET /v1/models`` is
+:mod:`phds_serve.server.models_route`; the brownout drivers are
+:mod:`phds_serve.server.brownout_driver`.
 
 The layer checks its configuration against the engine's k contract when the
 server starts (ASGI lifespan) and makes the server fail to start if they
@@ -25,30 +25,32 @@ disagree; the brownout controller's ticks run from then on.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from phds_serve.server import metrics
-from phds_serve.server.brownout import BrownoutController, ControllerSettings, Ticking, pressure
+from phds_serve.server.asgi_headers import with_headers, without_header
+from phds_serve.server.brownout_driver import Brownout, build_brownout, dispatched
 from phds_serve.server.dispatch import Ticket
-from phds_serve.server.errors import RequestRejected, error_body
-from phds_serve.server.layer_config import build_layer_config, models_fields
-from phds_serve.server.load_feed import FEED, LoadFeed
-from phds_serve.server.predictive import PredictiveBrownout, engine_slots, settings_from
+from phds_serve.server.errors import RequestRejected
+from phds_serve.server.layer_chain import LayerChain, build_chain
+from phds_serve.server.layer_config import build_layer_config
+from phds_serve.server.load_feed import FEED
+from phds_serve.server.models_route import MODELS_PATH, serve_models
+from phds_serve.server.predictive import PredictiveBrownout
 from phds_serve.server.request_k import LayerConfig, Prepared, prepare
+from phds_serve.server.request_state import RequestState
 from phds_serve.server.response_tap import ResponseTap
 from phds_serve.server.routes import Route, route_for
 from phds_serve.server.trust import TierClaim, claim_tier
 
 logger = logging.getLogger("phds_serve.server")
 
-MODELS_PATH = "/v1/models"
 K_HEADER = "x-phds-k"
 NOMINAL_K_HEADER = "x-phds-nominal-k"
 LEVEL_HEADER = "x-phds-brownout-level"
@@ -56,10 +58,6 @@ QUEUED_HEADER = "x-phds-queued-ms"  # predictive brownout: how long it waited in
 PREDICTED_TTFT_HEADER = "x-phds-predicted-ttft-ms"  # predictive brownout: the TTFT predicted when k was bound
 PREDICTED_ITL_HEADER = "x-phds-predicted-itl-ms"
 TIER_HEADER = "x-phds-tier"  # response header, whatever request header names the tier
-_AUTHORIZED = "phds.authorized"
-_ERROR = "phds.error"
-
-Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 async def _read_body(receive: Receive) -> bytes | None:
@@ -91,15 +89,6 @@ def _replay(body: bytes, receive: Receive, on_disconnect: Callable[[], None]) ->
     return receive_again
 
 
-def _with_headers(scope_headers: list, replace: dict[bytes, bytes]) -> list:
-    kept = [(k, v) for k, v in scope_headers if k.lower() not in replace]
-    return kept + list(replace.items())
-
-
-def _without_header(scope_headers: list, name: bytes) -> list:
-    return [(k, v) for k, v in scope_headers if k.lower() != name]
-
-
 async def _form_fields(scope: Scope, raw: bytes) -> dict[str, Any] | None:
     """Fields of a form-encoded body (files skipped), with vllm_xargs decoded as vLLM does."""
     from starlette.requests import Request
@@ -125,77 +114,12 @@ class StartupRefused(RuntimeError):
     """The layer's options do not fit the engine's k contract."""
 
 
-class BrownoutDriver(Ticking):
-    """Ticks the brownout controller from the load feed; the level is read at admission."""
-
-    def __init__(self, config: LayerConfig, feed: LoadFeed = FEED) -> None:
-        self.config = config
-        self.feed = feed
-        self.controller = BrownoutController(
-            ControllerSettings(max_level=config.tiers.max_rungs(), down_after=config.brownout_down_after)
-        )
-        self.last_pressure: float | None = None
-        self._task: asyncio.Task | None = None
-
-    @property
-    def level(self) -> int:
-        return self.controller.level
-
-    def tick(self, now: float | None = None) -> int:
-        window = self.feed.window(self.config.brownout_window_s, now)
-        self.last_pressure = pressure(window, self.config.objectives)
-        level = self.controller.step(self.last_pressure)
-        metrics.BROWNOUT_LEVEL.set(level)
-        metrics.BROWNOUT_PRESSURE.set(self.last_pressure or 0.0)
-        return level
-
-
-
-async def dispatched(
-    brownout: PredictiveBrownout, prep: Prepared, obj: Any, route: Route, receive: Receive, arrived: float
-) -> Ticket | None:
-    """Queue a generation request for an engine slot; its ticket (k bound), or None if the client left."""
-    res = prep.resolution
-    tier = res.tier
-    elastic = (res.source == "tier" and tier is not None and tier.elastic and route.honours_k
-               and prep.k == res.nominal_k and not (route.beam_search and obj.get("use_beam_search") is True))
-    objective = brownout.config.objectives.ttft_s or 0.0
-    prompt = obj.get("prompt") if isinstance(obj.get("prompt"), str) else None
-    max_tokens = obj.get("max_tokens") or obj.get("max_completion_tokens")
-    tier_name = tier.name if elastic and tier is not None else ""
-    brownout.arrived(tier_name if elastic else f"k={prep.k}", arrived, None if elastic else prep.k)
-    ticket = brownout.dispatcher.enter(
-        res.priority or 0, arrived + objective, tier_name, None if elastic else prep.k,
-        max_tokens=max_tokens if isinstance(max_tokens, int) else None,
-        prompt_tokens=len(prompt) / 4 if prompt else None,
-    )
-    if ticket.k is not None:
-        return ticket
-    left = asyncio.ensure_future(receive())
-    assert ticket.future is not None
-    try:
-        await asyncio.wait({ticket.future, left}, return_when=asyncio.FIRST_COMPLETED)
-        if left.done() and not left.cancelled():
-            message = left.result()  # a receive that failed raises here: the slot is given back below
-            if message.get("type") == "http.disconnect":
-                brownout.dispatcher.done(ticket)
-                return None
-        left.cancel()
-        await brownout.dispatcher.wait(ticket)
-        return ticket
-    except BaseException:
-        brownout.dispatcher.done(ticket)  # queued or dispatched: never keep a slot nobody will free
-        left.cancel()
-        raise
-
-
 class PhdsMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         self._config: LayerConfig | None = None
-        self._gate: Handler | None = None
-        self._errors: Handler | None = None
-        self.brownout: BrownoutDriver | PredictiveBrownout | None = None
+        self._chain: LayerChain | None = None
+        self.brownout: Brownout | None = None
 
     # -- wiring --------------------------------------------------------------
     def _setup(self, scope: Scope) -> LayerConfig:
@@ -205,38 +129,8 @@ class PhdsMiddleware:
         state = scope["app"].state
         args = state.args
         config = build_layer_config(args, state.engine_client.model_config)
-        from starlette.middleware.cors import CORSMiddleware
-        from vllm import envs
-
-        errors: Handler = CORSMiddleware(
-            self._send_error,
-            allow_origins=args.allowed_origins,
-            allow_credentials=args.allow_credentials,
-            allow_methods=args.allowed_methods,
-            allow_headers=args.allowed_headers,
-        )
-        gate: Handler | None = None
-        tokens = [key for key in (getattr(args, "api_key", None) or [envs.VLLM_API_KEY]) if key]
-        if tokens:
-            from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
-
-            gate = AuthenticationMiddleware(self._authorized, tokens=tokens)  # type: ignore[arg-type]
-        if getattr(args, "enable_request_id_headers", False):
-            from vllm.entrypoints.serve.middleware.x_request_id import XRequestIdMiddleware
-
-            errors = XRequestIdMiddleware(errors)  # type: ignore[assignment]
-            gate = XRequestIdMiddleware(gate) if gate is not None else None  # type: ignore[assignment]
-        self._errors, self._gate = errors, gate
-        if config.brownout:
-            settings = settings_from(args)
-            if settings.mode == "predictive":
-                self.brownout = PredictiveBrownout(config, settings, engine_slots(state))
-            else:
-                self.brownout = BrownoutDriver(config)
-            # Every (tier, k) a brownout can produce starts at 0, so rate() works from the first scrape.
-            for tier in config.tiers.tiers.values():
-                for k in range(tier.lowest_k, tier.k):
-                    metrics.BELOW_NOMINAL.labels(tier=tier.name, nominal_k=str(tier.k), k=str(k))
+        self._chain = build_chain(args)
+        self.brownout = build_brownout(config, args, state)
         self._config = config
         logger.info(
             "phds-serve layer: %s; tiers: %s; brownout: %s; tier trust: %s",
@@ -256,23 +150,19 @@ class PhdsMiddleware:
         if route is None and self._config is not None:
             # Not a generation route (/v1/models, /health, ...): the gateway's secret stops here too.
             secret = self._config.trust.secret_header.lower().encode()
-            scope = {**scope, "headers": _without_header(scope["headers"], secret)}
+            scope = {**scope, "headers": without_header(scope["headers"], secret)}
         if route is None and not (method == "GET" and path == MODELS_PATH):
             return await self.app(scope, receive, send)
         config = self._setup(scope)
         if self.brownout is not None:
             self.brownout.start()  # no-op once running (started at lifespan start-up)
-        if self._gate is not None:
-            await self._gate(scope, receive, send)
-            if not scope.pop(_AUTHORIZED, False):
-                return  # vLLM's AuthenticationMiddleware answered 401
+        assert self._chain is not None
+        if not await self._chain.authorized(scope, receive, send):
+            return  # vLLM's AuthenticationMiddleware answered 401
         if route is None:
-            await self._models(scope, receive, send)
+            await serve_models(self.app, scope, receive, send, config, self.brownout)
         else:
             await self._generate(scope, receive, send, route, config)
-
-    async def _authorized(self, scope: Scope, receive: Receive, send: Send) -> None:
-        scope[_AUTHORIZED] = True
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Check the configuration against the engine's contract at start-up; run the controller."""
@@ -296,72 +186,9 @@ class PhdsMiddleware:
 
         await self.app(scope, receive, send_checked)
 
-    async def _send_error(self, scope: Scope, receive: Receive, send: Send) -> None:
-        message, param, extra = scope[_ERROR]
-        body = error_body(message, param)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 400,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    *extra,
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body, "more_body": False})
-
-    async def _reject(
-        self, scope: Scope, receive: Receive, send: Send, exc: RequestRejected, extra: list | None = None
-    ) -> None:
-        assert self._errors is not None
-        await self._errors({**scope, _ERROR: (exc.message, exc.param, extra or [])}, receive, send)
-
-    # -- /v1/models ----------------------------------------------------------
-    async def _models(self, scope: Scope, receive: Receive, send: Send) -> None:
-        start: Message | None = None
-        chunks: list[bytes] = []
-
-        async def capture(message: Message) -> None:
-            nonlocal start
-            if message["type"] == "http.response.start":
-                start = message
-                return
-            if message["type"] != "http.response.body":
-                return await send(message)
-            chunks.append(message.get("body", b""))
-            if message.get("more_body", False):
-                return
-            body = b"".join(chunks)
-            if start is not None and start["status"] == 200:
-                body = self._add_model_fields(body)
-            assert start is not None
-            headers = _with_headers(start.get("headers", []), {b"content-length": str(len(body)).encode()})
-            await send({**start, "headers": headers})
-            await send({"type": "http.response.body", "body": body, "more_body": False})
-
-        await self.app(scope, receive, capture)
-
-    def _add_model_fields(self, body: bytes) -> bytes:
-        assert self._config is not None
-        try:
-            obj = json.loads(body)
-        except ValueError:
-            return body
-        if isinstance(obj, dict) and isinstance(obj.get("data"), list):
-            extra = models_fields(self._config)
-            if self.brownout is not None:
-                extra["brownout"] = {**extra["brownout"], "level": self.brownout.level}
-                if isinstance(self.brownout, PredictiveBrownout):
-                    extra["brownout"].update(self.brownout.as_json())
-                else:
-                    extra["brownout"]["mode"] = "reactive"
-            for model in obj["data"]:
-                if isinstance(model, dict):
-                    model.update(extra)
-            return json.dumps(obj).encode()
-        return body
+    async def _reject(self, scope: Scope, receive: Receive, send: Send, exc: RequestRejected) -> None:
+        assert self._chain is not None
+        await self._chain.reject(scope, receive, send, exc)
 
     # -- generation ----------------------------------------------------------
     def _claim(self, scope: Scope, config: LayerConfig) -> TierClaim:
@@ -408,7 +235,7 @@ class PhdsMiddleware:
             return
         # The gateway's secret is for this layer only: vLLM (and its request logs) never see it.
         scope = dict(scope)
-        scope["headers"] = _without_header(scope["headers"], config.trust.secret_header.encode())
+        scope["headers"] = without_header(scope["headers"], config.trust.secret_header.encode())
         known_tier = claim.name if claim.name in config.tiers.tiers else ""
         obj: Any
         if route.multipart:
@@ -460,11 +287,11 @@ class PhdsMiddleware:
 
         if route.honours_k:
             body = json.dumps(prep.body).encode()
-            scope["headers"] = _with_headers(scope["headers"], {b"content-length": str(len(body)).encode()})
+            scope["headers"] = with_headers(scope["headers"], {b"content-length": str(len(body)).encode()})
         else:
             body = raw  # a route that cannot carry k and runs the native k: unchanged bytes
         if counted and prep.resolution.browned_out:
-            metrics.BELOW_NOMINAL.labels(tier=prep.tier_name, nominal_k=str(prep.nominal_k), k=str(prep.k)).inc()
+            metrics.record_below_nominal(prep.tier_name, prep.nominal_k, prep.k)
         await self._run(scope, receive, send, body, prep, started, counted, ticket, arrived)
 
     async def _pass_through(
@@ -487,21 +314,15 @@ class PhdsMiddleware:
     ) -> None:
         k_headers = self._response_headers(prep, ticket)
         tap = ResponseTap(prep.stream, prep.drop_usage_chunk)
-        # done: the last byte of the response went to the client. disconnected: the client
-        # left before that. Set in this order, they make the outcome independent of timing.
-        state: dict[str, Any] = {"status": None, "done": False, "disconnected": False}
+        state = RequestState()
         pending = FEED.admitted(arrived) if (counted and prep.stream and self.brownout is not None) else None
         if ticket is not None and not prep.stream:
             ticket.first_token = True  # no first token to see: count it as decoding
 
-        def disconnected() -> None:
-            if not state["done"]:
-                state["disconnected"] = True
-
         async def send_tapped(message: Message) -> None:
             if message["type"] == "http.response.start":
-                state["status"] = message["status"]
-                headers = _with_headers(message.get("headers", []), dict(k_headers))
+                state.status = message["status"]
+                headers = with_headers(message.get("headers", []), dict(k_headers))
                 return await send({**message, "headers": headers})
             if message["type"] != "http.response.body":
                 return await send(message)
@@ -517,16 +338,13 @@ class PhdsMiddleware:
             if out or not more:
                 await send({**message, "body": out})
             if not more:
-                state["done"] = True
+                state.done = True
 
         try:
-            await self.app(scope, _replay(body, receive, disconnected), send_tapped)
+            await self.app(scope, _replay(body, receive, state.client_left), send_tapped)
         except BaseException as exc:
             if counted:
-                gone = state["disconnected"] or isinstance(exc, (asyncio.CancelledError, OSError)) or (
-                    type(exc).__name__ == "ClientDisconnect"
-                )
-                metrics.record(prep.k, prep.tier_name, "aborted" if gone else "error")
+                metrics.record(prep.k, prep.tier_name, "aborted" if state.gone(exc) else "error")
             raise
         finally:
             if pending is not None:
@@ -539,10 +357,7 @@ class PhdsMiddleware:
             if ticket is not None and tap.first_token_at is not None and (tap.generation_tokens or 0) > 1:
                 itl = (finished - tap.first_token_at) / (tap.generation_tokens - 1)
                 self.brownout.observed_itl(ticket, itl)
-        # A client that left before the response was complete is an abort, also when vLLM's
-        # with_cancellation then produced a complete "200 null" for nobody.
-        aborted = state["disconnected"] or (tap.null_body and state["status"] == 200)
-        outcome = metrics.outcome_of(state["status"], tap.stream_error, aborted)
+        outcome = metrics.outcome_of(state.status, tap.stream_error, state.aborted(tap.null_body))
         metrics.record(
             prep.k,
             prep.tier_name,

@@ -279,6 +279,7 @@ def test_late_binding_through_the_layer_the_request_that_waited_gets_the_k_of_th
     from starlette.testclient import TestClient
 
     import phds_serve.model_executor.admission as admission
+    import phds_serve.server.brownout_driver as brownout_driver
     import phds_serve.server.middleware as middleware
 
     release = threading.Event()
@@ -313,7 +314,7 @@ def test_late_binding_through_the_layer_the_request_that_waited_gets_the_k_of_th
     results: dict[str, object] = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(admission, "frontend_contract", lambda: contract, raising=False)
-        mp.setattr(middleware, "PredictiveBrownout", Captured)
+        mp.setattr(brownout_driver, "PredictiveBrownout", Captured)
         with TestClient(app, client=("127.0.0.1", 50000)) as client:
             def post(name: str) -> None:
                 results[name] = client.post("/v1/completions", json={"prompt": name, "max_tokens": 16},

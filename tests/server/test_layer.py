@@ -556,3 +556,26 @@ def test_a_client_leaving_before_vllms_handler_returns_is_an_abort_not_a_200_nul
     assert sent[0]["status"] == 200 and sent[-1]["body"] == b"null"  # what FastAPI really sent
     assert (count(k="2", tier="", outcome="aborted"), count(k="2", tier="", outcome="success")) == (
         before[0] + 1, before[1])
+
+
+def test_request_state_outcome() -> None:
+    """A client that left (Starlette's ClientDisconnect, a cancel, a socket error, or its disconnect
+    before the last byte) is an abort; any other exception is a server error; a disconnect after the
+    last byte is none; vLLM's complete "200 null" for a client that left is one."""
+    import asyncio
+
+    from starlette.requests import ClientDisconnect
+
+    from phds_serve.server.request_state import RequestState
+
+    state = RequestState()
+    assert state.gone(ClientDisconnect()) and state.gone(asyncio.CancelledError()) and state.gone(OSError())
+    assert not state.gone(RuntimeError("engine"))
+    state.done = True
+    state.client_left()
+    assert not state.disconnected and not state.aborted(null_body=False)
+    state.status = 200
+    assert state.aborted(null_body=True)
+    left = RequestState()
+    left.client_left()
+    assert left.disconnected and left.gone(RuntimeError("after the client left")) and left.aborted(False)
