@@ -62,9 +62,12 @@ test-all: install test-tools
 bench: install
 	$(PY) benchmarks/k_scaling.py
 
-# Rebuild the bundled tiny OLMoE from scratch (tokenizer, pretrain at k=4, PHDS), seeded; ~15-40 min on 2 cores.
+# Rebuild the bundled tiny OLMoE from scratch, seeded: tokenizer, 0.23 epoch of the Python standard library
+# (every *.py, recursively; 5% of files held out by path hash) at k=4, then PHDS across k=1..4. Budget: about
+# 25 min on a shared 2-core machine (at most 2 h); resumable: rerun to continue from WORK's last checkpoint.
+# One epoch: ARGS="--pretrain-steps 2200 --decay-steps 440" (about 4.5x longer).
 tiny-model: install
-	$(PY) -m phds_serve.train.tiny --work runs/tiny-olmoe --out phds_serve/assets/tiny-olmoe $(ARGS)
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m phds_serve.train.tiny --work runs/tiny-olmoe-build --out phds_serve/assets/tiny-olmoe $(ARGS)
 
 # Load test per k: starts phds-serve on the bundled model (or targets URL=http://host:port), runs locust
 # headless for RUN_TIME, writes CSV/HTML reports and a per-k table to OUT; fails on any request error.

@@ -1,9 +1,11 @@
-"""The bundled tiny model: phds-eval on it, k=1 quality, and Python-looking completions."""
+"""The bundled tiny model: phds-eval on it, held-out discipline, bits per byte per k, and
+Python-looking completions."""
 
 import csv
 import io
 import json
 import keyword
+import platform
 import tokenize
 from pathlib import Path
 
@@ -11,7 +13,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from phds_serve.eval.bundled import MANIFEST, evaluate_checkpoint, read_manifest
 from phds_serve.eval.cli import main as eval_main
+from phds_serve.server.bundled_model import BUNDLED_DEFAULTS
+from phds_serve.train.checkpoint import read_phds
+from phds_serve.train.data import is_heldout
 
 ASSET = Path(__file__).resolve().parents[2] / "phds_serve" / "assets" / "tiny-olmoe"
 
@@ -44,6 +50,46 @@ def test_k1_loss_within_15_percent_of_native(eval_out):
     assert rows[4]["loss"] < 6.0  # learned context (uniform over 4096 tokens is 8.3, unigram ~6.7)
 
 
+# Committed model: 1.87 bits/byte at k=4 on 256 held-out blocks (docs/RESULTS.md); the previous model had 2.30.
+MAX_NATIVE_BPB = 2.0
+MAX_K1_RATIO = 1.10
+
+
+def _same_python_as_the_build() -> bool:
+    return read_phds(ASSET)["data"]["python"] == platform.python_version()
+
+
+def test_heldout_files_were_not_trained_on():
+    """The manifest's split is the path-hash rule, the two sets are disjoint, and both are large."""
+    phds = read_phds(ASSET)
+    rows = read_manifest(ASSET / MANIFEST)
+    frac = phds["data"]["heldout_frac"]
+    assert all(r["split"] == ("heldout" if is_heldout(r["name"], frac) else "train") for r in rows)
+    train = {r["name"] for r in rows if r["split"] == "train"}
+    held = {r["name"] for r in rows if r["split"] == "heldout"}
+    assert not train & held and len(held) >= 50 and len(train) >= 1000
+    assert any("/" in n for n in train)  # the tree, recursively: not only top-level modules
+
+
+def test_served_at_the_context_it_was_trained_on():
+    config = json.loads((ASSET / "config.json").read_text())
+    assert config["max_position_embeddings"] == read_phds(ASSET)["block_size"] == BUNDLED_DEFAULTS["max_model_len"]
+
+
+def test_weights_fit_in_20_mib():
+    assert (ASSET / "model.safetensors").stat().st_size <= 20 * 2**20
+
+
+@pytest.mark.skipif(not _same_python_as_the_build(), reason="held-out files are those of the build's Python")
+def test_heldout_bits_per_byte_at_every_k():
+    res = evaluate_checkpoint(ASSET, [1, 2, 3, 4], max_blocks=24)
+    bpb = {r["k"]: r["bits_per_byte"] for r in res["rows"]}
+    assert res["evaluated_blocks"] == 24 and res["heldout_files"] >= 50
+    assert bpb[4] <= MAX_NATIVE_BPB, bpb
+    assert bpb[1] / bpb[4] <= MAX_K1_RATIO, bpb
+    assert bpb[1] > bpb[4], bpb  # k really changes the model
+
+
 def _python_tokens(text: str) -> list[tokenize.TokenInfo]:
     toks = []
     try:
@@ -59,7 +105,9 @@ def test_greedy_completion_looks_like_python(k):
     config_kwargs = {"num_experts_per_tok": k}
     model = AutoModelForCausalLM.from_pretrained(ASSET, dtype=torch.float32, **config_kwargs).eval()
     tok = AutoTokenizer.from_pretrained(ASSET)
-    prompt = "import os\n\n\ndef main(args):\n    "
+    # No trailing indentation: the byte-level tokenizer attaches spaces to the next word ("   " + " return"),
+    # so a prompt ending in "    " forces a split the model never saw in training.
+    prompt = "import os\n\n\ndef main(args):\n"
     ids = tok(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=tok.pad_token_id)
