@@ -480,7 +480,11 @@ def _pressure(server: Server) -> float:
     return server.metrics()[("phds_brownout_pressure", ())]
 
 
-def test_a_burst_raises_the_brownout_level_and_its_end_brings_it_back(server, reference, native_k):
+def test_a_burst_lowers_k_and_its_end_brings_it_back(server, reference, native_k):
+    """The default (predictive) brownout lowers k for a burst by its feed-forward choice; the
+    outer reactive level need not rise (it caps k only for misses the service model did not
+    predict, and on a busy machine the model's online scale predicts them: CI once saw pressure
+    peak at 0.91 while k was lowered). The reactive loop itself: tests/server/test_brownout.py."""
     deadline = time.monotonic() + 60
     while _level(server) > 0:  # earlier tests may have left it up
         assert time.monotonic() < deadline
@@ -513,10 +517,8 @@ def test_a_burst_raises_the_brownout_level_and_its_end_brings_it_back(server, re
         results = [r for rs in pool.map(client, range(48)) for r in rs]
         stop.set()
         poller.result()
-    peak = max(level for level, _ in levels)
-    assert peak >= 1, f"a burst over the TTFT objective should raise the level (level, pressure: {levels})"
     lowered = [r for r in results if r[0] < r[1]]
-    assert lowered, "requests admitted during the burst ran below the tier's nominal k"
+    assert lowered, f"no request of a burst over the TTFT objective ran below nominal k (level, pressure: {levels})"
     for k, nominal, level, text in results:
         assert nominal == native_k and k == max(1, native_k - level)
         assert text == reference[(LONG, k)]  # each ran exactly at the k it was admitted with
