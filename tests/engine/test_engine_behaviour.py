@@ -182,7 +182,12 @@ def in_process_samples() -> dict[tuple[str, str | None], float]:
 def test_parallel_sampling_keeps_k(engine, tiny_checkpoints):
     """n > 1: every sample of the request runs at its k."""
     path = tiny_checkpoints["olmoe"]
-    prompt = random_prompts([25], seed=9)[0]
+    # 3 x 16 prompt tokens fit the 64-token step budget. With 3 x 25 a sample's prefill was
+    # now and then cut into chunks, and vLLM's own runner then rewinds that seeded request's
+    # generator, which a CPU generator cannot do ("CPU Generator does not use offset",
+    # gpu_model_runner._bookkeeping_sync, code the plugin does not touch): the engine died (CI,
+    # 2026-12-05). That is vLLM CPU's limit on seeded chunked prefill, not what this test is about.
+    prompt = random_prompts([16], seed=9)[0]
     params = sampling_params_at_k(1, n=3, max_tokens=5, temperature=1.0, seed=3, logprobs=0)
     out = engine.generate([{"prompt_token_ids": prompt}], [params], use_tqdm=False)[0]
     assert len(out.outputs) == 3
