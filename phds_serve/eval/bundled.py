@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 
+from phds_serve.eval.metrics import evaluate_k
 from phds_serve.train.data import Document, pack_blocks, stdlib_dir
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-olmoe"
@@ -92,24 +92,15 @@ class BpbRow:
     agreement_with_reference: float | None = None
 
 
-@torch.no_grad()
 def evaluate_bpb(model: Any, blocks: torch.Tensor, tbytes: torch.Tensor, k: int,
                  batch_size: int = 8) -> tuple[BpbRow, torch.Tensor]:
-    """Loss, bits per byte and argmax predictions of ``model`` (already at k) on ``blocks``."""
-    model.eval()
-    nats, correct, count, nbytes, preds = 0.0, 0, 0, 0, []
-    for s in range(0, blocks.shape[0], batch_size):
-        batch = blocks[s : s + batch_size]
-        logits = model(input_ids=batch).logits[:, :-1].float()
-        target = batch[:, 1:]
-        nats += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").item()
-        pred = logits.argmax(-1)
-        correct += (pred == target).sum().item()
-        count += target.numel()
-        nbytes += int(tbytes[target].sum())
-        preds.append(pred.to(torch.int32))
-    row = BpbRow(k, nats / count, nats / math.log(2) / nbytes, correct / count, count, nbytes)
-    return row, torch.cat(preds)
+    """Loss, bits per byte and argmax predictions of ``model`` at k on ``blocks``:
+    :func:`phds_serve.eval.metrics.evaluate_k`, plus the bytes the predicted tokens stand for."""
+    result = evaluate_k(model, blocks, k, batch_size)
+    nbytes = int(tbytes[blocks[:, 1:]].sum())
+    nats = result.loss * result.tokens
+    row = BpbRow(k, result.loss, nats / math.log(2) / nbytes, result.accuracy, result.tokens, nbytes)
+    return row, result.predictions
 
 
 def load_at_k(checkpoint: str | Path, k: int) -> Any:

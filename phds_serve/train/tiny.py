@@ -29,7 +29,7 @@ import torch
 from transformers import (AutoModelForCausalLM, OlmoeConfig, OlmoeForCausalLM, PreTrainedTokenizerFast,
                           TrainerCallback, set_seed)
 
-from phds_serve.eval.bundled import MANIFEST, evaluate_bpb, spread, token_bytes, write_manifest
+from phds_serve.eval.bundled import ASSET_DIR, MANIFEST, evaluate_bpb, spread, token_bytes, write_manifest
 from .card import model_card
 from .checkpoint import save_checkpoint
 from .data import Document, load_tree, manifest, pack_blocks, split_documents, stdlib_dir
@@ -38,7 +38,6 @@ from .schedule import KSchedule
 from .tokenizer import train_tokenizer
 from .trainer import TrainSettings, train
 
-ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-olmoe"
 HELDOUT_FRAC = 0.05
 BLOCK_SIZE = 512  # trained and served at this length (max_position_embeddings)
 PROMPTS = ("def read_config(path):\n    ", "import os\n\n\ndef main(args):\n    ")
@@ -286,12 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     native = int(model.config.num_experts_per_tok)
     eval_blocks = spread(held_blocks, a.eval_blocks)
     tbytes = token_bytes(tokenizer)
-    routers = find_routers(model)
-    results = {}
-    for k in range(1, native + 1):
-        set_k(model, k, routers)
-        results[k] = evaluate_bpb(model, eval_blocks, tbytes, k, batch_size=8)
-    set_k(model, native, routers)
+    results = {k: evaluate_bpb(model, eval_blocks, tbytes, k) for k in range(1, native + 1)}
     rows = []
     for k, (row, pred) in results.items():
         row.agreement_with_reference = (pred == results[native][1]).float().mean().item()
