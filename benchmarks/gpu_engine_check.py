@@ -156,11 +156,6 @@ def run_case(name: str, root: Path, dry_run: bool, tol: float, replays: dict[str
 
     refs = {k: tiny.reference_model(family, path, k) for k in (1, 2, NATIVE_K)}
 
-    def ref_logprobs(k: int, ids: list[int]) -> torch.Tensor:
-        with torch.no_grad():
-            logits = refs[k](torch.tensor([ids])).logits[0].float()
-        return torch.log_softmax(logits, -1)[:-1].gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1)
-
     results: list[RequestResult] = []
     for (prompt, k), out in zip(requests, outputs):
         done = out.outputs[0]
@@ -168,7 +163,7 @@ def run_case(name: str, root: Path, dry_run: bool, tol: float, replays: dict[str
         got += [lp[t].logprob for lp, t in zip(done.logprobs, done.token_ids)]
         full = prompt + list(done.token_ids)
         got_t = torch.tensor(got)
-        gaps = {kk: (got_t - ref_logprobs(kk, full)).abs() for kk in refs}
+        gaps = {kk: (got_t - tiny.next_token_logprobs(model, full)).abs() for kk, model in refs.items()}
         own = k or NATIVE_K
         results.append(RequestResult(
             k=k, tokens=len(got), own_gap=gaps[own].mean().item(), own_max=gaps[own].max().item(),

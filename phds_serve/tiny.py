@@ -574,6 +574,15 @@ def reference_model(name: str, path: str | Path, k: int | None = None):
     return model.eval()
 
 
+def next_token_logprobs(model, token_ids: list[int]) -> torch.Tensor:
+    """[len - 1] float32 log-probabilities a transformers model gives each token after the
+    first: the reference every parity check compares vLLM's logprobs with."""
+    with torch.no_grad():
+        logits = model(torch.tensor([token_ids])).logits[0].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    return logp[:-1].gather(1, torch.tensor(token_ids[1:])[:, None]).squeeze(1)
+
+
 def build_family_checkpoint(
     name: str,
     path: str | Path,

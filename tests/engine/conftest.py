@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from phds_serve.testing import engine_runner, requested_cpu_runner
-from phds_serve.tiny import ARCHS, build_tiny_checkpoint
+from phds_serve.tiny import ARCHS, build_tiny_checkpoint, next_token_logprobs
 
 NATIVE_K = 4
 
@@ -60,11 +60,7 @@ def hf_model(path: Path, k: int):
 
 def hf_logprobs(path: Path, k: int, token_ids: list[int]) -> torch.Tensor:
     """[len-1] log-probabilities transformers gives each token after the first."""
-    with torch.no_grad():
-        logits = hf_model(path, k)(torch.tensor([token_ids])).logits[0].float()
-    logp = torch.log_softmax(logits, dim=-1)
-    ids = torch.tensor(token_ids[1:])
-    return logp[:-1].gather(1, ids[:, None]).squeeze(1)
+    return next_token_logprobs(hf_model(path, k), token_ids)
 
 
 def random_prompts(lengths: list[int], seed: int, vocab: int = 512) -> list[list[int]]:

@@ -72,11 +72,7 @@ def engine_for(family: str) -> dict:
 
 
 def reference_logprobs(family: str, path, k: int, token_ids: list[int]) -> torch.Tensor:
-    model = tiny.reference_model(family, path, k)
-    with torch.no_grad():
-        logits = model(torch.tensor([token_ids])).logits[0].float()
-    logp = torch.log_softmax(logits, dim=-1)
-    return logp[:-1].gather(1, torch.tensor(token_ids[1:])[:, None]).squeeze(1)
+    return tiny.next_token_logprobs(tiny.reference_model(family, path, k), token_ids)
 
 
 def mixed_k_after_native(path, layers: set | None = None, **engine) -> list[tuple[list[int], int, list[float]]]:
