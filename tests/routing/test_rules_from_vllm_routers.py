@@ -38,6 +38,8 @@ CASES = {
 CHILD = textwrap.dedent(
     """
     import json, sys, tempfile
+    sys.path.insert(0, sys.argv[2])  # this folder: the same fields() as the parent
+    from test_rules_from_vllm_routers import fields
     from vllm.config import set_current_vllm_config
     from vllm.distributed import (destroy_distributed_environment, destroy_model_parallel,
                                   init_distributed_environment, initialize_model_parallel)
@@ -54,16 +56,8 @@ CHILD = textwrap.dedent(
                                          distributed_init_method="file://" + tempfile.mktemp())
             initialize_model_parallel(1, 1)
             model = initialize_model(vllm_config=vllm_config)
-            found[name] = [
-                dict(scoring=r.scoring, renormalize=r.renormalize, renorm_eps=r.renorm_eps,
-                     num_groups=r.num_groups if r.grouped else None,
-                     groups_kept=r.groups_kept if r.grouped else None,
-                     group_score=r.group_score if r.grouped else None,
-                     routed_scaling_factor=r.routed_scaling_factor, weight_on_input=r.weight_on_input,
-                     bias=None if r.correction_bias is None else list(r.correction_bias.shape),
-                     expert_scale=r.expert_scale is not None)
-                for r in (m.rule for m in model.modules() if isinstance(m, DeclaredKMoERunner) and m.k_policy)
-            ]
+            found[name] = [fields(m.rule) for m in model.modules()
+                           if isinstance(m, DeclaredKMoERunner) and m.k_policy]
             del model
             destroy_model_parallel()
             destroy_distributed_environment()
@@ -98,7 +92,8 @@ def engine_rules(tmp_path_factory) -> dict[str, list[dict]]:
         config.save_pretrained(root / name)
         paths[name] = str(root / name)
     env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING")
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(paths)], env=env, capture_output=True,
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(paths), here], env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
