@@ -170,8 +170,9 @@ def compact(weights: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Ten
 
 
 def bench_model(key: str, args, timer, peak: float, bw: float, vllm_fn) -> list[Row]:
-    from phds_serve.kernels import declared_k_topk_triton, fused_declared_k_moe
+    from phds_serve.kernels import declared_k_route_triton, fused_declared_k_moe
     from phds_serve.kernels.fused_moe import MoEKernelConfig, default_config
+    from phds_serve.routing import RoutingRule
 
     m = MODELS[key]
     hidden, inter, experts, native_k = m["hidden"], m["inter"], m["experts"], m["native_k"]
@@ -180,6 +181,7 @@ def bench_model(key: str, args, timer, peak: float, bw: float, vllm_fn) -> list[
     w2 = (torch.randn(experts, hidden, inter, device=DEVICE, generator=gen) / inter**0.5).bfloat16()
     ks = args.k or (sorted({1, native_k // 2, native_k}) if args.quick else list(range(1, native_k + 1)))
     rows: list[Row] = []
+    softmax = RoutingRule()  # plain softmax top-k, not renormalised
 
     def record(k, tokens, variant, fn, ids):
         ms = timer(fn)
@@ -195,7 +197,7 @@ def bench_model(key: str, args, timer, peak: float, bw: float, vllm_fn) -> list[
         logits = torch.randn(tokens, experts, device=DEVICE, generator=gen)
         for k in ks:
             token_k = torch.full((tokens,), k, dtype=torch.int32, device=DEVICE)
-            weights, ids = declared_k_topk_triton(logits, token_k, native_k, renormalize=False)
+            weights, ids = declared_k_route_triton(logits, token_k, native_k, softmax)
             c_weights, c_ids = compact(weights, ids, k)
             record(k, tokens, "ours[k_max]", lambda: fused_declared_k_moe(x, w13, w2, weights, ids), ids)
             record(k, tokens, "ours[k]", lambda: fused_declared_k_moe(x, w13, w2, c_weights, c_ids), c_ids)
@@ -209,11 +211,11 @@ def bench_model(key: str, args, timer, peak: float, bw: float, vllm_fn) -> list[
                            lambda cfg=cfg: fused_declared_k_moe(x, w13, w2, weights, ids, config=cfg), ids)
 
         mixed_k = torch.randint(1, native_k + 1, (tokens,), device=DEVICE, generator=gen, dtype=torch.int32)
-        weights, ids = declared_k_topk_triton(logits, mixed_k, native_k, renormalize=False)
+        weights, ids = declared_k_route_triton(logits, mixed_k, native_k, softmax)
         record("mixed", tokens, "ours[k_max]", lambda: fused_declared_k_moe(x, w13, w2, weights, ids), ids)
         if vllm_fn is not None:
-            full_w, full_ids = declared_k_topk_triton(
-                logits, torch.full_like(mixed_k, native_k), native_k, renormalize=False
+            full_w, full_ids = declared_k_route_triton(
+                logits, torch.full_like(mixed_k, native_k), native_k, softmax
             )
             record("mixed", tokens, "vllm[native k]", lambda: vllm_fn(x, w13, w2, full_w, full_ids), full_ids)
     return rows

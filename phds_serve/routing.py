@@ -169,17 +169,6 @@ def route_declared_k(
     return weights, ids if keep_ids else ids.masked_fill(~valid, -1)
 
 
-def declared_k_topk(
-    router_logits: torch.Tensor,
-    token_k: torch.Tensor,
-    k_max: int,
-    renormalize: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax top-k with a k per token (OLMoE, Qwen-MoE, Mixtral): :func:`route_declared_k`
-    with the plain softmax rule."""
-    return route_declared_k(router_logits, token_k, k_max, RoutingRule(renormalize=renormalize))
-
-
 def slot_mask(token_k: torch.Tensor, k_max: int) -> torch.Tensor:
     """[T, k_max] bool: which top-k slots each token uses."""
     slots = torch.arange(k_max, device=token_k.device)

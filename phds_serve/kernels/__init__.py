@@ -4,7 +4,6 @@ Public API (the engine calls these on CUDA; see docs/KERNELS.md):
 
 * :func:`declared_k_route_triton` -- router logits + k per token + the layer's
   :class:`~phds_serve.routing.RoutingRule` -> top-k ids/weights (any family's rule)
-* :func:`declared_k_topk_triton` -- the same for plain softmax top-k (first API)
 * :func:`fused_declared_k_moe` -- routed-expert output, -1 slots cost nothing
 * :func:`kernels_available`, :func:`select_moe_backend` -- where the kernels may run
 
@@ -27,7 +26,6 @@ if TYPE_CHECKING:
 __all__ = [
     "BACKEND_ENV",
     "declared_k_route_triton",
-    "declared_k_topk_triton",
     "fused_declared_k_moe",
     "kernels_available",
     "select_moe_backend",
@@ -46,19 +44,6 @@ def declared_k_route_triton(
     from phds_serve.kernels.router import declared_k_route_triton as impl
 
     return impl(router_logits, token_k, k_max, rule)
-
-
-def declared_k_topk_triton(
-    router_logits: torch.Tensor,
-    token_k: torch.Tensor,
-    k_max: int,
-    renormalize: bool,
-    scoring: str = "softmax",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weights float32 [T, k_max] and ids int32 [T, k_max]; -1 / 0 beyond each token's k."""
-    from phds_serve.kernels.router import declared_k_topk_triton as impl
-
-    return impl(router_logits, token_k, k_max, renormalize, scoring)
 
 
 def fused_declared_k_moe(

@@ -36,7 +36,7 @@ FAMILY_ROUTERS: tuple[tuple[str, int, int, str, int, int, bool, bool, bool], ...
     ("DBRX", 16, 4, "softmax", 1, 1, False, False, True),
     ("Jamba", 16, 2, "softmax", 1, 1, False, False, False),
     ("ERNIE-4.5-21B-A3B", 64, 6, "softmax", 1, 1, False, True, True),
-    ("gpt-oss-120b", 128, 4, "topk_softmax", 1, 1, False, False, False),
+    ("gpt-oss-120b", 128, 4, "softmax", 1, 1, False, False, True),
     ("Granite-3.0-3B-A800M", 40, 8, "softmax", 1, 1, False, False, True),
     ("DeepSeek-V2", 160, 6, "softmax", 8, 3, False, False, False),
     ("DeepSeek-V3 / R1", 256, 8, "sigmoid", 8, 4, True, True, True),
@@ -106,7 +106,7 @@ def _specs(dtype: str, families: bool = False) -> list[KernelSpec]:
     # One router variant per rule family, at that family's real width.
     specs = [
         router_spec("[softmax]", 128, 8, "softmax"),  # Qwen3-30B-A3B
-        router_spec("[topk_softmax]", 32, 4, "topk_softmax", renormalize=False),  # gpt-oss-20b
+        router_spec("[softmax-renormalised]", 32, 4, "softmax"),  # gpt-oss-20b: top-k logits -> softmax
         router_spec("[sigmoid-bias-groups]", 256, 8, "sigmoid", 8, 4, top2=True, bias=True),  # DeepSeek-V3
         router_spec("[sigmoid-bias-384]", 384, 8, "sigmoid", bias=True),  # Kimi K2
         router_spec("[softmax-groups-max]", 160, 6, "softmax", 8, 3, renormalize=False),  # DeepSeek-V2

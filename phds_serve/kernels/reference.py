@@ -7,7 +7,6 @@ experts and between groups, by the lower index, the convention of a stable sort;
 :func:`route_declared_k_stable` is that rule for any
 :class:`~phds_serve.routing.RoutingRule` and equals ``route_declared_k`` whenever
 the top k_max selection keys and the kept groups are untied.
-:func:`declared_k_topk_stable` is the same for the first, softmax-only API.
 
 Experts: two independent formulations of the same sum, a per-expert masked loop
 and a dense gate matrix over all experts, so a kernel bug cannot hide behind a
@@ -18,16 +17,12 @@ from __future__ import annotations
 
 import torch
 
-from phds_serve.routing import RoutingRule, declared_k_topk, expert_scores, ranking_key, slot_mask
+from phds_serve.routing import RoutingRule, expert_scores, ranking_key, slot_mask
 
-SCORINGS = ("softmax", "topk_softmax")
 ACTIVATIONS = ("silu", "gelu")
 
 __all__ = [
     "ACTIVATIONS",
-    "SCORINGS",
-    "declared_k_topk",
-    "declared_k_topk_stable",
     "gated_activation",
     "moe_dense_reference",
     "moe_loop_reference",
@@ -39,35 +34,6 @@ def _stable_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     """Top-k, highest first, ties to the lower index."""
     values, ids = torch.sort(scores, dim=-1, descending=True, stable=True)
     return values[:, :k], ids[:, :k]
-
-
-def declared_k_topk_stable(
-    router_logits: torch.Tensor,
-    token_k: torch.Tensor,
-    k_max: int,
-    renormalize: bool,
-    scoring: str = "softmax",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Declared-k routing with deterministic ties; the router kernel's exact spec.
-
-    ``scoring="softmax"``: softmax over all experts in float32, top-k, keep the
-    first k_i slots, renormalise over them if ``renormalize`` (OLMoE, Qwen, Mixtral
-    in vLLM). ``scoring="topk_softmax"``: top-k of the logits, then softmax over
-    the k_i kept logits (Mixtral's original form). That is algebraically
-    softmax -> top-k -> renormalise, so ``renormalize`` is implied and ignored.
-    """
-    if scoring not in SCORINGS:
-        raise ValueError(f"scoring={scoring!r}; expected one of {SCORINGS}")
-    logits = router_logits.float()
-    valid = slot_mask(token_k, k_max)
-    if scoring == "softmax":  # ranked by logit (routing.ranks_by_logits)
-        return route_declared_k_stable(router_logits, token_k, k_max, RoutingRule(renormalize=renormalize))
-    else:
-        top, ids = _stable_topk(logits, k_max)
-        top = top.masked_fill(~valid, float("-inf"))
-        weights = torch.softmax(top, dim=-1).nan_to_num(0.0)  # k_i = 0: all -inf -> 0
-        weights = weights.masked_fill(~valid, 0.0)
-    return weights, ids.to(torch.int32).masked_fill(~valid, -1)
 
 
 def stable_group_mask(key: torch.Tensor, rule: RoutingRule) -> torch.Tensor:

@@ -3,8 +3,7 @@
 One kernel for every :class:`phds_serve.routing.RoutingRule`. One program routes
 BLOCK_T tokens with their full logit rows in one tile (E fits one tile):
 
-1. score in float32: softmax or sigmoid (``topk_softmax``, the legacy Mixtral
-   form, keeps the raw logits and takes the softmax over the kept slots at the end);
+1. score in float32: softmax or sigmoid;
 2. selection key = score + correction bias (the weights stay the unbiased score);
 3. grouped top-k: score each of NUM_GROUPS equal groups (max, or the sum of its
    two best keys), keep the GROUPS_KEPT best groups, set the key of every expert
@@ -27,12 +26,11 @@ import torch
 import triton
 import triton.language as tl
 
-from phds_serve.kernels.reference import SCORINGS
 from phds_serve.routing import RoutingRule
 
 # SCORING constexpr codes.
-SOFTMAX, SIGMOID, TOPK_SOFTMAX = 0, 1, 2
-SCORING_CODES = {"softmax": SOFTMAX, "sigmoid": SIGMOID, "topk_softmax": TOPK_SOFTMAX}
+SOFTMAX, SIGMOID = 0, 1
+SCORING_CODES = {"softmax": SOFTMAX, "sigmoid": SIGMOID}
 
 
 @triton.jit
@@ -76,10 +74,8 @@ def declared_k_router_kernel(
         shifted = shifted - tl.max(shifted, axis=1)[:, None]
         num = tl.where(col_ok[None, :], tl.exp(shifted), 0.0)
         score = num / tl.sum(num, axis=1)[:, None]
-    elif SCORING == 1:  # sigmoid per expert
+    else:  # sigmoid per expert
         score = 1.0 / (1.0 + tl.exp(-logits))
-    else:  # topk_softmax: rank the raw logits, softmax over the kept ones below
-        score = logits
 
     # routing.ranks_by_logits: no bias, groups by max -> rank the raw logits.
     key = logits if (not HAS_BIAS and not GROUP_TOP2) else score
@@ -132,14 +128,7 @@ def declared_k_router_kernel(
         ids = tl.where(keep, winner[:, None], ids)
         free = free & ~picked
 
-    if SCORING == 2:
-        # Softmax over the kept logits; slot 0 holds the largest, so exp(. - top) <= 1.
-        top = tl.max(tl.where(ids >= 0, weights, float("-inf")), axis=1)
-        top = tl.where(token_k > 0, top, 0.0)
-        num = tl.where(ids >= 0, tl.exp(weights - top[:, None]), 0.0)
-        denom = tl.sum(num, axis=1)
-        weights = num / tl.where(denom > 0, denom, 1.0)[:, None]
-    elif RENORMALIZE:
+    if RENORMALIZE:
         denom = tl.sum(weights, axis=1) + renorm_eps
         weights = weights / tl.where(denom > 0, denom, 1.0)[:, None]
     weights = weights * scaling
@@ -264,24 +253,3 @@ def declared_k_route_triton(
         group_top2=grouped and rule.group_score == "top2_sum",
         scaling=rule.routed_scaling_factor,
     )
-
-
-def declared_k_topk_triton(
-    router_logits: torch.Tensor,
-    token_k: torch.Tensor,
-    k_max: int,
-    renormalize: bool,
-    scoring: str = "softmax",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax top-k (or ``topk_softmax``) with a k per token: the first router API, kept
-    for its callers. Kernel twin of :func:`phds_serve.kernels.reference.declared_k_topk_stable`.
-
-    ``scoring="softmax"`` is :func:`declared_k_route_triton` with
-    ``RoutingRule(renormalize=renormalize)``.
-    """
-    if scoring not in SCORINGS:
-        raise ValueError(f"scoring={scoring!r}; expected one of {SCORINGS}")
-    num_tokens, num_experts = _check_inputs(router_logits, token_k)
-    if not 1 <= k_max <= num_experts:
-        raise ValueError(f"k_max={k_max} outside [1, {num_experts}] experts")
-    return _launch(router_logits, token_k, k_max, scoring=scoring, renormalize=renormalize)

@@ -9,7 +9,7 @@ import transformers as tf
 
 from phds_serve.declared_k import InvalidK, KContract, KPolicy, parse_k
 from phds_serve.kernels.reference import moe_loop_reference as moe_reference
-from phds_serve.routing import declared_k_topk
+from phds_serve.routing import RoutingRule, route_declared_k
 from phds_serve.tiny import ARCHS, tiny_config
 
 
@@ -62,7 +62,7 @@ def test_routing_matches_transformers_router(arch, k):
     hidden = torch.randn(33, config.hidden_size)
     with torch.no_grad():
         logits, ref_weights, ref_ids = router(hidden)
-    weights, ids = declared_k_topk(logits, torch.full((33,), k), k_max=6, renormalize=renormalize)
+    weights, ids = route_declared_k(logits, torch.full((33,), k), 6, RoutingRule(renormalize=renormalize))
     assert torch.equal(ids[:, :k].long(), ref_ids)
     torch.testing.assert_close(weights[:, :k], ref_weights.float(), rtol=1e-6, atol=1e-7)
     assert (ids[:, k:] == -1).all() and (weights[:, k:] == 0).all()
@@ -73,10 +73,11 @@ def test_per_token_k_is_the_uniform_k_row_by_row():
     logits = torch.randn(20, 8)
     token_k = torch.randint(0, 5, (20,))
     for renormalize in (False, True):
-        weights, ids = declared_k_topk(logits, token_k, 4, renormalize)
+        rule = RoutingRule(renormalize=renormalize)
+        weights, ids = route_declared_k(logits, token_k, 4, rule)
         for k in range(5):
             rows = token_k == k
-            uw, ui = declared_k_topk(logits[rows], torch.full((int(rows.sum()),), k), 4, renormalize)
+            uw, ui = route_declared_k(logits[rows], torch.full((int(rows.sum()),), k), 4, rule)
             assert torch.equal(ids[rows], ui) and torch.equal(weights[rows], uw)
         assert (weights[token_k == 0] == 0).all()
 
@@ -84,7 +85,8 @@ def test_per_token_k_is_the_uniform_k_row_by_row():
 def test_moe_reference_ignores_unused_slots():
     torch.manual_seed(2)
     x, w13, w2 = torch.randn(6, 16), torch.randn(4, 2 * 8, 16), torch.randn(4, 16, 8)
-    weights, ids = declared_k_topk(torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 1, 2]), 3, True)
+    weights, ids = route_declared_k(torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 1, 2]), 3,
+                                    RoutingRule(renormalize=True))
     full = moe_reference(x, w13, w2, weights, ids.clamp(min=0))  # -1 -> expert 0, weight 0
     torch.testing.assert_close(moe_reference(x, w13, w2, weights, ids), full)
     assert (moe_reference(x, w13, w2, weights, ids)[0] == 0).all()

@@ -155,7 +155,8 @@ def test_empty_batch_and_bad_arguments():
 def test_real_layer_shape_decode_with_gpu_tiles():
     """Qwen3-30B-A3B layer (H 2048, I 768, E 128), k 8 and 3, the GPU tiles of the decode
     path (32 K steps of 64): int64 offsets and long loops at full size. ~1 min."""
-    from phds_serve.kernels import declared_k_topk_triton
+    from phds_serve.kernels import declared_k_route_triton
+    from phds_serve.routing import RoutingRule
     from phds_serve.kernels.fused_moe import SMALL_BATCH_CONFIG
 
     gen = torch.Generator().manual_seed(0)
@@ -164,6 +165,6 @@ def test_real_layer_shape_decode_with_gpu_tiles():
     w13 = (torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden**0.5).bfloat16().to(DEVICE)
     w2 = (torch.randn(experts, hidden, inter, generator=gen) / inter**0.5).bfloat16().to(DEVICE)
     logits = torch.randn(2, experts, generator=gen).to(DEVICE)
-    weights, ids = declared_k_topk_triton(logits, torch.tensor([8, 3], device=DEVICE), 8, True)
+    weights, ids = declared_k_route_triton(logits, torch.tensor([8, 3], device=DEVICE), 8, RoutingRule(renormalize=True))
     out = fused_declared_k_moe(x, w13, w2, weights, ids, config=SMALL_BATCH_CONFIG, alloc=nan_alloc)
     assert rel_err(out, moe_loop_reference(x, w13, w2, weights, ids)) <= TOLERANCE[torch.bfloat16]

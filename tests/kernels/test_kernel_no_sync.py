@@ -77,9 +77,10 @@ def test_expert_wrapper_launches_without_host_reads(launches, path):
         assert names == [*ALIGN_KERNELS, "grouped_w13_act_kernel", "grouped_w2_kernel", "masked_slot_sum_kernel"]
 
 
-def test_router_wrapper_launches_without_host_reads(launches):
-    weights, ids = router.declared_k_topk_triton(meta(64, 128, dtype=torch.float32),
-                                                 meta(64, dtype=torch.int32), 8, True)
+def test_router_wrapper_launches_without_host_reads_fp32_logits(launches):
+    """float32 logits at Qwen3-30B-A3B's width (128 experts, k 8), plain softmax rule."""
+    weights, ids = router.declared_k_route_triton(meta(64, 128, dtype=torch.float32),
+                                                  meta(64, dtype=torch.int32), 8, RoutingRule())
     assert weights.shape == ids.shape == (64, 8)
     assert [name for name, _ in launches] == ["router"]
 

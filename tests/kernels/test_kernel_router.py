@@ -15,9 +15,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from kernel_cases import DEVICE
-from phds_serve.kernels import declared_k_route_triton, declared_k_topk_triton
-from phds_serve.kernels.reference import declared_k_topk_stable, route_declared_k_stable, stable_group_mask
-from phds_serve.routing import RoutingRule, declared_k_topk, expert_scores, route_declared_k
+from phds_serve.kernels import declared_k_route_triton
+from phds_serve.kernels.reference import route_declared_k_stable, stable_group_mask
+from phds_serve.routing import RoutingRule, expert_scores, route_declared_k
 
 SETTINGS = settings(max_examples=12, deadline=None)
 # The interpreter computes exp with numpy (correctly rounded in practice); on a GPU
@@ -181,31 +181,43 @@ def test_deepseek_v3_and_kimi_k2_widths():
         torch.testing.assert_close(weights, ref_w, **WEIGHT_TOL)
 
 
-def test_old_api_is_the_plain_softmax_rule():
+def topk_logits_then_softmax(logits: torch.Tensor, token_k: torch.Tensor, k_max: int):
+    """Mixtral's original form, written out independently of RoutingRule: top-k of the
+    logits (ties to the lower index), then a softmax over each token's k_i kept logits."""
+    top, ids = torch.sort(logits.float(), dim=-1, descending=True, stable=True)
+    top, ids = top[:, :k_max], ids[:, :k_max]
+    valid = torch.arange(k_max)[None, :] < token_k[:, None]
+    weights = torch.softmax(top.masked_fill(~valid, float("-inf")), dim=-1).nan_to_num(0.0)
+    return weights.masked_fill(~valid, 0.0), ids.to(torch.int32).masked_fill(~valid, -1)
+
+
+def test_softmax_rule_renormalises_over_the_kept_slots_only():
+    """RoutingRule(renormalize=True): each token's weights sum to 1 over its k_i slots;
+    without it they are the k_i softmax probabilities over all experts (sum < 1)."""
     gen = torch.Generator().manual_seed(1)
-    logits = (torch.randn(20, 12, generator=gen) * 3).to(DEVICE)
-    token_k = torch.randint(0, 6, (20,), generator=gen).to(DEVICE)
-    for renormalize in (False, True):
-        a = declared_k_topk_triton(logits, token_k, 5, renormalize)
-        b = declared_k_route_triton(logits, token_k, 5, RoutingRule(renormalize=renormalize))
-        assert torch.equal(a[1], b[1]) and torch.equal(a[0], b[0])
+    logits = torch.randn(20, 12, generator=gen) * 3
+    token_k = torch.randint(0, 6, (20,), generator=gen)
+    kept = token_k.clamp(max=5) > 0
+    renormed, ids = route_kernel(logits, token_k, 5, RoutingRule(renormalize=True))
+    torch.testing.assert_close(renormed.sum(-1)[kept], torch.ones(int(kept.sum())))
+    raw, raw_ids = route_kernel(logits, token_k, 5, RoutingRule(renormalize=False))
+    assert torch.equal(ids, raw_ids)
+    probs = torch.softmax(logits, dim=-1).gather(1, ids.clamp(min=0).long()).masked_fill(ids < 0, 0.0)
+    torch.testing.assert_close(raw, probs, **WEIGHT_TOL)
+    torch.testing.assert_close(renormed[kept], (raw / raw.sum(-1, keepdim=True))[kept], **WEIGHT_TOL)
 
 
 @SETTINGS
-@given(
-    router_inputs(),
-    st.booleans(),
-    st.sampled_from(["softmax", "topk_softmax"]),
-    st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
-)
-def test_router_matches_stable_reference_with_ties(inputs, renormalize, scoring, dtype):
-    """Logits on a coarse grid (exact in every dtype): many exact ties, every other gap
-    far above rounding. The router reads the model's dtype and scores in float32."""
+@given(router_inputs(), st.booleans(), st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+def test_softmax_rule_matches_stable_reference_with_ties(inputs, renormalize, dtype):
+    """Plain softmax rule (OLMoE, Qwen, Mixtral), logits on a coarse grid (exact in every
+    dtype): many exact ties, every other gap far above rounding. The router reads the
+    model's dtype and scores in float32."""
     num_experts, k_max, token_k, gen = inputs
     logits = (torch.randint(-3, 4, (token_k.numel(), num_experts), generator=gen) * 0.5).to(dtype)
-    weights, ids = declared_k_topk_triton(logits.to(DEVICE), token_k.to(DEVICE), k_max, renormalize, scoring)
-    weights, ids = weights.cpu(), ids.cpu()
-    ref_w, ref_ids = declared_k_topk_stable(logits, token_k, k_max, renormalize, scoring)
+    rule = RoutingRule(renormalize=renormalize)
+    weights, ids = route_kernel(logits, token_k, k_max, rule)
+    ref_w, ref_ids = route_declared_k_stable(logits, token_k, k_max, rule)
     assert_valid_layout(weights, ids, token_k, k_max)
     assert torch.equal(ids, ref_ids)
     torch.testing.assert_close(weights, ref_w, **WEIGHT_TOL)
@@ -213,25 +225,31 @@ def test_router_matches_stable_reference_with_ties(inputs, renormalize, scoring,
 
 @SETTINGS
 @given(router_inputs(), st.booleans())
-def test_router_matches_engine_rule(inputs, renormalize):
-    """Continuous logits (no ties): exactly the engine's routing.declared_k_topk."""
+def test_softmax_rule_matches_engine_rule(inputs, renormalize):
+    """Continuous logits (no ties), plain softmax rule: exactly the engine's routing.route_declared_k."""
     num_experts, k_max, token_k, gen = inputs
     logits = torch.randn(token_k.numel(), num_experts, generator=gen) * 3
-    weights, ids = declared_k_topk_triton(logits.to(DEVICE), token_k.to(DEVICE), k_max, renormalize)
-    ref_w, ref_ids = declared_k_topk(logits, token_k, k_max, renormalize)
-    assert torch.equal(ids.cpu(), ref_ids)
-    torch.testing.assert_close(weights.cpu(), ref_w, **WEIGHT_TOL)
+    rule = RoutingRule(renormalize=renormalize)
+    weights, ids = route_kernel(logits, token_k, k_max, rule)
+    ref_w, ref_ids = route_declared_k(logits, token_k, k_max, rule)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(weights, ref_w, **WEIGHT_TOL)
 
 
 @SETTINGS
-@given(router_inputs())
-def test_topk_then_softmax_equals_softmax_topk_renormalised(inputs):
+@given(router_inputs(), st.booleans())
+def test_topk_then_softmax_is_the_renormalised_softmax_rule(inputs, ties):
+    """Top-k on the logits, then a softmax over the k (Mixtral's original form, gpt-oss,
+    Granite MoE) is RoutingRule(renormalize=True): same ids, same weights, ties included."""
     num_experts, k_max, token_k, gen = inputs
-    logits, token_k = (torch.randn(token_k.numel(), num_experts, generator=gen) * 3).to(DEVICE), token_k.to(DEVICE)
-    a_w, a_ids = declared_k_topk_triton(logits, token_k, k_max, False, "topk_softmax")
-    b_w, b_ids = declared_k_topk_triton(logits, token_k, k_max, True, "softmax")
-    assert torch.equal(a_ids, b_ids)
-    torch.testing.assert_close(a_w, b_w, rtol=1e-5, atol=1e-6)
+    if ties:
+        logits = torch.randint(-3, 4, (token_k.numel(), num_experts), generator=gen) * 0.5
+    else:
+        logits = torch.randn(token_k.numel(), num_experts, generator=gen) * 3
+    weights, ids = route_kernel(logits, token_k, k_max, RoutingRule(renormalize=True))
+    ref_w, ref_ids = topk_logits_then_softmax(logits, token_k, k_max)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(weights, ref_w, rtol=1e-5, atol=1e-6)
 
 
 def test_router_qwen3_width_and_extreme_logits():
@@ -239,11 +257,11 @@ def test_router_qwen3_width_and_extreme_logits():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(5, 128, generator=gen) * 60
     token_k = torch.tensor([0, 1, 8, 3, 8])
-    weights, ids = declared_k_topk_triton(logits.to(DEVICE), token_k.to(DEVICE), 8, False)
-    ref_w, ref_ids = declared_k_topk_stable(logits, token_k, 8, False)
-    assert torch.equal(ids.cpu(), ref_ids)
-    torch.testing.assert_close(weights.cpu(), ref_w, **WEIGHT_TOL)
-    assert_valid_layout(weights.cpu(), ids.cpu(), token_k, 8)
+    weights, ids = route_kernel(logits, token_k, 8, RoutingRule())
+    ref_w, ref_ids = route_declared_k_stable(logits, token_k, 8, RoutingRule())
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(weights, ref_w, **WEIGHT_TOL)
+    assert_valid_layout(weights, ids, token_k, 8)
 
 
 def test_router_reads_strided_logits():
@@ -251,8 +269,9 @@ def test_router_reads_strided_logits():
     token_k = torch.tensor([1, 2, 3, 0, 4, 2])
     strided = torch.randn(6, 16, device=DEVICE)
     strided[:, ::2] = logits.to(DEVICE)
-    weights, ids = declared_k_topk_triton(strided[:, ::2], token_k.to(DEVICE), 4, True)
-    ref_w, ref_ids = declared_k_topk_stable(logits, token_k, 4, True)
+    rule = RoutingRule(renormalize=True)
+    weights, ids = declared_k_route_triton(strided[:, ::2], token_k.to(DEVICE), 4, rule)
+    ref_w, ref_ids = route_declared_k_stable(logits, token_k, 4, rule)
     assert torch.equal(ids.cpu(), ref_ids)
     torch.testing.assert_close(weights.cpu(), ref_w, **WEIGHT_TOL)
     rule = RoutingRule("sigmoid", True, correction_bias=torch.randn(16, device=DEVICE)[::2])
@@ -266,11 +285,11 @@ def test_router_reads_strided_logits():
 def test_router_rejects_bad_arguments():
     logits, one = torch.randn(2, 4, device=DEVICE), torch.tensor([1, 1], device=DEVICE)
     with pytest.raises(ValueError, match="k_max"):
-        declared_k_topk_triton(logits, one, 5, False)
-    with pytest.raises(ValueError, match="scoring"):
-        declared_k_topk_triton(logits, one, 2, False, "sigmoid")
+        declared_k_route_triton(logits, one, 5, RoutingRule())
+    with pytest.raises(ValueError, match="scoring"):  # top-k then softmax is RoutingRule(renormalize=True)
+        RoutingRule(scoring="topk_softmax")
     with pytest.raises(ValueError, match="token_k"):
-        declared_k_topk_triton(logits, one[:1], 2, False)
+        declared_k_route_triton(logits, one[:1], 2, RoutingRule())
     with pytest.raises(ValueError, match="k_max"):  # 2 of 4 groups of 1 expert keep 2 experts
         declared_k_route_triton(logits, one, 3, RoutingRule(num_groups=4, groups_kept=2))
     with pytest.raises(ValueError, match="split"):
