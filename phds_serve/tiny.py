@@ -5,11 +5,12 @@ transformers configs at toy size, with random float32 weights. ``router_scale``
 sharpens the router so top-k choices are far from ties (parity tests compare
 two implementations' top-k choices).
 
-``ARCHS`` / ``build_tiny_checkpoint``: the four architectures the plugin first
-supported. ``FAMILIES`` / ``build_family_checkpoint``: every top-k MoE family
-that transformers can build and vLLM serves (survey: docs/FAMILIES.md), with
-the config attribute that holds k (``Family.k_attr``) for vLLM's
-``hf_overrides`` and the transformers reference.
+``FAMILIES`` / ``family_config`` / ``build_family_checkpoint``: every top-k MoE
+family that transformers can build and vLLM serves (survey: docs/FAMILIES.md),
+with the config attribute that holds k (``Family.k_attr``) for vLLM's
+``hf_overrides`` and the transformers reference. ``ARCHS`` /
+``build_tiny_checkpoint``: the four architectures the plugin first supported,
+built by the same builder with their routers as transformers initialised them.
 """
 
 from __future__ import annotations
@@ -39,43 +40,6 @@ _COMMON = dict(
 )
 
 
-def tiny_config(arch: str, num_experts: int = 8, native_k: int = 4, **overrides):
-    """transformers config of a toy model of ``arch`` (``overrides`` set any field)."""
-    config = _base_config(arch, num_experts, native_k)
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return config
-
-
-def _base_config(arch: str, num_experts: int, native_k: int):
-    import transformers as tf
-
-    if arch == "olmoe":
-        return tf.OlmoeConfig(
-            **_COMMON, intermediate_size=32, num_experts=num_experts,
-            num_experts_per_tok=native_k, norm_topk_prob=False,
-        )
-    if arch == "qwen2_moe":
-        return tf.Qwen2MoeConfig(
-            **_COMMON, intermediate_size=48, moe_intermediate_size=32,
-            shared_expert_intermediate_size=48, num_experts=num_experts,
-            num_experts_per_tok=native_k, norm_topk_prob=False,
-            decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False,
-        )
-    if arch == "mixtral":
-        return tf.MixtralConfig(
-            **_COMMON, intermediate_size=32, num_local_experts=num_experts,
-            num_experts_per_tok=native_k,
-        )
-    if arch == "qwen3_moe":
-        return tf.Qwen3MoeConfig(
-            **_COMMON, intermediate_size=48, moe_intermediate_size=32, head_dim=64,
-            num_experts=num_experts, num_experts_per_tok=native_k, norm_topk_prob=True,
-            decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False,
-        )
-    raise ValueError(f"unknown architecture {arch!r}; choose from {ARCHS}")
-
-
 def build_tiny_checkpoint(
     arch: str,
     path: str | Path,
@@ -85,25 +49,12 @@ def build_tiny_checkpoint(
     native_k: int = 4,
     **overrides,
 ) -> Path:
-    """Save a random float32 checkpoint of ``arch`` to ``path``; returns the path."""
-    import transformers as tf
-
-    path = Path(path)
-    config = tiny_config(arch, num_experts, native_k, **overrides)
-    torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if is_router_weight(name, param, num_experts):
-                param.mul_(router_scale)
-    model.save_pretrained(path, safe_serialization=True)
-    return path
-
-
-def is_router_weight(name: str, param: torch.Tensor, num_experts: int) -> bool:
-    return name.endswith("gate.weight") and "shared_expert_gate" not in name and (
-        param.dim() == 2 and param.shape[0] == num_experts
-    )
+    """Save a random float32 checkpoint of one of the original ``ARCHS`` to ``path``; returns
+    the path. :func:`build_family_checkpoint` of that architecture (``overrides`` set any
+    config field), its router as transformers initialised it, times ``router_scale``."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; choose from {ARCHS}")
+    return build_family_checkpoint(arch, path, seed, router_scale, num_experts, native_k, **overrides)
 
 
 # ---------------------------------------------------------------------------
@@ -185,7 +136,7 @@ def _f(name, model_type, hf_arch, k_attr, experts_attr, config, **kw) -> Family:
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in [
-        # --- the four original architectures (built exactly like build_tiny_checkpoint) ---
+        # --- the four original architectures (ARCHS) ---
         _f("olmoe", "olmoe", "OlmoeForCausalLM", "num_experts_per_tok", "num_experts",
            lambda e, k: dict(intermediate_size=32, num_experts=e, num_experts_per_tok=k,
                              norm_topk_prob=False),
@@ -551,18 +502,13 @@ def reference_config(name: str, path: str | Path, k: int | None = None):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path)
-    if k is not None:
-        set_k(config, name, k)
-    return config
-
-
-def set_k(config, name: str, k: int) -> None:
-    """Set k on a transformers config through the project's one k writer
-    (:func:`phds_serve.declared_k.set_k`); the family's own k attribute must get it."""
-    declared_k.set_k(config, k)
+    if k is None:
+        return config
+    declared_k.set_k(config, k)  # the project's one k writer; the family's own attribute must get it
     value = _get_path(config, FAMILIES[name].k_attr)
     if value != k and not (isinstance(value, (list, tuple)) and set(value) == {k}):
         raise RuntimeError(f"{name}: set_k did not reach {FAMILIES[name].k_attr} ({value!r})")
+    return config
 
 
 def reference_model(name: str, path: str | Path, k: int | None = None):
@@ -602,13 +548,14 @@ def build_family_checkpoint(
     differently; additive router-logit biases N(0, 0.5). ``neutralise_attention``
     (default: the family's own, True for MLA families) zeroes every attention /
     token-mixer output projection, so the model is embeddings + MLP/MoE stack and a
-    comparison measures routing, not attention kernels.
+    comparison measures routing, not attention kernels. The four original ``ARCHS``,
+    unless ``neutralise_attention`` is given, keep the router weights transformers
+    initialised, multiplied by ``router_scale`` (their checkpoints as they always were).
     """
     import transformers as tf
 
-    if name in ARCHS and neutralise_attention is None:
-        return build_tiny_checkpoint(name, path, seed, router_scale, num_experts, native_k, **overrides)
     fam = FAMILIES[name]
+    redraw_router = name not in ARCHS or neutralise_attention is not None
     path = Path(path)
     config = family_config(name, num_experts, native_k, **overrides)
     torch.manual_seed(seed)
@@ -619,7 +566,10 @@ def build_family_checkpoint(
     with torch.no_grad():
         for tname, tensor in model.state_dict(keep_vars=True).items():
             if tname.endswith(fam.router) and tensor.dim() == 2:
-                tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.02 * router_scale)
+                if redraw_router:
+                    tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.02 * router_scale)
+                else:
+                    tensor.mul_(router_scale)
                 found_router = True
             elif fam.bias and tname.endswith(fam.bias):
                 tensor.copy_(torch.randn(tensor.shape, generator=gen) * bias_scale)

@@ -10,7 +10,7 @@ import transformers as tf
 from phds_serve.declared_k import InvalidK, KContract, KPolicy, parse_k
 from phds_serve.kernels.reference import moe_loop_reference as moe_reference
 from phds_serve.routing import RoutingRule, route_declared_k
-from phds_serve.tiny import ARCHS, tiny_config
+from phds_serve.tiny import ARCHS, family_config
 
 
 # -- the policy ---------------------------------------------------------------
@@ -43,7 +43,7 @@ def test_policy_range_and_messages():
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_policy_from_each_architecture_config(arch):
-    config = tiny_config(arch, num_experts=8, native_k=4)
+    config = family_config(arch, num_experts=8, native_k=4)
     assert KPolicy.from_hf_config(config) == KPolicy(native_k=4, num_experts=8, max_k=4)
     config.phds_max_k = 6  # what vLLM's hf_overrides={"phds_max_k": 6} sets
     assert KPolicy.from_hf_config(config).max_k == 6
@@ -54,7 +54,7 @@ def test_policy_from_each_architecture_config(arch):
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 6])
 def test_routing_matches_transformers_router(arch, k):
     torch.manual_seed(0)
-    config = tiny_config(arch, num_experts=8, native_k=4)
+    config = family_config(arch, num_experts=8, native_k=4)
     config.num_experts_per_tok = k
     layer = tf.AutoModelForCausalLM.from_config(config).model.layers[0]
     router = layer.mlp.gate

@@ -11,11 +11,10 @@ from phds_serve.server.cli import MIDDLEWARE, finalize, parse_args
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A config-only OLMoE checkpoint dir: 8 experts, native k 4."""
-    from phds_serve.tiny import tiny_config
+    from phds_serve.tiny import family_config
 
     path = tmp_path_factory.mktemp("olmoe")
-    config = tiny_config("olmoe", num_experts=8, native_k=4)
-    config.architectures = ["OlmoeForCausalLM"]
+    config = family_config("olmoe", num_experts=8, native_k=4)
     config.save_pretrained(path)
     return str(path)
 
