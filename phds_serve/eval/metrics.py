@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phds_serve.train.routing import find_routers, set_k
+from phds_serve.train.routing import find_routers, set_router_k
 
 
 @dataclass
@@ -49,7 +49,7 @@ def evaluate_k(
     """Mean next-token cross-entropy, perplexity and accuracy of ``model`` at ``k``."""
     routers = find_routers(model)
     native = [r.top_k for r in routers]
-    set_k(model, k, routers)
+    set_router_k(model, k, routers)
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
     preds = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
-from .routing import find_routers, set_k
+from .routing import find_routers, set_router_k
 from .schedule import KSchedule
 
 
@@ -23,7 +23,7 @@ class KScheduleCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         self._k = self.schedule.k_at(state.global_step)
         if model is not None:
-            set_k(model, self._k, find_routers(model))
+            set_router_k(model, self._k, find_routers(model))
         self.history.append(self._k)
 
     def on_log(self, args, state, control, logs=None, **kwargs):

@@ -48,8 +48,10 @@ def current_k(model: nn.Module) -> int:
     return ks.pop()
 
 
-def set_k(model: nn.Module, k: int, routers: Iterable[nn.Module] | None = None) -> None:
-    """Route every MoE layer with k experts per token from now on."""
+def set_router_k(model: nn.Module, k: int, routers: Iterable[nn.Module] | None = None) -> None:
+    """Route every MoE layer with k experts per token from now on: the live router
+    modules only. The config keeps its k (:func:`phds_serve.declared_k.set_k` is the
+    one config writer)."""
     for router in routers if routers is not None else find_routers(model):
         if hasattr(router, "phds_k"):  # mask mode: top_k stays at k_pre
             router.phds_k = k

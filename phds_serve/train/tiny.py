@@ -33,7 +33,7 @@ from phds_serve.eval.bundled import ASSET_DIR, MANIFEST, evaluate_bpb, spread, t
 from .card import model_card
 from .checkpoint import save_checkpoint
 from .data import Document, load_tree, manifest, pack_blocks, split_documents, stdlib_dir
-from .routing import find_routers, set_k
+from .routing import find_routers, set_router_k
 from .schedule import KSchedule
 from .tokenizer import train_tokenizer
 from .trainer import TrainSettings, train
@@ -43,8 +43,8 @@ BLOCK_SIZE = 512  # trained and served at this length (max_position_embeddings)
 PROMPTS = ("def read_config(path):\n    ", "import os\n\n\ndef main(args):\n    ")
 
 
-def tiny_config(tokenizer: PreTrainedTokenizerFast, **overrides) -> OlmoeConfig:
-    """~4.5M parameters: 16 experts, native k=4, 4 layers, hidden 128 (18 MB in float32)."""
+def bundled_config(tokenizer: PreTrainedTokenizerFast, **overrides) -> OlmoeConfig:
+    """The bundled model's config: ~4.5M parameters, 16 experts, native k=4, 4 layers, hidden 128 (18 MB in float32)."""
     kwargs = dict(
         vocab_size=len(tokenizer),
         hidden_size=128,
@@ -98,11 +98,11 @@ def corpus_description(n_train: int, n_held: int, train_tokens: int, held_tokens
 def greedy_sample(model, tokenizer, prompt: str, new_tokens: int = 48, k: int | None = None) -> str:
     routers = find_routers(model)
     native = model.config.num_experts_per_tok
-    set_k(model, k or native, routers)
+    set_router_k(model, k or native, routers)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    set_k(model, native, routers)
+    set_router_k(model, native, routers)
     return tokenizer.decode(out[0], skip_special_tokens=True)
 
 
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     check_work_dir(work, a, digest)
     if not (base_dir / "model.safetensors").exists():
         set_seed(a.seed)
-        model = OlmoeForCausalLM(tiny_config(tokenizer))
+        model = OlmoeForCausalLM(bundled_config(tokenizer))
         log(f"pretraining {sum(p.numel() for p in model.parameters()):,} params at k=4 for {a.pretrain_steps} "
             f"steps of {tokens_per_step} tokens", logfile)
         sched = KSchedule("oracle", (4,), a.pretrain_steps, seed=a.seed)

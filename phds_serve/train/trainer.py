@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArgu
 
 from .callback import KScheduleCallback
 from .data import BlockDataset
-from .routing import find_routers, install_mask_routing, remove_mask_routing, set_k
+from .routing import find_routers, install_mask_routing, remove_mask_routing, set_router_k
 from .schedule import KSchedule
 
 
@@ -135,5 +135,5 @@ def train(
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     if s.routing == "mask":
         remove_mask_routing(model)
-    set_k(model, native_k, routers)
+    set_router_k(model, native_k, routers)
     return callback, trainer

@@ -14,7 +14,7 @@ ARCHS = ("olmoe", "qwen2_moe", "mixtral", "qwen3_moe")
 CORPUS_FILES = ("textwrap.py", "shlex.py", "bisect.py", "colorsys.py", "keyword.py")
 
 
-def tiny_config(arch: str, vocab_size: int, native_k: int = 4):
+def tiny_train_config(arch: str, vocab_size: int, native_k: int = 4):
     """hidden 64 / head_dim 32 (a size vLLM's CPU attention supports), 2 layers, 8 experts."""
     common = dict(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
@@ -36,6 +36,6 @@ def tiny_config(arch: str, vocab_size: int, native_k: int = 4):
 
 def tiny_model(arch: str, vocab_size: int, seed: int = 0, native_k: int = 4):
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size, native_k), dtype=torch.float32)
+    return AutoModelForCausalLM.from_config(tiny_train_config(arch, vocab_size, native_k), dtype=torch.float32)
 
 

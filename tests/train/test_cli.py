@@ -6,7 +6,7 @@ from phds_serve.eval.cli import main as eval_main
 from phds_serve.train.checkpoint import read_phds
 from phds_serve.train.cli import main as train_main, parse_ks
 from phds_serve.train.data import is_heldout, load_documents, split_documents
-from .phds_tiny_models import tiny_config
+from .phds_tiny_models import tiny_train_config
 
 
 def test_parse_ks():
@@ -32,7 +32,7 @@ def test_jsonl_formats(tmp_path, tokenizer):
 
 def test_train_from_config_then_eval(corpus_dir, tokenizer, tmp_path, capsys):
     cfg_dir, tok_dir, out = tmp_path / "cfg", tmp_path / "tok", tmp_path / "out"
-    tiny_config("olmoe", len(tokenizer)).save_pretrained(cfg_dir)
+    tiny_train_config("olmoe", len(tokenizer)).save_pretrained(cfg_dir)
     tokenizer.save_pretrained(tok_dir)
     rc = train_main(["--from-config", str(cfg_dir), "--tokenizer", str(tok_dir), "--data", str(corpus_dir),
                      "--output", str(out), "--mode", "phds", "--k-train", "1-4", "--anchor-k", "1",

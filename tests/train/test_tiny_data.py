@@ -9,7 +9,7 @@ from phds_serve.eval.bundled import read_manifest, spread, token_bytes, write_ma
 from phds_serve.train.data import is_heldout, load_tree, manifest
 from phds_serve.train.schedule import KSchedule
 from phds_serve.train.trainer import TrainSettings, train
-from .phds_tiny_models import tiny_config
+from .phds_tiny_models import tiny_train_config
 
 
 def _tree(root):
@@ -63,7 +63,7 @@ def test_resumed_training_continues_from_its_checkpoint(tmp_path, tokenizer):
     from transformers import AutoModelForCausalLM
 
     blocks = torch.randint(3, len(tokenizer), (24, 32), generator=torch.Generator().manual_seed(0))
-    cfg = tiny_config("olmoe", len(tokenizer))
+    cfg = tiny_train_config("olmoe", len(tokenizer))
     sched = KSchedule("phds", (1, 2, 4), 6, anchor_k=1, seed=0)
     seen = {}
 

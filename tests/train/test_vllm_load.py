@@ -24,12 +24,12 @@ PROBE = Path(__file__).with_name("vllm_load_probe.py")
 
 def _hf_logprobs(model, prompt, k):
     """log p(prompt[i] | prompt[:i]) for i >= 1 from transformers at k (the declared-k definition)."""
-    from phds_serve.train.routing import set_k
+    from phds_serve.train.routing import set_router_k
 
-    set_k(model, k)
+    set_router_k(model, k)
     with torch.no_grad():
         logits = model(torch.tensor([prompt])).logits[0, :-1].float()
-    set_k(model, model.config.num_experts_per_tok)
+    set_router_k(model, model.config.num_experts_per_tok)
     return torch.log_softmax(logits, -1).gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
 
 
