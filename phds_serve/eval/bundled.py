@@ -23,10 +23,10 @@ from typing import Any, Sequence
 
 import torch
 
+from phds_serve.bundled_assets import ASSET_DIR
 from phds_serve.eval.metrics import evaluate_k
 from phds_serve.train.data import Document, pack_blocks, stdlib_dir
 
-ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-olmoe"
 MANIFEST = "data_manifest.tsv"
 
 

@@ -13,7 +13,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-olmoe"
+from phds_serve.bundled_assets import ASSET_DIR
+
 SERVED_NAME = "phds-tiny-olmoe"
 FALLBACK_NAME = "tiny-olmoe-random-v3"
 # Random init gives near-uniform next-token logits (greedy text flips on float

@@ -29,7 +29,8 @@ import torch
 from transformers import (AutoModelForCausalLM, OlmoeConfig, OlmoeForCausalLM, PreTrainedTokenizerFast,
                           TrainerCallback, set_seed)
 
-from phds_serve.eval.bundled import ASSET_DIR, MANIFEST, evaluate_bpb, spread, token_bytes, write_manifest
+from phds_serve.bundled_assets import ASSET_DIR
+from phds_serve.eval.bundled import MANIFEST, evaluate_bpb, spread, token_bytes, write_manifest
 from .card import model_card
 from .checkpoint import save_checkpoint
 from .data import Document, load_tree, manifest, pack_blocks, split_documents, stdlib_dir

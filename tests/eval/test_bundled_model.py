@@ -7,19 +7,19 @@ import json
 import keyword
 import platform
 import tokenize
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from phds_serve.bundled_assets import ASSET_DIR
 from phds_serve.eval.bundled import MANIFEST, evaluate_checkpoint, read_manifest
 from phds_serve.eval.cli import main as eval_main
 from phds_serve.server.bundled_model import BUNDLED_DEFAULTS
 from phds_serve.train.checkpoint import read_phds
 from phds_serve.train.data import is_heldout
 
-ASSET = Path(__file__).resolve().parents[2] / "phds_serve" / "assets" / "tiny-olmoe"
+ASSET = ASSET_DIR
 
 pytestmark = pytest.mark.skipif(not (ASSET / "config.json").exists(), reason="bundled model not built")
 
