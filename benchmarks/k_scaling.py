@@ -12,6 +12,11 @@ FLOPs and expert bytes.
 
     python benchmarks/k_scaling.py            # full run, ~10 min on 2 cores
     python benchmarks/k_scaling.py --quick    # smaller, for a smoke check
+    python benchmarks/k_scaling.py --baseline a485ad4   # also today's plugin / the plugin at a485ad4
+
+``--baseline REV`` adds one more engine: the plugin as it was at git revision REV, imported
+from a temporary ``git worktree`` (PYTHONPATH) and measured in the same interleaved rounds,
+so a refactor's "no slower" is a ratio from one run, not two runs on a noisy machine.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,10 +53,13 @@ class Workload:
 def engine_worker(conn, model: str, plugin: bool, stock_k: int | None, env: dict) -> None:
     """Runs in its own process: owns one engine, answers measurement requests."""
     os.environ.update(env)
+    if env.get("PYTHONPATH"):  # this process already started: its own imports need it too
+        sys.path[:0] = env["PYTHONPATH"].split(os.pathsep)
     os.environ["PHDS_DISABLE"] = "0" if plugin else "1"
     os.environ.setdefault("PHDS_EXPERT_METRICS", "0")
     from vllm import LLM
 
+    import phds_serve
     from phds_serve.offline import prompt_at_k, sampling_params_at_k
 
     overrides = {"num_experts_per_tok": stock_k} if stock_k else None
@@ -58,7 +68,7 @@ def engine_worker(conn, model: str, plugin: bool, stock_k: int | None, env: dict
         max_model_len=1024, max_num_seqs=32, max_num_batched_tokens=4096,
         enforce_eager=True, enable_prefix_caching=False, hf_overrides=overrides, seed=0,
     )
-    conn.send("ready")
+    conn.send(("ready", str(Path(phds_serve.__file__).resolve().parent)))
     while True:
         msg = conn.recv()
         if msg is None:
@@ -83,16 +93,55 @@ class Engine:
         self.proc = ctx.Process(target=engine_worker, args=(child, model, plugin, stock_k, env or {}))
         self.proc.start()
 
-    def wait_ready(self) -> None:
-        assert self.conn.recv() == "ready", self.name
+    def wait_ready(self) -> str:
+        """Returns the directory the engine imported phds_serve from."""
+        status, package_dir = self.conn.recv()
+        assert status == "ready", self.name
+        return package_dir
 
     def run(self, ks: list[int | None], prompt_len: int, max_tokens: int) -> float:
         self.conn.send((ks, prompt_len, max_tokens))
         return self.conn.recv()
 
     def close(self) -> None:
-        self.conn.send(None)
-        self.proc.join(timeout=60)
+        if self.proc.is_alive():
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass
+            self.proc.join(timeout=60)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+
+
+# --------------------------------------------------------------------------- baseline
+# Entry points in today's package metadata that name a module the baseline may not have:
+# (module today, module that held the same object before it moved).
+MOVED_ENTRY_POINTS = [
+    ("phds_serve/model_executor/logits_processor.py", "phds_serve.model_executor.step_k"),
+]
+
+
+def baseline_tree(rev: str, into: Path) -> Path:
+    """A detached git worktree of this repository at ``rev``; vLLM loads the plugin through
+    today's installed entry points, so a module they name that moved since ``rev`` gets a
+    one-line re-export of its old home (only in the temporary tree)."""
+    repo = Path(__file__).resolve().parents[1]
+    tree = into / f"baseline-{rev}"
+    subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", "-f", str(tree), rev],
+                   check=True, capture_output=True)
+    for moved, old_home in MOVED_ENTRY_POINTS:
+        if not (tree / moved).exists():
+            (tree / moved).write_text(f"from {old_home} import DeclaredKLogitsProcessor  # noqa: F401\n")
+    return tree
+
+
+def remove_baseline_tree(tree: Path) -> None:
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)],
+                   check=False, capture_output=True)
+    shutil.rmtree(tree, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- ideal ratios
@@ -119,6 +168,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer k values, rounds and tokens")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
+    parser.add_argument("--baseline", metavar="REV", default=None,
+                        help="also run the plugin as of git revision REV, in the same rounds")
     args = parser.parse_args()
 
     ks = [1, 2, 4, 8] if not args.quick else [1, 8]
@@ -134,34 +185,49 @@ def main() -> None:
     print(f"model: OLMoE shape {SHAPE}, {NUM_EXPERTS} experts, native k {NATIVE_K}", flush=True)
 
     engines = {"plugin": Engine("plugin", model, plugin=True)}
+    baseline = f"plugin@{args.baseline}" if args.baseline else None
+    tree = baseline_tree(args.baseline, Path(tmp)) if args.baseline else None
+    if baseline:
+        engines[baseline] = Engine(baseline, model, plugin=True,
+                                   env={"PYTHONPATH": os.pathsep.join(filter(None, [
+                                       str(tree), os.environ.get("PYTHONPATH")]))})
     for k in ks:
         engines[f"stock k={k}"] = Engine(f"stock k={k}", model, plugin=False, stock_k=k)
-    for name, engine in engines.items():
-        engine.wait_ready()
-        print(f"  engine up: {name}", flush=True)
+    try:
+        for name, engine in engines.items():
+            package_dir = engine.wait_ready()
+            print(f"  engine up: {name} (phds_serve from {package_dir})", flush=True)
+            if name == baseline and not package_dir.startswith(str(tree)):
+                sys.exit(f"{baseline} imported phds_serve from {package_dir}, not from {tree}")
 
-    times: dict[tuple[str, str, str], list[float]] = {}
+        times: dict[tuple[str, str, str], list[float]] = {}
 
-    def measure(engine: str, label: str, phase: str, batch_ks: list[int | None]) -> None:
-        prompt_len, max_tokens = (
-            (16, work.decode_tokens) if phase == "decode" else (work.prefill_len, 1)
-        )
-        seconds = engines[engine].run(batch_ks, prompt_len, max_tokens)
-        times.setdefault((engine, label, phase), []).append(seconds)
+        def measure(engine: str, label: str, phase: str, batch_ks: list[int | None]) -> None:
+            prompt_len, max_tokens = (
+                (16, work.decode_tokens) if phase == "decode" else (work.prefill_len, 1)
+            )
+            seconds = engines[engine].run(batch_ks, prompt_len, max_tokens)
+            times.setdefault((engine, label, phase), []).append(seconds)
 
-    half = work.decode_seqs // 2
-    for r in range(rounds + 1):  # round 0 warms every engine up and is discarded
-        for phase, n in (("decode", work.decode_seqs), ("prefill", work.prefill_seqs)):
-            for k in ks:
-                measure("plugin", f"k={k}", phase, [k] * n)
-                measure(f"stock k={k}", f"k={k}", phase, [None] * n)
-            mixed = [ks[0]] * (n // 2) + [ks[-1]] * (n - n // 2)
-            measure("plugin", f"mixed {ks[0]}/{ks[-1]}", phase, mixed)
-        if r == 0:
-            times.clear()
-        print(f"  round {r}/{rounds} done", flush=True)
-    for engine in engines.values():
-        engine.close()
+        for r in range(rounds + 1):  # round 0 warms every engine up and is discarded
+            for phase, n in (("decode", work.decode_seqs), ("prefill", work.prefill_seqs)):
+                mixed = [ks[0]] * (n // 2) + [ks[-1]] * (n - n // 2)
+                for k in ks:
+                    measure("plugin", f"k={k}", phase, [k] * n)
+                    if baseline:
+                        measure(baseline, f"k={k}", phase, [k] * n)
+                    measure(f"stock k={k}", f"k={k}", phase, [None] * n)
+                measure("plugin", f"mixed {ks[0]}/{ks[-1]}", phase, mixed)
+                if baseline:
+                    measure(baseline, f"mixed {ks[0]}/{ks[-1]}", phase, mixed)
+            if r == 0:
+                times.clear()
+            print(f"  round {r}/{rounds} done", flush=True)
+    finally:  # every engine goes, also when one failed to start or a measurement raised
+        for engine in engines.values():
+            engine.close()
+        if tree:
+            remove_baseline_tree(tree)
 
     def tput(engine: str, label: str, phase: str) -> float:
         seconds = statistics.median(times[(engine, label, phase)])
@@ -189,6 +255,14 @@ def main() -> None:
         m = tput("plugin", label, phase)
         results[f"{phase} {label}"] = dict(plugin=m, expected=expected, ratio=m / expected, vs_native=m / native)
         print(f"  measured {m:.0f} tokens/s = {m / expected:.2f}x that, {m / native:.2f}x all at native k")
+    if baseline:
+        print(f"\nplugin today / {baseline} (same rounds; 1.00 = no change)")
+        print(f"{'':>16} {'decode':>8} {'prefill':>8}")
+        for label in [f"k={k}" for k in ks] + [f"mixed {ks[0]}/{ks[-1]}"]:
+            ratios = [tput("plugin", label, phase) / tput(baseline, label, phase)
+                      for phase in ("decode", "prefill")]
+            results[f"vs baseline {label}"] = dict(decode=ratios[0], prefill=ratios[1])
+            print(f"{label:>16} {ratios[0]:>8.3f} {ratios[1]:>8.3f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
