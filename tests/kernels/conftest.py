@@ -27,7 +27,7 @@ import sys
 
 import pytest
 
-from kernel_cases import DEVICE, DEVICE_ENV
+from .kernel_cases import DEVICE, DEVICE_ENV
 
 BLOCK_ENV = "PHDS_BLOCK_IMPORTS"
 

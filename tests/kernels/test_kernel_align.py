@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import pytest
 
-from kernel_cases import DEVICE, routing
+from .kernel_cases import DEVICE, routing
 from phds_serve.kernels.align import align_pairs_by_expert, align_pairs_by_expert_torch, max_padded_pairs
 
 ALIGNERS = {"triton": align_pairs_by_expert, "torch": align_pairs_by_expert_torch}

@@ -7,7 +7,7 @@ import torch
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
-from kernel_cases import DEVICE, DTYPES, TOLERANCE, compact, fill_dropped, moe_case, nan_alloc, rel_err
+from .kernel_cases import DEVICE, DTYPES, TOLERANCE, compact, fill_dropped, moe_case, nan_alloc, rel_err
 from phds_serve.kernels import fused_declared_k_moe
 from phds_serve.kernels.fused_moe import MoEKernelConfig, default_config
 from phds_serve.kernels.reference import moe_dense_reference, moe_loop_reference

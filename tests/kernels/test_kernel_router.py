@@ -14,7 +14,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from kernel_cases import DEVICE
+from .kernel_cases import DEVICE
 from phds_serve.kernels import declared_k_route_triton
 from phds_serve.kernels.reference import route_declared_k_stable, stable_group_mask
 from phds_serve.routing import RoutingRule, expert_scores, route_declared_k

@@ -25,7 +25,7 @@ import textwrap
 import pytest
 import torch
 
-from kernel_cases import DEVICE, expert_weights
+from .kernel_cases import DEVICE, expert_weights
 from phds_serve.kernels import declared_k_route_triton, fused_declared_k_moe
 from phds_serve.routing import RoutingRule
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from triton import cdiv
 
-from kernel_cases import DEVICE, compact, fill_dropped, moe_case
+from .kernel_cases import DEVICE, compact, fill_dropped, moe_case
 from phds_serve.kernels import fused_declared_k_moe
 from phds_serve.kernels.align import align_pairs_by_expert
 from phds_serve.kernels.fused_moe import MoEKernelConfig

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, multiprocess
 
 from phds_serve.offline import sampling_params_at_k
 
-from .conftest import NATIVE_K, hf_logprobs, random_prompts, vllm_engine
+from ..engine_cases import NATIVE_K, hf_logprobs, random_prompts, vllm_engine
 
 TOL = 1e-4
 
@@ -105,7 +105,7 @@ def test_speculative_decoding_runs_native_k_and_refuses_other_k(tiny_checkpoints
     import torch
     from vllm.exceptions import VLLMValidationError
 
-    from .conftest import hf_model
+    from ..engine_cases import hf_model
 
     path = tiny_checkpoints["qwen3_moe"]
     prompt = random_prompts([6], seed=13)[0] * 2  # a repeat, so n-gram drafts exist
@@ -133,7 +133,7 @@ def test_pooling_model_runs_as_stock(tiny_checkpoints, tmp_path):
 
     from phds_serve.server.bundled_model import build_tokenizer
 
-    from .conftest import hf_model
+    from ..engine_cases import hf_model
 
     path = tmp_path / "qwen3_moe-embed"
     shutil.copytree(tiny_checkpoints["qwen3_moe"], path)

@@ -20,7 +20,7 @@ from phds_serve.model_executor.step_k import TOKEN_K_INPUT
 from phds_serve.offline import sampling_params_at_k
 from phds_serve.testing import engine_runner
 
-from .conftest import random_prompts, vllm_engine
+from ..engine_cases import random_prompts, vllm_engine
 
 KS = [1, 2, 4, 3]
 MAX_TOKENS = 3

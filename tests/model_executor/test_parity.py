@@ -7,7 +7,7 @@ import pytest
 from phds_serve.offline import sampling_params_at_k
 from phds_serve.tiny import ARCHS
 
-from .conftest import NATIVE_K, hf_logprobs, random_prompts, vllm_engine
+from ..engine_cases import NATIVE_K, hf_logprobs, random_prompts, vllm_engine
 
 TOL = 1e-4
 KS = [1, 2, NATIVE_K, None]  # None: no k declared, the checkpoint's native k
@@ -50,7 +50,7 @@ def test_k_changes_the_reference(tiny_checkpoints):
 def test_stock_vllm_deployed_at_k_matches_transformers(tiny_checkpoints, monkeypatch):
     """The yardstick holds on this runner: stock vLLM (plugin off) deployed at k=1 through
     ``hf_overrides`` equals transformers at k=1, prompt and decode. Run on both runners
-    (tests/engine/test_v2_runner.py), it shows stock V2 equal to stock V1."""
+    (tests/model_executor/test_v2_runner.py), it shows stock V2 equal to stock V1."""
     monkeypatch.setenv("PHDS_DISABLE", "1")
     path = tiny_checkpoints["qwen3_moe"]
     prompts = random_prompts([9, 31], seed=4)

@@ -17,7 +17,7 @@ from phds_serve.declared_k import InvalidK, KContract, KPolicy
 from phds_serve.model_executor import admission
 from phds_serve.model_executor.contract import contract_of
 
-from .conftest import NATIVE_K
+from ..engine_cases import NATIVE_K
 
 
 def engine_config(path, **overrides):

@@ -2,7 +2,7 @@
 own code: vLLM builds the model for the family's config (dummy weights, no forward),
 the plugin's MoE runners read the rule off the routers vLLM made
 (``rule_from_router``), and that rule must equal the one that
-tests/routing/test_family_rules.py shows equal to transformers' own routing at every k.
+tests/families/test_routing_rules.py shows equal to transformers' own routing at every k.
 
 Built in one child process (vLLM's distributed state is per process). Not here:
 Nemotron-H (vLLM CPU refuses its non-gated experts when the layer is built) and
@@ -17,12 +17,13 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 from phds_serve import tiny
 
-from test_family_rules import FAMILIES_BY_NAME
+from .test_routing_rules import FAMILIES_BY_NAME
 
 # rules-test family -> (tiny family, config overrides, native k)
 CASES = {
@@ -37,9 +38,9 @@ CASES = {
 
 CHILD = textwrap.dedent(
     """
-    import json, sys, tempfile
-    sys.path.insert(0, sys.argv[2])  # this folder: the same fields() as the parent
-    from test_rules_from_vllm_routers import fields
+    import importlib, json, sys, tempfile
+    sys.path.insert(0, sys.argv[2])  # where the parent imported this module from
+    fields = importlib.import_module(sys.argv[3]).fields  # the same fields() as the parent
     from vllm.config import set_current_vllm_config
     from vllm.distributed import (destroy_distributed_environment, destroy_model_parallel,
                                   init_distributed_environment, initialize_model_parallel)
@@ -92,9 +93,9 @@ def engine_rules(tmp_path_factory) -> dict[str, list[dict]]:
         config.save_pretrained(root / name)
         paths[name] = str(root / name)
     env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING")
-    here = os.path.dirname(os.path.abspath(__file__))
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(paths), here], env=env, capture_output=True,
-                          text=True, timeout=900)
+    root = Path(__file__).resolve().parents[__name__.count(".")]  # sys.path entry of this module's package
+    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(paths), str(root), __name__], env=env,
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -3,7 +3,7 @@ deployment uses (phds_serve.testing, ``PHDS_CPU_RUNNER=v2``).
 
 The V2 switch must be on before vLLM is imported, and this session has imported
 it already, so the same test functions run in a child pytest session; every
-engine there checks that it really runs the V2 runner (tests/engine/conftest.py).
+engine there checks that it really runs the V2 runner (tests/engine_cases.py).
 """
 
 from __future__ import annotations
@@ -24,16 +24,16 @@ ROOT = Path(__file__).resolve().parents[2]
 # engine), every family vLLM CPU runs, the layer's GPU branches (Triton kernels,
 # vLLM's modular kernel) inside the engine, and tensor parallel (TP=2).
 DEFAULT = [
-    "tests/engine/test_parity.py",
-    "tests/engine/test_prefix_isolation.py",
-    "tests/engine/test_kernel_inputs.py",
+    "tests/model_executor/test_parity.py",
+    "tests/model_executor/test_prefix_isolation.py",
+    "tests/model_executor/test_kernel_inputs.py",
 ]
 SLOW = [
-    "tests/engine/test_engine_behaviour.py",
-    "tests/engine/test_families.py",
-    "tests/engine/test_gpu_branches.py",
+    "tests/model_executor/test_engine_behaviour.py",
+    "tests/families/test_engine.py",
+    "tests/model_executor/test_gpu_branches.py",
     # TP=2: the workers are new processes (phds_serve/testing_bootstrap gives them the switch).
-    "tests/engine/test_parallel_and_stock.py::test_tensor_parallel_mixed_k",
+    "tests/model_executor/test_parallel_and_stock.py::test_tensor_parallel_mixed_k",
 ]
 
 

@@ -13,18 +13,15 @@ vLLM CPU can run (``benchmarks/family_control.py --mode plugin`` prints the tabl
 from __future__ import annotations
 
 import pytest
-import torch
 
 from phds_serve import tiny
 from phds_serve.offline import sampling_params_at_k
-from phds_serve.testing import declared_k_layers
 
-from .conftest import random_prompts, vllm_engine
+from ..engine_cases import NATIVE_K, max_errors, mixed_k_after_native, random_prompts, reference_logprobs, vllm_engine
 
 TOL = 1e-4
-NATIVE_K = 4
 
-# One family per router kind (the four original architectures run in test_parity.py).
+# One family per router kind (the four original architectures run in tests/model_executor/test_parity.py).
 DEFAULT_FAMILIES = [
     "glm4_moe",  # sigmoid + correction bias, grouped (one group), scaling on the output
     "gpt_oss",  # top-k on logits then softmax over k; expert biases, clamped SwiGLU
@@ -53,7 +50,7 @@ SLOW_FAMILIES = [
 # Not here: vLLM CPU cannot run Jamba (no selective_scan op), DBRX (its weight loader),
 # Qwen3-Next/Qwen3.5 exactly (bf16-only linear attention), LFM2-MoE and Cohere2-MoE (stock
 # vLLM CPU differs from transformers at every k, the plugin equally), Nemotron-H
-# (non-gated experts): tests/routing/test_family_rules.py checks their routing rules
+# (non-gated experts): tests/families/test_routing_rules.py checks their routing rules
 # against the transformers router modules, docs/COMPATIBILITY.md marks them GPU-only.
 
 
@@ -69,45 +66,6 @@ def engine_for(family: str) -> dict:
     there, plugin or not)."""
     config = tiny.family_config(family)
     return {"attention_backend": "CPU_MLA"} if getattr(config, "kv_lora_rank", None) else {}
-
-
-def reference_logprobs(family: str, path, k: int, token_ids: list[int]) -> torch.Tensor:
-    return tiny.next_token_logprobs(tiny.reference_model(family, path, k), token_ids)
-
-
-def mixed_k_after_native(path, layers: set | None = None, **engine) -> list[tuple[list[int], int, list[float]]]:
-    """Run a prompt at native k, then it and others at k in {1, 2, native, none} in one
-    batch: (prompt + completion, k, vLLM's log-probability of each next token).
-    ``layers``: filled with the engine's declared-k layers, (branch, routing method)."""
-    first, *others = random_prompts([40, 9, 23], seed=21)
-    requests = [(first, 1), (first, 2)] + [(p, k) for p in others for k in (1, 2, NATIVE_K, None)]
-    params = lambda k: sampling_params_at_k(  # noqa: E731
-        k, max_tokens=4, temperature=0, logprobs=0, prompt_logprobs=0, ignore_eos=True
-    )
-    with vllm_engine(path, enable_prefix_caching=True, **engine) as llm:
-        llm.generate([{"prompt_token_ids": first}], [params(NATIVE_K)], use_tqdm=False)
-        outputs = llm.generate(
-            [{"prompt_token_ids": p} for p, _ in requests], [params(k) for _, k in requests],
-            use_tqdm=False,
-        )
-        if layers is not None:
-            layers.update(declared_k_layers(llm))
-    results = []
-    for (prompt, k), out in zip(requests, outputs):
-        completion = out.outputs[0]
-        got = [lp[t].logprob for lp, t in zip(out.prompt_logprobs[1:], prompt[1:])]
-        got += [lp[t].logprob for lp, t in zip(completion.logprobs, completion.token_ids)]
-        results.append((prompt + list(completion.token_ids), k or NATIVE_K, got))
-    return results
-
-
-def max_errors(family: str, path, results, ref_k=None) -> dict[int, float]:
-    """Largest |vLLM - transformers at ref_k| per declared k (ref_k: the request's own k)."""
-    errors: dict[int, float] = {}
-    for full, k, got in results:
-        ref = reference_logprobs(family, path, ref_k or k, full).tolist()
-        errors[k] = max(errors.get(k, 0.0), max(abs(a - b) for a, b in zip(got, ref)))
-    return errors
 
 
 def k_gap(family: str, path) -> float:

@@ -19,7 +19,7 @@ import pytest
 
 from phds_serve import tiny
 
-from .test_families import max_errors, mixed_k_after_native
+from ..engine_cases import max_errors, mixed_k_after_native
 
 TOL = 1e-4
 BRANCH = {"triton": "triton", "reference": "modular"}

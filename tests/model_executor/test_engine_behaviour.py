@@ -14,7 +14,7 @@ from vllm.exceptions import VLLMValidationError
 from phds_serve.offline import sampling_params_at_k
 from phds_serve.testing import engine_runner
 
-from .conftest import NATIVE_K, hf_logprobs, random_prompts, vllm_engine
+from ..engine_cases import NATIVE_K, hf_logprobs, random_prompts, vllm_engine
 
 MAX_K = 6  # widened beyond the native 4 through the engine's HF config override
 TOL = 1e-4
