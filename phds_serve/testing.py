@@ -6,7 +6,7 @@ Triton has no CPU backend. vLLM CPU ships a V2 runner
 (``vllm/v1/worker/cpu/model_runner.py``) whose Triton helpers run under the
 Triton interpreter, so the production path can be tested here:
 
-    PHDS_CPU_RUNNER=v2 pytest tests/engine/test_parity.py
+    PHDS_CPU_RUNNER=v2 pytest tests/model_executor/test_parity.py
 
 :func:`enable_cpu_v2_runner` must run before ``vllm`` is imported (vLLM decides
 ``HAS_TRITON`` and Triton decides interpretation at import): ``tests/conftest.py``
