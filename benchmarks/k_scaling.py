@@ -12,11 +12,14 @@ FLOPs and expert bytes.
 
     python benchmarks/k_scaling.py            # full run, ~10 min on 2 cores
     python benchmarks/k_scaling.py --quick    # smaller, for a smoke check
-    python benchmarks/k_scaling.py --baseline a485ad4   # also today's plugin / the plugin at a485ad4
+    python benchmarks/k_scaling.py --baseline a485ad4 HEAD --no-stock --rounds 15
 
-``--baseline REV`` adds one more engine: the plugin as it was at git revision REV, imported
-from a temporary ``git worktree`` (PYTHONPATH) and measured in the same interleaved rounds,
-so a refactor's "no slower" is a ratio from one run, not two runs on a noisy machine.
+``--baseline REV...`` adds one engine per revision: the plugin as it was at git revision REV,
+imported from a temporary ``git worktree`` (PYTHONPATH) and measured in the same interleaved
+rounds, so a refactor's "no slower" is a ratio from one run, not two runs on a noisy machine.
+Give ``HEAD`` as one of them for an A/A control: a second engine of today's code shows how far
+two engines of the same code differ in one run (each engine process keeps its own bias for
+the whole run), the noise floor any other ratio has to clear. ``--no-stock`` skips stock vLLM.
 """
 
 from __future__ import annotations
@@ -168,11 +171,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer k values, rounds and tokens")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
-    parser.add_argument("--baseline", metavar="REV", default=None,
-                        help="also run the plugin as of git revision REV, in the same rounds")
+    parser.add_argument("--ks", type=int, nargs="+", default=None, help="the k values to measure")
+    parser.add_argument("--baseline", metavar="REV", nargs="+", default=[],
+                        help="also run the plugin as of each git revision REV, in the same rounds")
+    parser.add_argument("--no-stock", action="store_true", help="no stock vLLM engines")
     args = parser.parse_args()
 
-    ks = [1, 2, 4, 8] if not args.quick else [1, 8]
+    ks = args.ks or ([1, 2, 4, 8] if not args.quick else [1, 8])
     rounds = args.rounds or (3 if not args.quick else 1)
     work = Workload() if not args.quick else Workload(8, 16, 8, 64)
 
@@ -185,20 +190,20 @@ def main() -> None:
     print(f"model: OLMoE shape {SHAPE}, {NUM_EXPERTS} experts, native k {NATIVE_K}", flush=True)
 
     engines = {"plugin": Engine("plugin", model, plugin=True)}
-    baseline = f"plugin@{args.baseline}" if args.baseline else None
-    tree = baseline_tree(args.baseline, Path(tmp)) if args.baseline else None
-    if baseline:
-        engines[baseline] = Engine(baseline, model, plugin=True,
-                                   env={"PYTHONPATH": os.pathsep.join(filter(None, [
-                                       str(tree), os.environ.get("PYTHONPATH")]))})
-    for k in ks:
+    trees = {f"plugin@{rev}": baseline_tree(rev, Path(tmp)) for rev in args.baseline}
+    for name, tree in trees.items():
+        engines[name] = Engine(name, model, plugin=True, env={"PYTHONPATH": os.pathsep.join(
+            filter(None, [str(tree), os.environ.get("PYTHONPATH")]))})
+    plugins = ["plugin", *trees]
+    stock = not args.no_stock
+    for k in ks if stock else []:
         engines[f"stock k={k}"] = Engine(f"stock k={k}", model, plugin=False, stock_k=k)
     try:
         for name, engine in engines.items():
             package_dir = engine.wait_ready()
             print(f"  engine up: {name} (phds_serve from {package_dir})", flush=True)
-            if name == baseline and not package_dir.startswith(str(tree)):
-                sys.exit(f"{baseline} imported phds_serve from {package_dir}, not from {tree}")
+            if name in trees and not package_dir.startswith(str(trees[name])):
+                sys.exit(f"{name} imported phds_serve from {package_dir}, not from {trees[name]}")
 
         times: dict[tuple[str, str, str], list[float]] = {}
 
@@ -212,21 +217,23 @@ def main() -> None:
         for r in range(rounds + 1):  # round 0 warms every engine up and is discarded
             for phase, n in (("decode", work.decode_seqs), ("prefill", work.prefill_seqs)):
                 mixed = [ks[0]] * (n // 2) + [ks[-1]] * (n - n // 2)
+                # the plugin engines take turns going first, so none gets the better part of
+                # a round's warm caches every time
+                order = plugins[r % len(plugins):] + plugins[:r % len(plugins)]
                 for k in ks:
-                    measure("plugin", f"k={k}", phase, [k] * n)
-                    if baseline:
-                        measure(baseline, f"k={k}", phase, [k] * n)
-                    measure(f"stock k={k}", f"k={k}", phase, [None] * n)
-                measure("plugin", f"mixed {ks[0]}/{ks[-1]}", phase, mixed)
-                if baseline:
-                    measure(baseline, f"mixed {ks[0]}/{ks[-1]}", phase, mixed)
+                    for name in order:
+                        measure(name, f"k={k}", phase, [k] * n)
+                    if stock:
+                        measure(f"stock k={k}", f"k={k}", phase, [None] * n)
+                for name in order:
+                    measure(name, f"mixed {ks[0]}/{ks[-1]}", phase, mixed)
             if r == 0:
                 times.clear()
             print(f"  round {r}/{rounds} done", flush=True)
     finally:  # every engine goes, also when one failed to start or a measurement raised
         for engine in engines.values():
             engine.close()
-        if tree:
+        for tree in trees.values():
             remove_baseline_tree(tree)
 
     def tput(engine: str, label: str, phase: str) -> float:
@@ -240,7 +247,8 @@ def main() -> None:
         print(f"\n{phase} throughput (tokens/s, median of {rounds} interleaved rounds)")
         print(f"{'k':>10} {'plugin':>10} {'stock':>10} {'plugin/stock':>13} {'vs native k':>12} {'ideal FLOPs':>12} {'ideal bytes':>12}")
         for k in ks:
-            p, s = tput("plugin", f"k={k}", phase), tput(f"stock k={k}", f"k={k}", phase)
+            p = tput("plugin", f"k={k}", phase)
+            s = tput(f"stock k={k}", f"k={k}", phase) if stock else float("nan")
             logits = phase == "decode"
             ideal_f = flops_per_token(NATIVE_K, logits) / flops_per_token(k, logits)
             batch = work.decode_seqs if phase == "decode" else work.prefill_seqs * work.prefill_len
@@ -255,14 +263,22 @@ def main() -> None:
         m = tput("plugin", label, phase)
         results[f"{phase} {label}"] = dict(plugin=m, expected=expected, ratio=m / expected, vs_native=m / native)
         print(f"  measured {m:.0f} tokens/s = {m / expected:.2f}x that, {m / native:.2f}x all at native k")
-    if baseline:
-        print(f"\nplugin today / {baseline} (same rounds; 1.00 = no change)")
-        print(f"{'':>16} {'decode':>8} {'prefill':>8}")
+    for baseline in trees:
+        # Paired: each round measured the two side by side, so the ratio of a round cancels the
+        # machine's mood of that moment; the median over rounds and its quartiles are printed.
+        print(f"\nthroughput of plugin today / {baseline}: median of the {rounds} rounds' paired ratios "
+              f"[quartiles]; 1.00 = no change")
+        print(f"{'':>16} {'decode':>22} {'prefill':>22}")
         for label in [f"k={k}" for k in ks] + [f"mixed {ks[0]}/{ks[-1]}"]:
-            ratios = [tput("plugin", label, phase) / tput(baseline, label, phase)
-                      for phase in ("decode", "prefill")]
-            results[f"vs baseline {label}"] = dict(decode=ratios[0], prefill=ratios[1])
-            print(f"{label:>16} {ratios[0]:>8.3f} {ratios[1]:>8.3f}")
+            cells, row = [], {}
+            for phase in ("decode", "prefill"):
+                paired = [old / new for new, old in zip(times[("plugin", label, phase)],
+                                                        times[(baseline, label, phase)])]
+                q1, median, q3 = statistics.quantiles(paired, n=4) if len(paired) > 1 else paired * 3
+                row[phase] = dict(median=median, q1=q1, q3=q3, rounds=paired)
+                cells.append(f"{median:.3f} [{q1:.3f}, {q3:.3f}]")
+            results[f"vs {baseline} {label}"] = row
+            print(f"{label:>16} {cells[0]:>22} {cells[1]:>22}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
