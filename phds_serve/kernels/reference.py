@@ -89,7 +89,12 @@ def moe_loop_reference(
     topk_ids: torch.Tensor,
     activation: str = "silu",
 ) -> torch.Tensor:
-    """Per-expert masked loop in float32: each expert sees only the pairs routed to it."""
+    """Per-expert masked loop in float32: each expert sees only the pairs routed to it.
+
+    The gated activation is rounded to x's dtype, where the kernels (like vLLM's
+    fused_experts) store it between their two GEMMs: in fp16 a small activation is
+    subnormal there, and a reference in float32 throughout differed from the kernels by
+    more than the output's own rounding (hypothesis found 1.6e-2 at fp16)."""
     out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
     inter = w2.shape[2]
     for expert in range(w13.shape[0]):
@@ -97,7 +102,8 @@ def moe_loop_reference(
         if token_idx.numel() == 0:
             continue
         h = x[token_idx].float() @ w13[expert].float().t()
-        y = gated_activation(h, inter, activation) @ w2[expert].float().t()
+        act = gated_activation(h, inter, activation).to(x.dtype).float()
+        y = act @ w2[expert].float().t()
         out.index_add_(0, token_idx, y * topk_weights[token_idx, slot_idx, None].float())
     return out.to(x.dtype)
 

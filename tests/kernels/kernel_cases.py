@@ -16,8 +16,12 @@ import torch
 DEVICE_ENV = "PHDS_KERNEL_TEST_DEVICE"
 DEVICE = torch.device(os.environ.get(DEVICE_ENV, "cpu"))
 
-# Max abs error relative to the reference's max abs value.
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+# Max abs error relative to the reference's max abs value. The reference rounds the
+# activation where the kernels store it; the aligned path also stores each pair's output
+# in the input dtype before the sum over k (as vLLM's fused_experts does), which the
+# reference does not: with k pair outputs of opposite signs that is up to k half-ulps of
+# the larger one. bf16 (8-bit mantissa) needs 3e-2 for it (hypothesis found 2.04e-2 at 2e-2).
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 3e-2}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
