@@ -46,8 +46,6 @@ Everything in this module is pure (no clock, no I/O): the server feeds it one
 
 from __future__ import annotations
 
-import asyncio
-import logging
 
 import math
 from dataclasses import dataclass, field
@@ -236,31 +234,3 @@ class BrownoutController:
             self._miss_streak = 0
             self._ok_streak = 0
         return self.level
-
-
-class Ticking:
-    """Runs ``self.tick()`` every ``self.config.brownout_interval_s`` on the server's event
-    loop, from ``start()`` (ASGI lifespan) to ``stop()``; a failing tick is logged, never
-    fatal. Both brownout drivers (reactive and predictive) tick this way."""
-
-    _task: "asyncio.Task | None" = None
-
-    def tick(self) -> int:
-        raise NotImplementedError
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="phds-brownout")
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.brownout_interval_s)
-            try:
-                self.tick()
-            except Exception:  # never let the controller take the server down
-                logging.getLogger("phds_serve.server").exception("phds-serve: brownout tick failed")
-
-    def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None

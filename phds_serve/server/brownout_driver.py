@@ -14,12 +14,13 @@ from typing import Any, Union
 from starlette.types import Receive
 
 from phds_serve.server import metrics
-from phds_serve.server.brownout import BrownoutController, ControllerSettings, Ticking, pressure
+from phds_serve.server.brownout import BrownoutController, ControllerSettings, pressure
 from phds_serve.server.dispatch import Ticket
 from phds_serve.server.load_feed import FEED, LoadFeed
 from phds_serve.server.predictive import PredictiveBrownout, engine_slots, settings_from
 from phds_serve.server.request_k import LayerConfig, Prepared
 from phds_serve.server.routes import Route
+from phds_serve.server.ticking import Ticking
 
 
 class BrownoutDriver(Ticking):

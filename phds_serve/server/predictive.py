@@ -24,12 +24,13 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from phds_serve.server import metrics
-from phds_serve.server.brownout import BrownoutController, ControllerSettings, Ticking, Window, pressure
+from phds_serve.server.brownout import BrownoutController, ControllerSettings, Window, pressure
 from phds_serve.server.dispatch import Dispatcher, Ticket
 from phds_serve.server.feedforward import Demand, EngineState, choose, work_s
 from phds_serve.server.load_feed import FEED, LoadFeed
 from phds_serve.server.request_k import LayerConfig
 from phds_serve.server.service_model import ServiceModel
+from phds_serve.server.ticking import Ticking
 from phds_serve.tiers import TierConfigError
 
 logger = logging.getLogger("phds_serve.server")
