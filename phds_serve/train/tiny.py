@@ -41,18 +41,21 @@ from .trainer import TrainSettings, train
 
 HELDOUT_FRAC = 0.05
 BLOCK_SIZE = 512  # trained and served at this length (max_position_embeddings)
-PROMPTS = ("def read_config(path):\n    ", "import os\n\n\ndef main(args):\n    ")
+# Function signatures ending at the newline: the byte-level tokenizer attaches indentation to the next
+# word (it learned "\n" + spaces + word pieces), so a prompt ending in spaces starts mid-token.
+PROMPTS = ("def read_config(path):\n", "import os\n\n\ndef main(args):\n", "class Stack:\n")
+
+
+ARCH_DEFAULTS = dict(hidden_size=192, intermediate_size=192, num_hidden_layers=4, num_attention_heads=6)
 
 
 def bundled_config(tokenizer: PreTrainedTokenizerFast, **overrides) -> OlmoeConfig:
-    """The bundled model's config: ~4.5M parameters, 16 experts, native k=4, 4 layers, hidden 128 (18 MB in float32)."""
+    """The bundled model's config: 16 experts, native k=4, 4 layers, hidden 192 (~9.3M parameters,
+    18 MB stored in bfloat16); ``overrides`` change any field (the build's --hidden-size etc.)."""
     kwargs = dict(
         vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        **ARCH_DEFAULTS,
+        num_key_value_heads=None,
         num_experts=16,
         num_experts_per_tok=4,
         norm_topk_prob=False,
@@ -141,7 +144,7 @@ def check_work_dir(work: Path, a: argparse.Namespace, digest: str) -> None:
     checkpoint to be resumed; a saved base must also match its length and decay.
     """
     stable = dict(manifest=digest, vocab=a.vocab, seed=a.seed, batch_size=a.batch_size, block_size=BLOCK_SIZE,
-                  lr=a.pretrain_lr, warmup_steps=a.warmup_steps)
+                  lr=a.pretrain_lr, warmup_steps=a.warmup_steps, arch=arch_overrides(a))
     full = dict(stable, pretrain_steps=a.pretrain_steps, decay_steps=a.decay_steps)
     path = work / "recipe.json"
     if path.exists():
@@ -150,6 +153,19 @@ def check_work_dir(work: Path, a: argparse.Namespace, digest: str) -> None:
         if {k: old.get(k) for k in stable} != stable or (base_done and old != full):
             raise SystemExit(f"{work} holds a run of another recipe ({old}); use another --work or remove it")
     path.write_text(json.dumps(full, indent=1))
+
+
+def arch_overrides(a: argparse.Namespace) -> dict[str, int]:
+    return dict(hidden_size=a.hidden_size, intermediate_size=a.intermediate_size,
+                num_hidden_layers=a.layers, num_attention_heads=a.heads)
+
+
+def round_to(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Round the weights to the storage dtype in place (kept float32 in memory), so what is
+    evaluated and sampled is exactly what is saved and served."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(dtype).to(p.dtype))
 
 
 def plot(base_history: list[dict], phds_history: list[dict], rows: list[dict], path: Path) -> None:
@@ -186,6 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="1 is fastest on a busy 2-core machine")
     p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--hidden-size", type=int, default=ARCH_DEFAULTS["hidden_size"])
+    p.add_argument("--intermediate-size", type=int, default=ARCH_DEFAULTS["intermediate_size"], help="per expert")
+    p.add_argument("--layers", type=int, default=ARCH_DEFAULTS["num_hidden_layers"])
+    p.add_argument("--heads", type=int, default=ARCH_DEFAULTS["num_attention_heads"])
+    p.add_argument("--save-dtype", choices=("float32", "bfloat16"), default="bfloat16",
+                   help="storage dtype of the weights (loaded as float32 everywhere); the card's numbers are "
+                        "measured on the rounded weights")
     p.add_argument("--pretrain-steps", type=int, default=500, help="all of warmup + stable + decay")
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--decay-steps", type=int, default=100, help="last steps, linear decay to 0")
@@ -237,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     check_work_dir(work, a, digest)
     if not (base_dir / "model.safetensors").exists():
         set_seed(a.seed)
-        model = OlmoeForCausalLM(bundled_config(tokenizer))
+        model = OlmoeForCausalLM(bundled_config(tokenizer, **arch_overrides(a)))
         log(f"pretraining {sum(p.numel() for p in model.parameters()):,} params at k=4 for {a.pretrain_steps} "
             f"steps of {tokens_per_step} tokens", logfile)
         sched = KSchedule("oracle", (4,), a.pretrain_steps, seed=a.seed)
@@ -281,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     cb, trainer = train(model, train_blocks, sched, settings,
                         callbacks=[ProgressLog(logfile, "phds", tokens_per_step)])
     phds_history = trainer.state.log_history
+    save_dtype = getattr(torch, a.save_dtype)
+    round_to(model, save_dtype)
 
     log("evaluating held-out at k=1..4", logfile)
     native = int(model.config.num_experts_per_tok)
@@ -299,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         for prompt in PROMPTS for k in range(1, native + 1)
     )
     phds = dict(sched.to_dict(), steps=a.phds_steps, lr=a.phds_lr, routing="topk", aux_loss_coef=0.0,
-                batch_size=a.batch_size, block_size=BLOCK_SIZE, k_history=cb.history,
-                base={"pretrain_steps": a.pretrain_steps, "pretrain_lr": a.pretrain_lr, "k": 4,
+                batch_size=a.batch_size, block_size=BLOCK_SIZE, k_history=cb.history, storage_dtype=a.save_dtype,
+                base={"arch": arch_overrides(a), "pretrain_steps": a.pretrain_steps, "pretrain_lr": a.pretrain_lr, "k": 4,
                       "warmup_steps": a.warmup_steps, "decay_steps": a.decay_steps,
                       "batch_size": a.batch_size, "epochs": round(epochs, 3)},
                 data={"manifest": MANIFEST, "manifest_sha256": digest, "python": platform.python_version(),
@@ -319,7 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     card = model_card(
         "tiny-olmoe (phds-serve bundled model)",
-        f"OlmoeForCausalLM pretrained from scratch at k=4 for {a.pretrain_steps} steps "
+        f"OlmoeForCausalLM ({sum(p.numel() for p in model.parameters()):,} parameters: hidden {a.hidden_size}, "
+        f"{a.layers} layers, {model.config.num_experts} experts of intermediate size {a.intermediate_size}; "
+        f"weights stored in {a.save_dtype}, served in float32) pretrained from scratch at k=4 for {a.pretrain_steps} steps "
         f"(lr {a.pretrain_lr}: warmup {a.warmup_steps}, constant, linear decay over the last {a.decay_steps}; batch {a.batch_size}x{BLOCK_SIZE} tokens, {epochs:.2f} epochs, aux loss 0.01), "
         f"seed {a.seed}, then PHDS-tuned across k. A toy for tests and demos: it writes Python-looking code, "
         "not a useful language model.",
@@ -327,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if out.exists():
         shutil.rmtree(out)
-    save_checkpoint(model, tokenizer, out, phds, card)
+    save_checkpoint(model, tokenizer, out, phds, card, dtype=save_dtype)
     (out / "eval.json").write_text(json.dumps(rows, indent=2))
     write_manifest(rows_manifest, out / MANIFEST)
     plot(base_history, phds_history, rows, out / "training.png")
