@@ -8,7 +8,7 @@ import sys
 
 from loadtest import summarize
 
-from .conftest import KEYS, KS, REPO, TIERS, TOP_KEY
+from .conftest import KEYS, KS, REPO, TOP_KEY
 
 HEADER = ("Type,Name,Request Count,Failure Count,Median Response Time,Average Response Time,"
           "Min Response Time,Max Response Time,Average Content Size,Requests/s,Failures/s,"
