@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import torch
 from transformers import AutoModelForCausalLM, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
