@@ -357,6 +357,8 @@ def comparisons(seeds: Sequence[int]) -> dict[str, dict[str, Any]]:
                 stat=diff(loss(phds, k), loss(oracle, k)), claim="matches the oracle (nats/token; <0: PHDS better)")
     c["loss oracle4@2 - oracle2@2"] = dict(stat=diff(loss("oracle4", 2), loss("oracle2", 2)),
                                            claim="control: the naive Oracle4 run at k=2")
+    c["loss phds-paper@2 - oracle4@2"] = dict(stat=diff(loss("phds-paper", 2), loss("oracle4", 2)),
+                                              claim="PHDS against the naive Oracle4 run at k=2")
     c["loss phds-paper@3 - oracle4@3"] = dict(stat=diff(loss("phds-paper", 3), loss("oracle4", 3)),
                                               claim="k=3, which no oracle here was pretrained at")
     for metric, label in (("agree", "argmax agreement"), ("agree_wrong", "agreement where either is wrong"),
@@ -368,6 +370,9 @@ def comparisons(seeds: Sequence[int]) -> dict[str, dict[str, Any]]:
             c[f"{metric} {phds}(2,4)"] = dict(stat=own, claim=f"{label}: one checkpoint at k=2 and 4")
             c[f"{metric} {phds}(2,4) - oracles"] = dict(stat=diff(own, oracle),
                                                         claim=f"{label}: PHDS gain over the oracles' pair")
+            c[f"{metric} {phds}(2,4) - oracle4(2,4)"] = dict(
+                stat=diff(own, pair_metric(metric, *self24("oracle4"))),
+                claim=f"{label}: what PHDS adds to one checkpoint's own agreement (vs Oracle4, same steps)")
         c[f"{metric} oracle4(2,4)"] = dict(stat=pair_metric(metric, *self24("oracle4")),
                                            claim=f"{label} control: Oracle4 with itself at k=2 and 4")
         c[f"{metric} base4(2,4)"] = dict(stat=pair_metric(metric, *self24("base4")),
@@ -394,30 +399,31 @@ def analyse(sums: dict[str, np.ndarray], seeds: Sequence[int], draws: int) -> di
 
 
 def plot(rows: dict[str, dict[str, Any]], path: Path) -> None:
-    """Forest plot of the paired differences, and loss per model and k, with 95% intervals."""
+    """Forest plots of the paired differences (loss; agreement and total variation) with their 95%
+    intervals, and the mean held-out loss per model and k."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    diffs = [n for n in rows if " - " in n]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 0.32 * len(diffs) + 1.5))
-    for i, n in enumerate(diffs):
-        r = rows[n]
-        a.errorbar(r["estimate"], i, xerr=[[r["estimate"] - r["ci95"][0]], [r["ci95"][1] - r["estimate"]]],
-                   fmt="o", color="C0" if n.startswith("loss") else "C1", capsize=3)
-    a.axvline(0, color="k", lw=0.8)
-    a.set_yticks(range(len(diffs)), diffs, fontsize=7)
-    a.set_xlabel("paired difference, 95% bootstrap interval (files x seeds)")
-    models = ["oracle4", "oracle2", "phds-paper", "phds-today", "base4", "base2"]
-    for j, m in enumerate(models):
-        ys = [rows[f"loss {m}@{k}"] for k in EVAL_KS]
-        b.errorbar([k + 0.06 * (j - 2.5) for k in EVAL_KS], [y["estimate"] for y in ys],
-                   yerr=[[y["estimate"] - y["ci95"][0] for y in ys], [y["ci95"][1] - y["estimate"] for y in ys]],
-                   fmt="o-", capsize=2, label=m)
-    b.set(xlabel="k at evaluation", ylabel="held-out loss (nats/token)", xticks=list(EVAL_KS))
-    b.legend(fontsize=7)
-    for ax in (a, b):
+    groups = ([n for n in rows if " - " in n and n.startswith("loss")],
+              [n for n in rows if " - " in n and not n.startswith("loss")])
+    fig, axes = plt.subplots(1, 3, figsize=(16, 0.3 * len(groups[1]) + 1.8),
+                             gridspec_kw=dict(width_ratios=(1, 1, 0.8)))
+    for ax, names, unit in zip(axes, groups, ("loss difference (nats/token)", "agreement / TV difference")):
+        for i, n in enumerate(names):
+            r = rows[n]
+            ax.errorbar(r["estimate"], i, xerr=[[r["estimate"] - r["ci95"][0]], [r["ci95"][1] - r["estimate"]]],
+                        fmt="o", capsize=3)
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.set_xlabel(f"{unit}, 95% bootstrap interval (files x seeds)", fontsize=8)
+    ax = axes[2]
+    for m in ("oracle4", "oracle2", "phds-paper", "phds-today", "base4", "base2"):
+        ax.plot(list(EVAL_KS), [rows[f"loss {m}@{k}"]["estimate"] for k in EVAL_KS], "o-", label=m)
+    ax.set(xlabel="k at evaluation", ylabel="held-out loss (nats/token), mean over seeds", xticks=list(EVAL_KS))
+    ax.legend(fontsize=7)
+    for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
