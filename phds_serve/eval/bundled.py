@@ -53,12 +53,13 @@ def write_manifest(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
         w.writerows(rows)
 
 
-def heldout_documents(manifest_path: str | Path, root: str | Path | None = None) -> list[Document]:
-    """The held-out files named in the manifest, read from ``root`` and checked by sha256."""
+def heldout_documents(manifest_path: str | Path, root: str | Path | None = None,
+                      split: str = "heldout") -> list[Document]:
+    """The files of ``split`` named in the manifest, read from ``root`` and checked by sha256."""
     root = Path(root) if root else stdlib_dir()
     docs = []
     for row in read_manifest(manifest_path):
-        if row["split"] != "heldout":
+        if row["split"] != split:
             continue
         text = (root / row["name"]).read_text(encoding="utf-8", errors="replace")
         digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
@@ -66,8 +67,34 @@ def heldout_documents(manifest_path: str | Path, root: str | Path | None = None)
             raise ValueError(f"{row['name']}: not the held-out text of the manifest (sha256 differs)")
         docs.append(Document(row["name"], text))
     if not docs:
-        raise ValueError(f"{manifest_path}: no held-out files")
+        raise ValueError(f"{manifest_path}: no {split} files")
     return docs
+
+
+SHINGLE_WORDS = 8
+
+
+def shingles(text: str, n: int = SHINGLE_WORDS) -> set[int]:
+    """Hashes of every run of ``n`` whitespace-separated words (formatting-blind, as near-duplicates are)."""
+    words = text.split()
+    return {hash(" ".join(words[i : i + n])) for i in range(max(0, len(words) - n + 1))}
+
+
+def train_overlap(docs: Sequence[Document], train_docs: Sequence[Document]) -> dict[str, float]:
+    """Per document, the fraction of its word 8-grams that occur anywhere in ``train_docs``.
+
+    Held out by path is not unseen in content: the standard library has near-copies (the
+    ``encodings/cp*.py`` tables, parallel test suites), so a held-out number is also reported on
+    the files that are mostly new text.
+    """
+    seen: set[int] = set()
+    for d in train_docs:
+        seen |= shingles(d.text)
+    out = {}
+    for d in docs:
+        own = shingles(d.text)
+        out[d.name] = len(own & seen) / len(own) if own else 0.0
+    return out
 
 
 def spread(blocks: torch.Tensor, max_blocks: int) -> torch.Tensor:
@@ -111,8 +138,11 @@ def load_at_k(checkpoint: str | Path, k: int) -> Any:
 
 
 def evaluate_checkpoint(checkpoint: str | Path, ks: Sequence[int], max_blocks: int = 0,
-                        root: str | Path | None = None) -> dict[str, Any]:
-    """bits/byte per k on the manifest's held-out files; agreement with the native k's argmax."""
+                        root: str | Path | None = None, max_train_overlap: float | None = None) -> dict[str, Any]:
+    """bits/byte per k on the manifest's held-out files; agreement with the native k's argmax.
+
+    With ``max_train_overlap``, only the held-out files of which at most that fraction of word 8-grams
+    occur in the training files (:func:`train_overlap`)."""
     from transformers import AutoConfig, AutoTokenizer
 
     checkpoint = Path(checkpoint)
@@ -121,6 +151,12 @@ def evaluate_checkpoint(checkpoint: str | Path, ks: Sequence[int], max_blocks: i
     native = int(config.num_experts_per_tok)
     block = int(config.max_position_embeddings)
     docs = heldout_documents(checkpoint / MANIFEST, root)
+    overlap = None
+    if max_train_overlap is not None:
+        overlap = train_overlap(docs, heldout_documents(checkpoint / MANIFEST, root, split="train"))
+        docs = [d for d in docs if overlap[d.name] <= max_train_overlap]
+        if not docs:
+            raise ValueError(f"no held-out file has at most {max_train_overlap:.0%} of its 8-grams in training")
     all_blocks = pack_blocks(docs, tokenizer, block)
     blocks = spread(all_blocks, max_blocks)
     tbytes = token_bytes(tokenizer)
@@ -133,6 +169,8 @@ def evaluate_checkpoint(checkpoint: str | Path, ks: Sequence[int], max_blocks: i
     return {
         "checkpoint": str(checkpoint), "native_k": native, "block_size": block,
         "heldout_files": len(docs), "heldout_blocks": int(all_blocks.shape[0]),
+        "max_train_overlap": max_train_overlap,
+        "train_overlap": {d.name: overlap[d.name] for d in docs} if overlap is not None else None,
         "evaluated_blocks": int(blocks.shape[0]), "rows": out,
         "k1_over_native_bpb": rows[1].bits_per_byte / rows[native].bits_per_byte if 1 in rows else None,
     }
@@ -145,12 +183,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-blocks", type=int, default=0, help="evenly spaced held-out blocks (0: all)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", help="write the result as JSON here too")
+    p.add_argument("--max-train-overlap", type=float,
+                   help="only held-out files with at most this fraction of word 8-grams in the training files")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    res = evaluate_checkpoint(a.checkpoint, [int(x) for x in a.ks.split(",")], a.max_blocks)
-    print(f"held-out: {res['heldout_files']} files, {res['evaluated_blocks']}/{res['heldout_blocks']} blocks "
-          f"of {res['block_size']} tokens")
+    res = evaluate_checkpoint(a.checkpoint, [int(x) for x in a.ks.split(",")], a.max_blocks,
+                              max_train_overlap=a.max_train_overlap)
+    which = "" if a.max_train_overlap is None else f" with at most {a.max_train_overlap:.0%} of 8-grams in training"
+    print(f"held-out: {res['heldout_files']} files{which}, {res['evaluated_blocks']}/{res['heldout_blocks']} "
+          f"blocks of {res['block_size']} tokens")
     print("| k | bits/byte | loss (nats/token) | next-token acc | agreement with native k |")
     print("|---|---|---|---|---|")
     for r in res["rows"]:
