@@ -41,17 +41,18 @@ from .trainer import TrainSettings, train
 
 HELDOUT_FRAC = 0.05
 BLOCK_SIZE = 512  # trained and served at this length (max_position_embeddings)
-# Function signatures ending at the newline: the byte-level tokenizer attaches indentation to the next
-# word (it learned "\n" + spaces + word pieces), so a prompt ending in spaces starts mid-token.
-PROMPTS = ("def read_config(path):\n", "import os\n\n\ndef main(args):\n", "class Stack:\n")
+# Signatures that end at the colon: the byte-level tokenizer keeps a newline and the next line's indentation
+# in one token ("\n" + spaces), so a prompt that ends in "\n" or in spaces starts mid-token, where the
+# model saw only blank lines and top-level code.
+PROMPTS = ("def read_config(path):", "import os\n\n\ndef main(args):", "    def __repr__(self):")
 
 
-ARCH_DEFAULTS = dict(hidden_size=192, intermediate_size=192, num_hidden_layers=4, num_attention_heads=6)
+ARCH_DEFAULTS = dict(hidden_size=128, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4)
 
 
 def bundled_config(tokenizer: PreTrainedTokenizerFast, **overrides) -> OlmoeConfig:
-    """The bundled model's config: 16 experts, native k=4, 4 layers, hidden 192 (~9.3M parameters,
-    18 MB stored in bfloat16); ``overrides`` change any field (the build's --hidden-size etc.)."""
+    """The bundled model's config: 16 experts, native k=4, 4 layers, hidden 128 (4.47M parameters,
+    17.1 MiB in float32); ``overrides`` change any field (the build's --hidden-size etc.)."""
     kwargs = dict(
         vocab_size=len(tokenizer),
         **ARCH_DEFAULTS,
@@ -206,12 +207,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--intermediate-size", type=int, default=ARCH_DEFAULTS["intermediate_size"], help="per expert")
     p.add_argument("--layers", type=int, default=ARCH_DEFAULTS["num_hidden_layers"])
     p.add_argument("--heads", type=int, default=ARCH_DEFAULTS["num_attention_heads"])
-    p.add_argument("--save-dtype", choices=("float32", "bfloat16"), default="bfloat16",
+    p.add_argument("--save-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="storage dtype of the weights (loaded as float32 everywhere); the card's numbers are "
                         "measured on the rounded weights")
-    p.add_argument("--pretrain-steps", type=int, default=500, help="all of warmup + stable + decay")
+    p.add_argument("--pretrain-steps", type=int, default=2200,
+                   help="all of warmup + stable + decay (2200 x 8 x 512 tokens: one epoch of the training files)")
     p.add_argument("--warmup-steps", type=int, default=20)
-    p.add_argument("--decay-steps", type=int, default=100, help="last steps, linear decay to 0")
+    p.add_argument("--decay-steps", type=int, default=440, help="last steps, linear decay to 0")
     p.add_argument("--pretrain-lr", type=float, default=3e-3)
     p.add_argument("--phds-steps", type=int, default=96)
     p.add_argument("--phds-lr", type=float, default=5e-4)

@@ -50,8 +50,9 @@ def test_k1_loss_within_15_percent_of_native(eval_out):
     assert rows[4]["loss"] < 6.0  # learned context (uniform over 4096 tokens is 8.3, unigram ~6.7)
 
 
-# Committed model: 1.87 bits/byte at k=4 on 256 held-out blocks (docs/RESULTS.md); the previous model had 2.30.
-MAX_NATIVE_BPB = 2.0
+# Issue 18's targets. Committed model: 1.16 bits/byte at k=4 and 1.23 at k=1 on all 752 held-out blocks
+# (docs/RESULTS.md); the one before it had 1.87 (0.23 epoch), the one before that 2.27.
+MAX_NATIVE_BPB = 1.6
 MAX_K1_RATIO = 1.10
 
 
@@ -105,9 +106,9 @@ def test_greedy_completion_looks_like_python(k):
     config_kwargs = {"num_experts_per_tok": k}
     model = AutoModelForCausalLM.from_pretrained(ASSET, dtype=torch.float32, **config_kwargs).eval()
     tok = AutoTokenizer.from_pretrained(ASSET)
-    # No trailing indentation: the byte-level tokenizer attaches spaces to the next word ("   " + " return"),
-    # so a prompt ending in "    " forces a split the model never saw in training.
-    prompt = "import os\n\n\ndef main(args):\n"
+    # Ending at the colon: the tokenizer keeps the newline and the next line's indentation in one token
+    # ("\n   " + " return"), so a prompt ending in "\n" or spaces forces a split never seen in training.
+    prompt = "import os\n\n\ndef main(args):"
     ids = tok(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=tok.pad_token_id)
