@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 # PyPI's torchvision/torchaudio/torchcodec break `import transformers` beside the CPU torch.
 BROKEN_BESIDE_CPU_TORCH := torchvision torchaudio torchcodec
 
-.PHONY: install test-tools serve test test-all bench tiny-model loadtest brownout-eval gpu-check clean
+.PHONY: install test-tools serve test test-all bench replicate tiny-model loadtest brownout-eval gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -62,10 +62,15 @@ test-all: install test-tools
 bench: install
 	$(PY) benchmarks/k_scaling.py
 
-# Rebuild the bundled tiny OLMoE from scratch, seeded: tokenizer, 0.23 epoch of the Python standard library
+# Replication v2 of the paper's claims (docs/RESULTS.md): 18 training runs, 3 seeds, about 1 h on 2 cores;
+# resumable: rerun to continue.
+replicate: install
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m phds_serve.eval.replicate --out runs/replication --report docs/results $(ARGS)
+
+# Rebuild the bundled tiny OLMoE from scratch, seeded: tokenizer, one epoch of the Python standard library
 # (every *.py, recursively; 5% of files held out by path hash) at k=4, then PHDS across k=1..4. Budget: about
-# 25 min on a shared 2-core machine (at most 2 h); resumable: rerun to continue from WORK's last checkpoint.
-# One epoch: ARGS="--pretrain-steps 2200 --decay-steps 440" (about 4.5x longer).
+# 1 h on one free core (53 min measured on a shared 2-core machine; at most 2 h); resumable: rerun to continue
+# from WORK's last checkpoint.
 tiny-model: install
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m phds_serve.train.tiny --work runs/tiny-olmoe-build --out phds_serve/assets/tiny-olmoe $(ARGS)
 
