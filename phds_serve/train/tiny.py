@@ -80,9 +80,10 @@ def log(msg: str, logfile: Path | None = None) -> None:
             fh.write(line + "\n")
 
 
-def corpus(heldout_frac: float = HELDOUT_FRAC) -> tuple[list[Document], list[Document], list[Document]]:
+def corpus(heldout_frac: float = HELDOUT_FRAC,
+           root: Path | None = None) -> tuple[list[Document], list[Document], list[Document]]:
     """(all, train, held-out) documents of the standard library tree, split by path hash."""
-    docs = load_tree(stdlib_dir())
+    docs = load_tree(root or stdlib_dir())
     train_docs, held_docs = split_documents(docs, heldout_frac)
     return docs, train_docs, held_docs
 
@@ -224,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save-steps", type=int, default=80)
     p.add_argument("--eval-blocks", type=int, default=256, help="held-out blocks for the card, evenly spaced (0: all)")
     p.add_argument("--stop-after-pretrain", action="store_true", help="(for a probe) stop once the base is saved")
+    p.add_argument("--root", type=Path, help="*.py tree to train on instead of the standard library (tests)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     work, out = Path(a.work), Path(a.out)
@@ -231,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     logfile = work / "progress.log"
     t0 = time.time()
 
-    docs, train_docs, held_docs = corpus()
+    docs, train_docs, held_docs = corpus(root=a.root)
     rows_manifest = manifest(docs, HELDOUT_FRAC)
     digest = hashlib.sha256(json.dumps(rows_manifest, sort_keys=True).encode()).hexdigest()
     log(f"corpus: {len(train_docs)} train files, {len(held_docs)} held-out files, manifest {digest[:16]}", logfile)
