@@ -53,8 +53,8 @@ def write_manifest(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
         w.writerows(rows)
 
 
-def heldout_documents(manifest_path: str | Path, root: str | Path | None = None,
-                      split: str = "heldout") -> list[Document]:
+def manifest_documents(manifest_path: str | Path, root: str | Path | None = None,
+                       split: str = "heldout") -> list[Document]:
     """The files of ``split`` named in the manifest, read from ``root`` and checked by sha256."""
     root = Path(root) if root else stdlib_dir()
     docs = []
@@ -64,7 +64,7 @@ def heldout_documents(manifest_path: str | Path, root: str | Path | None = None,
         text = (root / row["name"]).read_text(encoding="utf-8", errors="replace")
         digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
         if digest != row["sha256"]:
-            raise ValueError(f"{row['name']}: not the held-out text of the manifest (sha256 differs)")
+            raise ValueError(f"{row['name']}: not the {split} text of the manifest (sha256 differs)")
         docs.append(Document(row["name"], text))
     if not docs:
         raise ValueError(f"{manifest_path}: no {split} files")
@@ -150,10 +150,10 @@ def evaluate_checkpoint(checkpoint: str | Path, ks: Sequence[int], max_blocks: i
     config = AutoConfig.from_pretrained(str(checkpoint))
     native = int(config.num_experts_per_tok)
     block = int(config.max_position_embeddings)
-    docs = heldout_documents(checkpoint / MANIFEST, root)
+    docs = manifest_documents(checkpoint / MANIFEST, root)
     overlap = None
     if max_train_overlap is not None:
-        overlap = train_overlap(docs, heldout_documents(checkpoint / MANIFEST, root, split="train"))
+        overlap = train_overlap(docs, manifest_documents(checkpoint / MANIFEST, root, split="train"))
         docs = [d for d in docs if overlap[d.name] <= max_train_overlap]
         if not docs:
             raise ValueError(f"no held-out file has at most {max_train_overlap:.0%} of its 8-grams in training")

@@ -25,7 +25,7 @@ from phds_serve.train.data import load_documents, pack_blocks, split_documents, 
 
 from phds_serve.train.checkpoint import read_phds
 
-from .bundled import MANIFEST, heldout_documents, spread
+from .bundled import MANIFEST, manifest_documents, spread
 from .latency import measure, served_model
 from .metrics import agreement_matrix, evaluate_k
 from .report import plot, write_csv, write_json
@@ -56,7 +56,7 @@ def heldout_blocks(a: argparse.Namespace, tokenizer) -> torch.Tensor:
     manifest = Path(a.checkpoint) / MANIFEST
     if not a.data and manifest.is_file():
         phds = read_phds(a.checkpoint) or {}
-        blocks = pack_blocks(heldout_documents(manifest), tokenizer, a.block_size or int(phds.get("block_size", 256)))
+        blocks = pack_blocks(manifest_documents(manifest), tokenizer, a.block_size or int(phds.get("block_size", 256)))
         return spread(blocks, a.max_blocks)
     a.block_size = a.block_size or 256
     docs = load_documents(a.data or [stdlib_dir()], a.glob, tokenizer)

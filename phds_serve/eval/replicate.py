@@ -116,24 +116,12 @@ def split(docs: Sequence[Document]) -> dict[str, list[Document]]:
     return parts
 
 
-def pack_with_files(docs: Sequence[Document], tokenizer: Any, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blocks of ``block`` tokens (documents packed, each ended by EOS) and, per token, its file's index."""
-    ids: list[int] = []
-    owner: list[int] = []
-    for i, d in enumerate(docs):
-        toks = tokenizer(d.text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids += toks
-        owner += [i] * len(toks)
-    n = len(ids) // block
-    return (torch.tensor(ids[: n * block]).view(n, block), torch.tensor(owner[: n * block]).view(n, block))
-
-
 def prepare_data(out: Path, scale: Scale, root: Path | None = None) -> dict[str, Any]:
     """Tokenizer (pretraining files only) and token blocks of the ``*.py`` tree at ``root`` (the
     standard library by default), cached in ``out``."""
     from transformers import PreTrainedTokenizerFast
 
-    from phds_serve.train.data import load_tree, manifest, stdlib_dir
+    from phds_serve.train.data import load_tree, manifest, pack_blocks, pack_blocks_with_files, stdlib_dir
     from phds_serve.train.tokenizer import train_tokenizer
 
     path, tok_dir = out / "data.pt", out / "tokenizer"
@@ -144,9 +132,9 @@ def prepare_data(out: Path, scale: Scale, root: Path | None = None) -> dict[str,
     tokenizer = train_tokenizer([d.text for d in parts["pretrain"]], scale.vocab)
     tokenizer.save_pretrained(str(tok_dir))
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
-    data: dict[str, Any] = {name: pack_with_files(parts[name], tokenizer, scale.block)[0]
+    data: dict[str, Any] = {name: pack_blocks(parts[name], tokenizer, scale.block)
                             for name in ("pretrain", "sft")}
-    data["heldout"], data["heldout_file"] = pack_with_files(parts["heldout"], tokenizer, scale.block)
+    data["heldout"], data["heldout_file"] = pack_blocks_with_files(parts["heldout"], tokenizer, scale.block)
     data["heldout_names"] = [d.name for d in parts["heldout"]]
     data["files"] = {name: len(p) for name, p in parts.items()}
     data["manifest"] = manifest(docs, HELDOUT_FRAC)
@@ -154,19 +142,18 @@ def prepare_data(out: Path, scale: Scale, root: Path | None = None) -> dict[str,
     return data
 
 
-def model_config(scale: Scale, k: int, vocab_size: int) -> Any:
-    from transformers import OlmoeConfig
+def model_config(scale: Scale, k: int, tokenizer: Any) -> Any:
+    """The bundled model's config (:func:`phds_serve.train.tiny.bundled_config`) at this scale and k."""
+    from phds_serve.train.tiny import bundled_config
 
-    return OlmoeConfig(vocab_size=vocab_size, hidden_size=scale.hidden, intermediate_size=scale.hidden,
-                       num_hidden_layers=scale.layers, num_attention_heads=scale.heads, num_experts=scale.experts,
-                       num_experts_per_tok=k, norm_topk_prob=False, max_position_embeddings=scale.block,
-                       router_aux_loss_coef=0.01, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
-                       bos_token_id=2)
+    return bundled_config(tokenizer, hidden_size=scale.hidden, intermediate_size=scale.hidden,
+                          num_hidden_layers=scale.layers, num_attention_heads=scale.heads,
+                          num_experts=scale.experts, num_experts_per_tok=k, max_position_embeddings=scale.block)
 
 
 def train_run(run: Run, scale: Scale, out: str) -> str:
     """Train one run in this (worker) process, one thread; save it to out/models/TAG."""
-    from transformers import AutoModelForCausalLM, OlmoeForCausalLM, set_seed
+    from transformers import AutoModelForCausalLM, AutoTokenizer, OlmoeForCausalLM, set_seed
 
     from phds_serve.train.checkpoint import save_checkpoint
     from phds_serve.train.schedule import KSchedule
@@ -181,7 +168,8 @@ def train_run(run: Run, scale: Scale, out: str) -> str:
     common = dict(output_dir=str(root / "trainer" / run.tag), batch_size=scale.batch, seed=run.seed,
                   progress=False, logging_steps=50)
     if run.parent is None:
-        model = OlmoeForCausalLM(model_config(scale, run.k_train[0], scale.vocab))
+        tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
+        model = OlmoeForCausalLM(model_config(scale, run.k_train[0], tokenizer))
         sched = KSchedule("oracle", run.k_train, scale.pretrain_steps, seed=run.seed)
         stable = scale.pretrain_steps - scale.warmup_steps - scale.decay_steps
         settings = TrainSettings(max_steps=scale.pretrain_steps, lr=scale.pretrain_lr, aux_loss_coef=0.01,

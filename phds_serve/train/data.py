@@ -80,16 +80,29 @@ def pack_blocks(
 
     Packing wastes no compute on padding; the ragged tail is dropped.
     """
+    return pack_blocks_with_files(docs, tokenizer, block_size)[0]
+
+
+def pack_blocks_with_files(
+    docs: Iterable[Document], tokenizer: Any, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pack_blocks`, and beside it the index (in ``docs``) of the document each token came from
+    (for statistics per document, e.g. a bootstrap over held-out files)."""
     ids: list[int] = []
+    lengths: list[int] = []
     eos = tokenizer.eos_token_id
     for doc in docs:
+        start = len(ids)
         ids += tokenizer(doc.text, add_special_tokens=False)["input_ids"]
         if eos is not None:
             ids.append(eos)
+        lengths.append(len(ids) - start)
     n = len(ids) // block_size
     if n == 0:
         raise ValueError(f"only {len(ids)} tokens: fewer than one block of {block_size}")
-    return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
+    owner = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths, dtype=torch.long))
+    return (torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size),
+            owner[: n * block_size].view(n, block_size))
 
 
 class BlockDataset(torch.utils.data.Dataset):

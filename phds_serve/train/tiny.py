@@ -82,7 +82,7 @@ def log(msg: str, logfile: Path | None = None) -> None:
 
 def corpus(heldout_frac: float = HELDOUT_FRAC,
            root: Path | None = None) -> tuple[list[Document], list[Document], list[Document]]:
-    """(all, train, held-out) documents of the standard library tree, split by path hash."""
+    """(all, train, held-out) documents of the standard library tree (or ``root``), split by path hash."""
     docs = load_tree(root or stdlib_dir())
     train_docs, held_docs = split_documents(docs, heldout_frac)
     return docs, train_docs, held_docs

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 import phds_serve
 from phds_serve.eval import replicate as rep
 from phds_serve.eval.metrics import agreement, evaluate_k
-from phds_serve.train.data import Document, is_heldout
+from phds_serve.train.data import Document, is_heldout, pack_blocks, pack_blocks_with_files
 from phds_serve.train.tiny import HELDOUT_FRAC
 from phds_serve.train.tokenizer import train_tokenizer
 
@@ -26,10 +26,11 @@ def test_split_is_by_file_and_holds_out_the_bundled_models_files():
     assert 60 <= len(names["heldout"]) <= 140 and 140 <= len(names["sft"]) <= 260
 
 
-def test_pack_with_files_marks_each_token_with_its_file():
+def test_pack_blocks_with_files_marks_each_token_with_its_file():
     docs = [Document("a.py", "def f():\n    return 1\n" * 5), Document("b.py", "import os\nprint(os.sep)\n" * 7)]
     tok = train_tokenizer([d.text for d in docs], 300)
-    blocks, owner = rep.pack_with_files(docs, tok, 8)
+    blocks, owner = pack_blocks_with_files(docs, tok, 8)
+    assert torch.equal(blocks, pack_blocks(docs, tok, 8))
     flat, who = blocks.reshape(-1), owner.reshape(-1)
     first = tok(docs[0].text, add_special_tokens=False)["input_ids"]
     assert who[: len(first) + 1].eq(0).all() and flat[: len(first)].tolist() == first

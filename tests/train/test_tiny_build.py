@@ -10,7 +10,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import phds_serve
-from phds_serve.eval.bundled import MANIFEST, evaluate_bpb, heldout_documents, spread, token_bytes
+from phds_serve.eval.bundled import MANIFEST, evaluate_bpb, manifest_documents, spread, token_bytes
 from phds_serve.train import tiny
 from phds_serve.train.data import pack_blocks
 
@@ -46,7 +46,7 @@ def test_card_numbers_are_those_of_the_saved_weights(build):
     _, out = build
     rows = {r["k"]: r for r in json.loads((out / "eval.json").read_text())}
     tok = AutoTokenizer.from_pretrained(str(out))
-    blocks = spread(pack_blocks(heldout_documents(out / MANIFEST, ROOT), tok, tiny.BLOCK_SIZE), 2)
+    blocks = spread(pack_blocks(manifest_documents(out / MANIFEST, ROOT), tok, tiny.BLOCK_SIZE), 2)
     model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
     for k in (1, 4):
         row, _ = evaluate_bpb(model, blocks, token_bytes(tok), k)
