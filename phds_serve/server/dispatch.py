@@ -26,6 +26,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from phds_serve.server.stream_latency import Occupancy
 
 RESERVE_HOLD_S = 10.0
 
@@ -73,6 +74,7 @@ class Dispatcher:
         self.clock = clock
         self.queued: list[Ticket] = []
         self.in_engine: dict[int, Ticket] = {}
+        self.occupancy = Occupancy()  # requests in the engine and their summed k, integrated over time
         self._seq = itertools.count(1)
 
     # -- a request's life -----------------------------------------------------------------
@@ -103,6 +105,7 @@ class Dispatcher:
         """The request left (finished, failed or abandoned), queued or in the engine."""
         if ticket.seq in self.in_engine:
             del self.in_engine[ticket.seq]
+            self._occupancy_changed()
         elif ticket in self.queued:
             self.queued.remove(ticket)
             if ticket.future is not None and not ticket.future.done():
@@ -123,8 +126,12 @@ class Dispatcher:
             self.queued.pop(i)
             head.k, head.dispatched_at = k, self.clock()
             self.in_engine[head.seq] = head
+            self._occupancy_changed()
             if head.future is not None and not head.future.done():
                 head.future.set_result(k)
+
+    def _occupancy_changed(self) -> None:
+        self.occupancy.set(self.clock(), len(self.in_engine), sum(t.k or 0 for t in self.in_engine.values()))
 
     def occupied(self) -> int:
         """Engine slots taken: the requests dispatched and not finished, or fewer where vLLM says so.

@@ -28,6 +28,13 @@ predicts, as if this request and every one queued behind it ran at that k:
   batch now) and a load that is arriving (the steady state) both count, like Llumnix counting
   queued demand before it runs.
 
+Once enough streams have finished (:mod:`~phds_serve.server.stream_latency`), the inter-token latency
+is predicted from what streams measured instead of from the engine's steps: the fit's objectives'
+quantile for this batch over the request's life, and for the steady state of the arrival rate (Little's
+law with this tier at k and the other tiers at their last k); a steady state that does not settle, or
+that needs more than ``max_utilisation`` of the slots, fails k. The engine's steps missed what the API
+server does per stream and token, and under load streams saw twice the step time it predicted.
+
 The first k that meets all three (each latency at ``headroom`` x its objective, a margin for the
 spread around a mean prediction) is chosen, so k can move any number of levels at once; when none
 does, the lowest. Pure: no clock, no I/O.
@@ -35,11 +42,12 @@ does, the lowest. Pure: no clock, no I/O.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 from phds_serve.server.brownout import Objectives
 from phds_serve.server.service_model import ServiceModel
+from phds_serve.server.stream_latency import StreamLatency
 
 INF = float("inf")
 
@@ -60,6 +68,8 @@ class Demand:
     prompt_tokens: float = 128.0  # mean prompt tokens per request
     output_tokens: float = 64.0  # mean generated tokens per request
     other_utilisation: float = 0.0  # engine share taken by the other tiers' arrivals
+    other_rps: float = 0.0  # requests/s arriving for the other tiers
+    other_rps_k: float = 0.0  # the same, each weighted by its k (their mean k = other_rps_k / other_rps)
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,8 @@ class Prediction:
     utilisation: float
     worst_queued_ttft_s: float  # the worst predicted TTFT of the requests queued behind it
     meets: bool
+    engine_itl_s: float = 0.0  # the service model's own inter-token prediction (what its ITL correction learns from)
+    steady_rows: float = 0.0  # requests in the engine where the arrival rate settles at k (stream-latency fit)
 
 
 @dataclass(frozen=True)
@@ -114,6 +126,7 @@ def predict(
     waited_s: Sequence[float],
     lowest_k: int | None = None,
     ttft_limit_s: float = INF,
+    latency: StreamLatency | None = None,
 ) -> Prediction:
     """Predicted latencies if this request (``waited_s[0]``) and the queued ones behind it run at k."""
     running = list(state.in_engine_k)
@@ -127,7 +140,7 @@ def predict(
     prefill_share = demand.arrival_rps * demand.prompt_tokens * model.token_s(k)
     stretch = INF if prefill_share >= 0.95 else 1.0 / (1.0 - prefill_share)
     util = demand.other_utilisation + demand.arrival_rps * work_s(model, k, demand)
-    itl = max(state.itl_scale * model.step_s(batch, life_k) * stretch, steady_step_s(model, util, state))
+    engine_itl = max(state.itl_scale * model.step_s(batch, life_k) * stretch, steady_step_s(model, util, state))
     own_prefill = state.ttft_scale * demand.prompt_tokens * model.token_s(k)
     # Prompts ahead of it in the engine (dispatched, no first token yet) are prefilled first.
     ahead_prefill = demand.prompt_tokens * (state.engine_waiting * model.token_s(run_mean_k)
@@ -160,7 +173,16 @@ def predict(
         if lows is not None and w + lows[ahead] + own_prefill > ttft_limit_s and j < len(behind):
             continue  # misses at any k: its own TTFT does not hold k down (its place in the queue does)
         worst = max(worst, w + waits[ahead] + own_prefill)
-    return Prediction(k, ttft, itl, util, worst, False)
+    itl, steady_rows = engine_itl, 0.0
+    if latency is not None and latency.ready():
+        # What streams have measured (the stream-latency fit, at the objectives' quantile): this batch over
+        # the request's life, and the steady state of the arrival rate with this tier at k.
+        rate = demand.arrival_rps + demand.other_rps
+        mix_k = (demand.arrival_rps * k + demand.other_rps_k) / rate if rate > 0 else float(k)
+        steady = latency.steady(model, rate, mix_k, first_step, max(1.0, demand.output_tokens - 1), state.slots)
+        itl = latency.quantile_ratio * max(latency.mean_s(model, batch, batch * life_k), steady.itl_s)
+        steady_rows = steady.rows
+    return Prediction(k, ttft, itl, util, worst, False, engine_itl, steady_rows)
 
 
 def choose(
@@ -172,6 +194,7 @@ def choose(
     waited_s: Sequence[float],
     headroom: float = 0.8,
     max_utilisation: float = 0.9,
+    latency: StreamLatency | None = None,
 ) -> Choice:
     """The highest k in ``candidates`` whose predictions meet the objectives (else the lowest)."""
     ks = sorted(set(candidates), reverse=True)
@@ -181,10 +204,10 @@ def choose(
     itl_limit = INF if objectives.itl_s is None else objectives.itl_s * headroom
     considered = []
     for k in ks:
-        p = predict(k, model, state, demand, waited_s, lowest_k=ks[-1], ttft_limit_s=ttft_limit)
+        p = predict(k, model, state, demand, waited_s, lowest_k=ks[-1], ttft_limit_s=ttft_limit, latency=latency)
         ok = (p.ttft_s <= ttft_limit and p.worst_queued_ttft_s <= ttft_limit and p.itl_s <= itl_limit
-              and p.utilisation <= max_utilisation)
-        p = Prediction(p.k, p.ttft_s, p.itl_s, p.utilisation, p.worst_queued_ttft_s, ok)
+              and p.utilisation <= max_utilisation and p.steady_rows <= max_utilisation * state.slots)
+        p = replace(p, meets=ok)
         considered.append(p)
         if ok:
             return Choice(k, p, tuple(considered))

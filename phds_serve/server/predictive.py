@@ -30,6 +30,7 @@ from phds_serve.server.feedforward import Demand, EngineState, choose, work_s
 from phds_serve.server.load_feed import FEED, LoadFeed
 from phds_serve.server.request_k import LayerConfig
 from phds_serve.server.service_model import ServiceModel
+from phds_serve.server.stream_latency import StreamLatency
 from phds_serve.server.ticking import Ticking
 from phds_serve.tiers import TierConfigError
 
@@ -100,6 +101,7 @@ class PredictiveBrownout(Ticking):
                  clock: Callable[[], float] = time.monotonic, model: ServiceModel | None = None) -> None:
         self.config, self.settings, self.feed, self.clock = config, settings, feed, clock
         self.model = model or ServiceModel()
+        self.latency = StreamLatency()
         self.dispatcher = Dispatcher(slots, self._bind, clock, *reserved_slots(config, slots),
                                      engine_view=self._engine_view)
         # The outer safety loop: only a cap, so it may give k back quickly (OUTER_DOWN_AFTER ticks of
@@ -171,6 +173,7 @@ class PredictiveBrownout(Ticking):
     def first_token(self, ticket: Ticket, ttft_s: float) -> None:
         """A stream's first token: correct the engine part of the TTFT prediction (measured / predicted)."""
         ticket.first_token = True
+        ticket.info["occupancy_mark"] = self.dispatcher.occupancy.mark(self.clock())
         predicted, waited = ticket.info.get("predicted_ttft_s"), ticket.info.get("waited_s")
         if predicted is None or waited is None:
             return
@@ -181,8 +184,13 @@ class PredictiveBrownout(Ticking):
                 self.ttft_scale = min(20.0, max(0.5, self._correction(self._ttft_ratios)))
 
     def observed_itl(self, ticket: Ticket, itl_s: float) -> None:
-        """A finished stream's mean inter-token latency: correct the ITL and decode-time predictions."""
-        predicted = ticket.info.get("predicted_itl_s")
+        """A finished stream's mean inter-token latency: a sample of the stream-latency fit (with the
+        engine's occupancy over its decode), and a correction of the service model's decode time."""
+        mark = ticket.info.get("occupancy_mark")
+        occupancy = self.dispatcher.occupancy.mean_since(mark, self.clock()) if mark is not None else None
+        if occupancy is not None and itl_s > 0:
+            self.latency.observe(*occupancy, itl_s)
+        predicted = ticket.info.get("engine_itl_s")
         if not predicted or itl_s <= 0 or predicted == float("inf"):
             return
         self._itl_ratios.append(itl_s / (predicted / self.itl_scale))
@@ -199,13 +207,14 @@ class PredictiveBrownout(Ticking):
         prompt = self.prompt_tokens.value or head.info.get("prompt_tokens") or 128.0
         output = self.output_tokens.value or head.info.get("max_tokens") or 64.0
         rates = self.rates(now)
-        other = 0.0
+        other = other_rps = other_rps_k = 0.0
         base = Demand(0.0, prompt, output)
         for tier, rate in rates.items():
             if tier != head.tier and rate:
                 k = self.last_k.get(tier, self.config.native_k)
                 other += rate * work_s(self.model, k, base)
-        return Demand(rates.get(head.tier, 0.0), prompt, output, other)
+                other_rps, other_rps_k = other_rps + rate, other_rps_k + rate * k
+        return Demand(rates.get(head.tier, 0.0), prompt, output, other, other_rps, other_rps_k)
 
     # -- the choice, at dispatch ------------------------------------------------------------
     def _state(self) -> EngineState:
@@ -228,10 +237,11 @@ class PredictiveBrownout(Ticking):
         state = self._state()
         waited = [now - t.arrived for t in queued]
         choice = choose(candidates, self.model, self.config.objectives, state, self.demand(head, now), waited,
-                        self.settings.headroom, self.settings.max_utilisation)
+                        self.settings.headroom, self.settings.max_utilisation, self.latency)
         head.info["predicted_ttft_s"] = choice.prediction.ttft_s
         head.info["waited_s"] = waited[0]
         head.info["predicted_itl_s"] = choice.prediction.itl_s
+        head.info["engine_itl_s"] = choice.prediction.engine_itl_s
         self._predicted.append((now, choice.prediction.ttft_s, choice.prediction.itl_s))
         self.last_k[head.tier] = choice.k
         return choice.k
@@ -288,4 +298,5 @@ class PredictiveBrownout(Ticking):
 
     def as_json(self) -> dict:
         return {"mode": "predictive", "ttft_scale": self.ttft_scale, "itl_scale": self.itl_scale, "queued": len(self.dispatcher.queued), "in_engine": len(self.dispatcher.in_engine),
-                "service_model": self.model.as_json(), "calibration": self.calibration}
+                "service_model": self.model.as_json(), "stream_latency": self.latency.as_json(),
+                "calibration": self.calibration}

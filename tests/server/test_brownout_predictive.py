@@ -357,7 +357,7 @@ def test_the_online_corrections_are_medians_and_stay_out_of_the_engines_work():
 
     pb = PredictiveBrownout(CONFIG, PredictiveSettings(), 32, LoadFeed(), Clock(), model())
     for itl in [0.01] * 8 + [0.03] * 2:
-        pb.observed_itl(Ticket(0, 0.0, 0.0, info={"predicted_itl_s": 0.01 * pb.itl_scale}), itl)
+        pb.observed_itl(Ticket(0, 0.0, 0.0, info={"engine_itl_s": 0.01 * pb.itl_scale}), itl)
     assert pb.itl_scale == pytest.approx(1.0)
     demand = Demand(5.0, 128, 32)
     plain = predict(8, model(), EngineState((), 32), demand, [0.0])

@@ -1,0 +1,154 @@
+"""The stream-latency fit: what streams measured, as a function of the engine's occupancy over their life.
+
+Pure: synthetic streams from a known line, time a variable. The feed-forward tests at the end check that
+the choice of k follows the fit where it and the engine's step model disagree.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from phds_serve.declared_k import KContract, KPolicy
+from phds_serve.server.brownout import Objectives
+from phds_serve.server.dispatch import Dispatcher
+from phds_serve.server.feedforward import Demand, EngineState, choose
+from phds_serve.server.load_feed import LoadFeed
+from phds_serve.server.predictive import PredictiveBrownout, PredictiveSettings
+from phds_serve.server.request_k import LayerConfig
+from phds_serve.server.service_model import ServiceModel
+from phds_serve.server.stream_latency import INF, Occupancy, StreamLatency
+from phds_serve.tiers import parse_tier_spec
+
+SHAPE = (0.006, 0.0004, 0.0001, 0.00006, 0.00002)  # a calibrated step model: 6 ms + 0.4 ms/row + 0.1 ms/row-k
+KS = [8, 7, 6, 5, 4, 3, 2]
+
+
+def streams_line(rows: float, k_sum: float) -> float:
+    """What the streams of the test measure: 7 ms plus 3x the rows' engine cost."""
+    return 0.007 + 3.0 * (SHAPE[1] * rows + SHAPE[2] * k_sum)
+
+
+def fitted(noise: float = 0.0, seed: int = 0) -> StreamLatency:
+    rng = random.Random(seed)
+    fit = StreamLatency()
+    for _ in range(200):
+        rows, k = rng.uniform(1, 16), rng.choice([2, 5, 8])
+        fit.observe(rows, rows * k, streams_line(rows, rows * k) * (1 + noise * rng.random()))
+    return fit
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_occupancy_means_are_time_weighted():
+    occ = Occupancy()
+    occ.set(0.0, 2, 16)
+    mark = occ.mark(0.5)
+    occ.set(1.5, 4, 12)  # 2 requests at k 8 for 1 s since the mark, then 4 at k 3 for 1 s
+    assert occ.mean_since(mark, 2.5) == pytest.approx((3.0, 14.0))
+    assert occ.mean_since(occ.mark(3.0), 3.0) is None
+
+
+def test_the_fit_recovers_the_line_streams_measured_and_its_quantile():
+    m = ServiceModel(shape=SHAPE)
+    exact = fitted()
+    assert exact.ready()
+    exact.fit(m)
+    assert (exact.base_s, exact.per_cost) == pytest.approx((0.007, 3.0), rel=1e-6)
+    assert exact.quantile_ratio == pytest.approx(1.0)
+    assert exact.mean_s(m, 16, 16 * 8) == pytest.approx(streams_line(16, 16 * 8))
+    noisy = fitted(noise=0.4)  # up to 40 % slower, uniformly: measured/fitted spreads around ~1.2
+    noisy.fit(m)
+    assert 1.1 < noisy.quantile_ratio < 1.4
+    assert noisy.quantile_s(m, 8, 32) == pytest.approx(noisy.quantile_ratio * noisy.mean_s(m, 8, 32))
+    assert not StreamLatency().ready()
+
+
+def test_the_steady_state_is_littles_law_and_a_load_beyond_it_does_not_settle():
+    m, fit = ServiceModel(shape=SHAPE), fitted()
+    ttft, steps = 0.05, 31
+    s = fit.steady(m, 10.0, 4.0, ttft, steps, slots=16)
+    assert 0 < s.rows < 16
+    # N requests in the engine = arrival rate x time each spends there, at the latency N of them see.
+    assert s.rows == pytest.approx(10.0 * (ttft + steps * fit.mean_s(m, s.rows, 4.0 * s.rows)))
+    assert fit.steady(m, 10.0, 8.0, ttft, steps, 16).rows > s.rows  # a higher k holds more in the engine
+    assert fit.steady(m, 60.0, 8.0, ttft, steps, 16).rows == INF  # no solution
+    assert fit.steady(m, 14.0, 8.0, ttft, steps, 8).rows == INF  # a solution beyond the slots
+
+
+def test_the_choice_follows_what_streams_measured_where_the_step_model_is_too_optimistic():
+    """Streams 3x slower per row than the engine's steps: at 8 requests/s the step model keeps k 8,
+    the fit says its streams would miss and picks a lower k; at a calm rate both keep k 8."""
+    m, fit = ServiceModel(shape=SHAPE), fitted()
+    obj = Objectives(ttft_s=0.5, itl_s=0.03)
+    busy, state = Demand(8.0, 96, 32), EngineState((), 16)
+    assert choose(KS, m, obj, state, busy, [0.0]).k == 8
+    c = choose(KS, m, obj, state, busy, [0.0], latency=fit)
+    assert c.k < 8 and c.prediction.meets
+    at8 = c.considered[0]
+    assert not at8.meets and (at8.itl_s > 0.8 * 0.03 or at8.steady_rows > 0.9 * 16)
+    assert choose(KS, m, obj, state, Demand(1.0, 96, 32), [0.0], latency=fit).k == 8
+    # The other tiers' arrivals count: the same rate, split with a tier fixed at k 8, still lowers k.
+    split = Demand(4.0, 96, 32, other_rps=4.0, other_rps_k=32.0)
+    assert choose(KS, m, obj, state, split, [0.0], latency=fit).k < 8
+    assert choose(KS, m, obj, state, Demand(4.0, 96, 32), [0.0], latency=fit).k > (
+        choose(KS, m, obj, state, split, [0.0], latency=fit).k)
+
+
+def test_a_finished_stream_is_a_sample_with_the_occupancy_of_its_own_decode():
+    """Through the controller: the dispatch queue's occupancy, marked at the stream's first token, gives the
+    mean requests and summed k over its decode, whatever was in the engine before."""
+    clock = Clock()
+    config = LayerConfig(contract=KContract(KPolicy(native_k=8, num_experts=32), True),
+                         tiers=parse_tier_spec("balanced=8..2"), objectives=Objectives(ttft_s=0.5, itl_s=0.12))
+    pb = PredictiveBrownout(config, PredictiveSettings(), 32, LoadFeed(), clock, ServiceModel(shape=SHAPE))
+    assert isinstance(pb.dispatcher, Dispatcher)
+    a = pb.dispatcher.enter(0, 0.5, "balanced")
+    clock.t = 1.0
+    b = pb.dispatcher.enter(0, 1.5, "balanced", fixed_k=2)
+    pb.first_token(a, 1.0)
+    clock.t = 2.0  # a and b (k 8 + 2) for 1 s
+    pb.dispatcher.done(b)
+    clock.t = 4.0  # a alone for 2 s
+    pb.observed_itl(a, 0.02)
+    (rows, k_sum, itl), = pb.latency.samples
+    assert (rows, k_sum, itl) == pytest.approx(((2 + 2 * 1) / 3, (10 + 2 * 8) / 3, 0.02))
+
+
+def test_a_steady_state_that_needs_more_slots_than_the_engine_has_fails_k_whatever_its_latency():
+    """Four slots and a loose objective (100 ms): at k 8 and 7 the load would hold more streams than
+    0.9 x 4 slots (requests would queue for slots, their TTFT unbounded) though each stream's latency is
+    far inside the objective; k 6 settles in 3.3 streams."""
+    m, fit = ServiceModel(shape=SHAPE), fitted()
+    c = choose(KS, m, Objectives(ttft_s=0.5, itl_s=0.1), EngineState((), 4), Demand(6.0, 96, 32), [0.0],
+               latency=fit)
+    assert [p.k for p in c.considered] == [8, 7, 6] and c.k == 6
+    for p in c.considered[:2]:
+        assert not p.meets and p.itl_s < 0.08 and p.steady_rows > 0.9 * 4
+    assert c.prediction.steady_rows < 0.9 * 4
+
+
+def test_the_controller_chooses_k_from_the_fit_once_streams_have_finished():
+    """The same arrival rate at dispatch: a controller whose streams measured 3x the engine's cost per row
+    lowers k; one with no finished streams yet (the step model alone) keeps k 8."""
+    config = LayerConfig(contract=KContract(KPolicy(native_k=8, num_experts=32), True),
+                         tiers=parse_tier_spec("balanced=8..2"), objectives=Objectives(ttft_s=0.5, itl_s=0.03))
+    ks = {}
+    for learned in (False, True):
+        clock = Clock()
+        pb = PredictiveBrownout(config, PredictiveSettings(), 16, LoadFeed(), clock, ServiceModel(shape=SHAPE))
+        if learned:
+            pb.latency = fitted()
+        clock.t = 10.0
+        for i in range(16):  # 8 requests/s over the last two seconds
+            pb.arrived("balanced", clock.t - i / 8)
+        ticket = pb.dispatcher.enter(0, 10.5, "balanced", prompt_tokens=96, max_tokens=32)
+        ks[learned] = ticket.k
+    assert ks[False] == 8 and ks[True] < 8
