@@ -499,9 +499,10 @@ def phase_table(results: dict, duration: float) -> str:
     return "\n".join(out)
 
 
-def prediction_error(rows: list[dict]) -> dict | None:
-    """Predicted TTFT (at the moment k was bound) against the measured one, over the requests that have both."""
-    pairs = [(r["pred_ttft"], r["ttft"]) for r in rows if r.get("pred_ttft") is not None and r["ttft"] is not None]
+def prediction_error(rows: list[dict], what: str = "ttft") -> dict | None:
+    """Predicted TTFT or inter-token latency (``what``: at the moment k was bound) against the measured one,
+    over the requests that have both."""
+    pairs = [(r[f"pred_{what}"], r[what]) for r in rows if r.get(f"pred_{what}") is not None and r[what] is not None]
     if not pairs:
         return None
     ratios = sorted(m / p for p, m in pairs if p > 0)
@@ -559,6 +560,7 @@ def analyse(runs: dict[str, list[dict]], slo: dict, duration: float) -> dict:
             "rows": merged["rows"],
             "rows_pass1": datas[0]["rows"],
             "prediction": prediction_error(merged["rows"]),
+            "prediction_itl": prediction_error(merged["rows"], "itl"),
             "queue_peak": max((smp.get("phds_brownout_queued") or 0 for d in datas for smp in d["samples"]),
                               default=None),
             "vllm_waiting_peak": max((smp.get("vllm:num_requests_waiting") or 0 for d in datas
@@ -693,6 +695,7 @@ def run_arms(args, work: Path) -> dict:
             f"{arm} {results[arm]['summary']['goodput_rps'] / base:.2f}x" for arm in ARMS))
     for arm in ("brownout",):
         print(f"{arm}: measured / predicted TTFT: {results[arm]['prediction']}")
+        print(f"{arm}: measured / predicted inter-token latency: {results[arm]['prediction_itl']}")
         s = results[arm]["summary"]
         if "waited_in_layer" in s:
             print(f"{arm}: late binding: {s['waited_in_layer']} of {s['sent']} requests waited in the layer's dispatch "
