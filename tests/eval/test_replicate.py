@@ -107,12 +107,17 @@ def test_per_file_sums_equal_metrics_computed_per_k(micro_run):
     o2 = evaluate_k(oracle2, data["heldout"], 2)
     tokens = sums["tokens"].sum()
     assert tokens == at2.tokens
+    # The micro models are barely trained: near-tied logits, and the two paths batch differently, so an
+    # argmax may flip at a tie (CI once saw one token of ~6,000 differ). Counts may differ by 2 tokens;
+    # any misalignment or wrong pairing moves them by hundreds.
+    ties = 2 / tokens
     assert sums["nll|phds-paper|1|2"].sum() / tokens == pytest.approx(at2.loss, rel=1e-5)
-    assert sums["correct|phds-paper|1|4"].sum() / tokens == pytest.approx(at4.accuracy)
+    assert sums["correct|phds-paper|1|4"].sum() / tokens == pytest.approx(at4.accuracy, abs=ties)
     assert (sums["agree|phds-paper|1|2|phds-paper|1|4"].sum() / tokens
-            == pytest.approx(agreement(at2.predictions, at4.predictions)))
+            == pytest.approx(agreement(at2.predictions, at4.predictions), abs=ties))
     assert (sums["agree|oracle2|1|2|oracle4|1|4"].sum() / tokens
-            == pytest.approx(agreement(o2.predictions, evaluate_k(load("oracle4-s1"), data["heldout"], 4).predictions)))
+            == pytest.approx(agreement(o2.predictions, evaluate_k(load("oracle4-s1"), data["heldout"], 4).predictions),
+                             abs=ties))
     target = data["heldout"][:, 1:].reshape(-1)
     wrong = (at2.predictions.reshape(-1) != target) | (at4.predictions.reshape(-1) != target)
-    assert sums["wrong|phds-paper|1|2|phds-paper|1|4"].sum() == wrong.sum().item()
+    assert abs(sums["wrong|phds-paper|1|2|phds-paper|1|4"].sum() - wrong.sum().item()) <= 2
