@@ -180,7 +180,7 @@ def predict(
         rate = demand.arrival_rps + demand.other_rps
         mix_k = (demand.arrival_rps * k + demand.other_rps_k) / rate if rate > 0 else float(k)
         steady = latency.steady(model, rate, mix_k, first_step, max(1.0, demand.output_tokens - 1), state.slots)
-        itl = latency.quantile_ratio * max(latency.mean_s(model, batch, batch * life_k), steady.itl_s)
+        itl = max(latency.quantile_s(model, batch, batch * life_k), latency.quantile_ratio * steady.itl_s)
         steady_rows = steady.rows
     return Prediction(k, ttft, itl, util, worst, False, engine_itl, steady_rows)
 

@@ -101,7 +101,7 @@ class PredictiveBrownout(Ticking):
                  clock: Callable[[], float] = time.monotonic, model: ServiceModel | None = None) -> None:
         self.config, self.settings, self.feed, self.clock = config, settings, feed, clock
         self.model = model or ServiceModel()
-        self.latency = StreamLatency()
+        self.latency = StreamLatency(config.objectives.quantile)
         self.dispatcher = Dispatcher(slots, self._bind, clock, *reserved_slots(config, slots),
                                      engine_view=self._engine_view)
         # The outer safety loop: only a cap, so it may give k back quickly (OUTER_DOWN_AFTER ticks of

@@ -14,7 +14,8 @@ their summed k, and ``row_s``/``row_k_s`` are the service model's calibrated sha
 row-k cost relative to each other, measured at start-up; the level is ``per_cost``'s). A fit of all
 three terms separately gave the same R²; the shape keeps the split between k and rows identifiable from
 a calm phase that runs one k. Fitted online by non-negative least squares over the last streams; the
-controller asks for the objectives' quantile: the fit times the 90th percentile of measured / fitted.
+controller asks for the objectives' quantile (``--slo-quantile``): the fit times that quantile of
+measured / fitted, by the same nearest-rank rule as the reactive controller's pressure.
 
 With an arrival rate it also gives the steady state (Little's law): N = rate x (TTFT + decode steps x
 itl(N)), linear in N, so N = rate (T + L base) / (1 - rate L c) with c the cost of one more stream at
@@ -30,10 +31,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from phds_serve.server.brownout import quantile
 from phds_serve.server.service_model import ServiceModel, fit_nonnegative
 
 INF = float("inf")
-QUANTILE = 0.9  # the objectives' quantile (--slo-quantile's default)
 
 
 class Occupancy:
@@ -77,7 +78,8 @@ class Steady:
 class StreamLatency:
     """Online fit of a stream's mean inter-token latency to the engine's occupancy over its life."""
 
-    def __init__(self, window: int = 256, min_samples: int = 16) -> None:
+    def __init__(self, quantile: float = 0.9, window: int = 256, min_samples: int = 16) -> None:
+        self.quantile = quantile  # the objectives' quantile
         self.samples: deque[tuple[float, float, float]] = deque(maxlen=window)  # (N, K, itl)
         self.min_samples = min_samples
         self.base_s = 0.0
@@ -108,7 +110,7 @@ class StreamLatency:
         self.base_s, self.per_cost = (float(c) for c in fit_nonnegative(x, y))
         fitted = x @ np.array([self.base_s, self.per_cost])
         ratios = y[fitted > 0] / fitted[fitted > 0]
-        self.quantile_ratio = float(np.clip(np.quantile(ratios, QUANTILE), 0.5, 5.0)) if len(ratios) else 1.0
+        self.quantile_ratio = float(np.clip(quantile(ratios.tolist(), self.quantile), 0.5, 5.0)) if len(ratios) else 1.0
         self._shape = shape
 
     def mean_s(self, model: ServiceModel, rows: float, k_sum: float) -> float:

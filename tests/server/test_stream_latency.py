@@ -152,3 +152,17 @@ def test_the_controller_chooses_k_from_the_fit_once_streams_have_finished():
         ticket = pb.dispatcher.enter(0, 10.5, "balanced", prompt_tokens=96, max_tokens=32)
         ks[learned] = ticket.k
     assert ks[False] == 8 and ks[True] < 8
+
+
+def test_the_fit_takes_the_operators_quantile():
+    """--slo-quantile 0.5: the fit's ratio is the median of measured / fitted, not a fixed 90th percentile."""
+    config = LayerConfig(contract=KContract(KPolicy(native_k=8, num_experts=32), True),
+                         tiers=parse_tier_spec("balanced=8..2"),
+                         objectives=Objectives(ttft_s=0.5, itl_s=0.12, quantile=0.5))
+    pb = PredictiveBrownout(config, PredictiveSettings(), 16, LoadFeed(), Clock(), ServiceModel(shape=SHAPE))
+    m, p90 = ServiceModel(shape=SHAPE), fitted(noise=0.4)
+    for n, k, itl in p90.samples:
+        pb.latency.observe(n, k, itl)
+    pb.latency.fit(m)
+    p90.fit(m)
+    assert pb.latency.quantile == 0.5 and 0.9 < pb.latency.quantile_ratio < p90.quantile_ratio - 0.1
