@@ -116,6 +116,10 @@ def add_phds_args(parser: argparse.ArgumentParser) -> None:
     brownout.add_argument("--brownout-max-utilisation", dest="phds_brownout_max_utilisation", type=float,
                           default=0.9, help="Predictive: a k is chosen only when the measured arrival rate keeps "
                           "the engine's predicted utilisation at or below this (default 0.9).")
+    brownout.add_argument("--brownout-late-defer-ms", dest="phds_brownout_late_defer_ms", type=float,
+                          default=2000.0, help="Predictive, with a TTFT objective: a request still queued past "
+                          "its TTFT objective yields its place to requests that can still meet theirs, for at most "
+                          "about this long (default 2000; 0: first come, first served).")
     brownout.add_argument("--no-brownout-calibrate", dest="phds_brownout_calibrate", action="store_false",
                           default=True, help="Predictive: skip the start-up probes (a few seconds); the service "
                           "model starts from a prior shape, scaled online.")

@@ -49,6 +49,8 @@ class PredictiveSettings:
     headroom: float = 0.8  # predicted latency must stay within headroom x objective
     max_utilisation: float = 0.9
     calibrate: bool = True
+    late_defer_s: float = 2.0  # a request queued past its TTFT deadline yields to those still in time, this long
+
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -57,6 +59,8 @@ class PredictiveSettings:
             raise TierConfigError(f"--brownout-headroom must be in (0, 1], got {self.headroom!r}")
         if not 0 < self.max_utilisation <= 1:
             raise TierConfigError(f"--brownout-max-utilisation must be in (0, 1], got {self.max_utilisation!r}")
+        if not 0 <= self.late_defer_s < float("inf"):
+            raise TierConfigError(f"--brownout-late-defer-ms must be >= 0, got {self.late_defer_s * 1000!r}")
 
 
 def engine_slots(state: Any) -> int:
@@ -83,6 +87,7 @@ def settings_from(args: Namespace) -> PredictiveSettings:
         headroom=getattr(args, "phds_brownout_headroom", 0.8),
         max_utilisation=getattr(args, "phds_brownout_max_utilisation", 0.9),
         calibrate=getattr(args, "phds_brownout_calibrate", True),
+        late_defer_s=getattr(args, "phds_brownout_late_defer_ms", 2000.0) / 1000.0,
     )
 
 
@@ -102,8 +107,10 @@ class PredictiveBrownout(Ticking):
         self.config, self.settings, self.feed, self.clock = config, settings, feed, clock
         self.model = model or ServiceModel()
         self.latency = StreamLatency(config.objectives.quantile)
+        # Deadlines are arrival + the TTFT objective; without one there is no lateness to order by.
         self.dispatcher = Dispatcher(slots, self._bind, clock, *reserved_slots(config, slots),
-                                     engine_view=self._engine_view)
+                                     engine_view=self._engine_view,
+                                     late_defer_s=settings.late_defer_s if config.objectives.ttft_s else 0.0)
         # The outer safety loop: only a cap, so it may give k back quickly (OUTER_DOWN_AFTER ticks of
         # headroom per level, not --brownout-down-after): the feed-forward choice keeps k down while the
         # load needs it.
@@ -235,6 +242,8 @@ class PredictiveBrownout(Ticking):
         candidates = [k for k in range(tier.lowest_k, cap + 1) if k in self.config.allowed] or [tier.lowest_k]
         now = self.clock()
         state = self._state()
+        if self.dispatcher.late_defer_s and not head.late(now):
+            queued = [t for t in queued if not t.late(now)]  # the late ones go after those still in time
         waited = [now - t.arrived for t in queued]
         choice = choose(candidates, self.model, self.config.objectives, state, self.demand(head, now), waited,
                         self.settings.headroom, self.settings.max_utilisation, self.latency)

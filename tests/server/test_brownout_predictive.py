@@ -140,6 +140,25 @@ def test_a_request_that_leaves_while_queued_frees_its_place():
     assert c.k == 8 and not d.queued and list(d.in_engine) == [c.seq]
 
 
+@pytest.mark.parametrize("defer", [2.0, 0.0])
+def test_a_request_past_its_deadline_yields_to_those_still_in_time_for_a_bounded_time(defer):
+    clock = Clock()
+    d = Dispatcher(1, lambda head, queued: 8, clock, late_defer_s=defer)
+    running = d.enter(0, 0.3)  # takes the only slot
+    late = d.enter(0, 0.3)  # TTFT deadline at 0.3 s
+    clock.t = 0.5  # it has missed its objective while queued
+    fresh = d.enter(0, 0.8)  # can still be in time
+    d.done(running)
+    if not defer:  # first come, first served: the late one goes, and the fresh one waits behind it
+        assert late.k == 8 and fresh.k is None
+        return
+    assert fresh.k == 8 and late.k is None
+    clock.t = 2.5  # a request arriving after the late one has waited out its deferral goes behind it
+    later = d.enter(0, 2.8)
+    d.done(fresh)
+    assert late.k == 8 and later.k is None
+
+
 # -- the controller wired together ---------------------------------------------------------
 CONFIG = LayerConfig(contract=KContract(KPolicy(native_k=8, num_experts=32), True),
                      tiers=parse_tier_spec("fast=2,balanced=8..2"), objectives=OBJ)
@@ -163,11 +182,40 @@ def test_arrivals_of_a_burst_lower_k_at_dispatch():
     assert pb.dispatcher.enter(0, 0.5, "balanced").k < 8
 
 
+def test_requests_already_late_do_not_hold_k_down_for_one_still_in_time():
+    """They go after it (deferred), so the next arrival's predicted wait does not include them."""
+    clock = Clock()
+    pb = PredictiveBrownout(CONFIG, PredictiveSettings(late_defer_s=2.0), 2, LoadFeed(), clock, model())
+    pb.prompt_tokens.add(16)
+    pb.output_tokens.add(4)
+    first, _ = pb.dispatcher.enter(0, 100.0, "balanced"), pb.dispatcher.enter(0, 100.0, "balanced")
+    late = [pb.dispatcher.enter(0, OBJ.ttft_s, "balanced") for _ in range(10)]
+    clock.t = 1.0  # ten requests have waited past their objective
+    fresh = pb.dispatcher.enter(0, clock.t + OBJ.ttft_s, "balanced")
+    pb.dispatcher.done(first)
+    assert fresh.k == 8 and all(t.k is None for t in late)
+
+
 def test_settings_are_checked():
     with pytest.raises(TierConfigError, match="headroom"):
         PredictiveSettings(headroom=1.5)
     with pytest.raises(TierConfigError, match="mode"):
         PredictiveSettings(mode="psychic")
+    with pytest.raises(TierConfigError, match="late-defer"):
+        PredictiveSettings(late_defer_s=-1.0)
+
+
+def test_late_requests_are_deferred_only_with_a_ttft_objective_and_as_the_operator_says():
+    from argparse import Namespace
+
+    from phds_serve.server.predictive import settings_from
+
+    assert settings_from(Namespace(phds_brownout_late_defer_ms=500.0)).late_defer_s == 0.5
+    assert PredictiveBrownout(CONFIG, PredictiveSettings(late_defer_s=1.5), 32, LoadFeed(), Clock(),
+                              model()).dispatcher.late_defer_s == 1.5
+    itl_only = LayerConfig(contract=CONFIG.contract, tiers=CONFIG.tiers, objectives=Objectives(itl_s=0.12))
+    assert PredictiveBrownout(itl_only, PredictiveSettings(late_defer_s=1.5), 32, LoadFeed(), Clock(),
+                              model()).dispatcher.late_defer_s == 0.0  # no deadlines: no lateness
 
 
 # -- steps from vLLM's stats ----------------------------------------------------------------
