@@ -219,12 +219,14 @@ def unloaded(url: str, tier: str, n: int = 8) -> tuple[float, float]:
     return statistics.median(ttft), statistics.median(itl)
 
 
-def run_load(url: str, plan: list[list[float]], tier: str, out: Path, prompt_tokens: int, max_tokens: int) -> dict:
+def run_load(url: str, plan: list[list[float]], tier: str, out: Path, prompt_tokens: int, max_tokens: int,
+             seed: int) -> dict:
     """One locust run (headless, open loop) over ``plan``; returns the per-request rows and samples.
-    ``tier``: one tier name, or a mix 'fast:0.3,balanced:0.7'."""
+    ``tier``: one tier name, or a mix 'fast:0.3,balanced:0.7'. ``seed``: the arrival trace and the requests
+    (benchmarks/arrivals.py); the arms of one pass get the same one."""
     env = {**os.environ, "BROWNOUT_PLAN": json.dumps(plan), "BROWNOUT_TIER": tier, "BROWNOUT_MODEL": MODEL_NAME,
            "BROWNOUT_OUT": str(out), "BROWNOUT_PROMPT_TOKENS": str(prompt_tokens),
-           "BROWNOUT_MAX_TOKENS": str(max_tokens)}
+           "BROWNOUT_MAX_TOKENS": str(max_tokens), "BROWNOUT_SEED": str(seed)}
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", url,
            "--only-summary", "--loglevel", "WARNING"]
     proc = CHILDREN.popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -354,7 +356,7 @@ def saturation(url: str, tier: str, slo: dict, start_rate: float, work: Path, ar
         # (a quick run once went down to 1.2 req/s on such steps, its plan then too light to test anything).
         duration = min(20.0, max(step_s, 3.0 + 20.0 / rate))
         data = run_load(url, [[0, rate], [duration, rate]], tier, work / f"calib-{len(steps)}.json",
-                        args.prompt_tokens, args.max_tokens)
+                        args.prompt_tokens, args.max_tokens, seed=args.seed + 1000 + len(steps))
         rows = [r for r in data["rows"] if r["t"] >= 3.0]  # skip the ramp-in
         attained = sum(met(r, slo) for r in rows) / max(1, len(rows))
         steps.append({"rate": rate, "attainment": attained, "sent": len(rows)})
@@ -660,7 +662,10 @@ def run_arms(args, work: Path) -> dict:
         url = servers[server].url
         if arm.startswith("brownout"):
             wait_idle(url)
-        data = run_load(url, plan, tier, work / f"{plan_name}-{arm}-{i}.json", args.prompt_tokens, args.max_tokens)
+        # Every arm of a pass gets the same arrival trace and requests (common random numbers).
+        seed = args.seed + (100 if plan_name == "two-tier" else 0) + i
+        data = run_load(url, plan, tier, work / f"{plan_name}-{arm}-{i}.json", args.prompt_tokens, args.max_tokens,
+                        seed)
         store[arm].append(data)
         time.sleep(2 if args.quick else 5)
 
@@ -746,6 +751,8 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=None, help="skip calibration: native k misses at this req/s")
     ap.add_argument("--duration", type=float, default=100.0, help="seconds of one load plan")
     ap.add_argument("--passes", type=int, default=2, help="passes over the arms, in mirrored order")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="arrival traces: pass i of every arm uses seed + i (the same arrivals and prompts for each arm)")
     ap.add_argument("--plans", default="single-tier,two-tier", help="comma-separated: single-tier, two-tier")
     ap.add_argument("--quick", action="store_true",
                     help="one pass of a 48 s plan (both bursts), single-tier plan, no rung price; writes <out>/quick")

@@ -1,9 +1,10 @@
 """Locust load for benchmarks/brownout.py: open-loop arrivals whose rate follows a load shape.
 
-The shape (``BrownoutShape``, a locust ``LoadTestShape``) sets the number of users over time; every
-user is an independent Poisson source of ``PER_USER_RATE`` requests per second that does not wait
-for its responses (open loop: an overloaded server is not relieved by its own slowness, as it would
-be with closed-loop users). So the offered load is ``users x PER_USER_RATE`` requests per second.
+The arrival times are one seeded trace (:mod:`arrivals`: a Poisson process whose rate follows the
+plan), the same for every arm given the same ``BROWNOUT_SEED``; one locust user walks it and sends each
+request at its time without waiting for the responses (open loop: an overloaded server is not relieved
+by its own slowness, as it would be with closed-loop users). Each request's prompt (and its tier, in a
+mix) comes from its own seeded source, so every arm sends the same requests at the same times.
 
 Every request is a streaming /v1/completions with ``ignore_eos`` and a fixed length, sent with the
 arm's tier header (one tier, or a weighted mix such as ``fast:0.3,balanced:0.7``); per request the
@@ -15,20 +16,22 @@ running/waiting requests once a second. Both go to ``$BROWNOUT_OUT`` (JSON) when
 
 Configuration by environment (set by benchmarks/brownout.py): BROWNOUT_PLAN (JSON list of
 [seconds, requests/s] points, linear in between), BROWNOUT_TIER, BROWNOUT_MODEL, BROWNOUT_PROMPT_TOKENS,
-BROWNOUT_MAX_TOKENS, BROWNOUT_OUT.
+BROWNOUT_MAX_TOKENS, BROWNOUT_OUT, BROWNOUT_SEED.
 """
 from __future__ import annotations
 
 import json
 import os
-import random
+import sys
 import time
 
 import gevent
 import requests
 from locust import LoadTestShape, User, constant, events, task
 
-PER_USER_RATE = 0.5  # requests/s of one user
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from arrivals import arrival_times, rate_at, request_rng  # noqa: E402
+
 PLAN: list[list[float]] = json.loads(os.environ.get("BROWNOUT_PLAN", "[[0, 1], [10, 1]]"))
 TIER = os.environ.get("BROWNOUT_TIER", "")
 MIX = [(name, float(weight)) for name, _, weight in (part.partition(":") for part in TIER.split(","))
@@ -38,6 +41,8 @@ PROMPT_TOKENS = int(os.environ.get("BROWNOUT_PROMPT_TOKENS", "96"))
 MAX_TOKENS = int(os.environ.get("BROWNOUT_MAX_TOKENS", "32"))
 OUT = os.environ.get("BROWNOUT_OUT", "brownout_rows.json")
 TIMEOUT_S = float(os.environ.get("BROWNOUT_TIMEOUT_S", "60"))
+SEED = int(os.environ.get("BROWNOUT_SEED", "0"))
+TRACE = arrival_times(PLAN, SEED)
 WORDS = ("the quick brown fox jumps over the lazy dog while every expert routes a token "
          "def return import class self value path config").split()
 
@@ -45,22 +50,14 @@ ROWS: list[dict] = []
 SAMPLES: list[dict] = []
 IN_FLIGHT: set = set()
 T0 = [0.0]
-
-
-def rate_at(t: float) -> float:
-    """Offered requests/s at t seconds into the plan (piecewise linear)."""
-    for (t0, r0), (t1, r1) in zip(PLAN, PLAN[1:]):
-        if t0 <= t <= t1:
-            return r0 if t1 == t0 else r0 + (r1 - r0) * (t - t0) / (t1 - t0)
-    return -1.0  # past the end
+NEXT = [0]  # the next arrival of the trace to send
 
 
 class BrownoutShape(LoadTestShape):
+    """One user (it walks the trace) until the plan ends."""
+
     def tick(self):
-        rate = rate_at(self.get_run_time())
-        if rate < 0:
-            return None
-        return max(1, round(rate / PER_USER_RATE)), 1000
+        return None if rate_at(PLAN, self.get_run_time()) < 0 else (1, 1)
 
 
 @events.test_start.add_listener
@@ -94,29 +91,32 @@ def _poll(host: str) -> None:
         gevent.sleep(1.0)
 
 
-def _prompt() -> str:
-    return " ".join(random.choice(WORDS) for _ in range(PROMPT_TOKENS))
-
-
-class OpenLoopSource(User):
-    """One Poisson source; requests run in their own greenlets (open loop)."""
+class TraceSource(User):
+    """Sends the trace's requests at their times; each runs in its own greenlet (open loop)."""
 
     wait_time = constant(0)
 
     @task
     def arrive(self):
-        gevent.sleep(random.expovariate(PER_USER_RATE))
-        g = gevent.spawn(self._request, self.environment)
+        i = NEXT[0]
+        if i >= len(TRACE):
+            gevent.sleep(1.0)  # the trace is spent: wait for the shape to end the run
+            return
+        NEXT[0] += 1
+        gevent.sleep(max(0.0, TRACE[i] - (time.monotonic() - T0[0])))
+        g = gevent.spawn(self._request, self.environment, i)
         IN_FLIGHT.add(g)
         g.link(IN_FLIGHT.discard)
 
-    def _request(self, environment) -> None:
+    def _request(self, environment, index: int) -> None:
         start = time.monotonic()
-        tier = random.choices([n for n, _ in MIX], [w for _, w in MIX])[0] if MIX else TIER
+        rng = request_rng(SEED, index)
+        prompt = " ".join(rng.choice(WORDS) for _ in range(PROMPT_TOKENS))
+        tier = rng.choices([n for n, _ in MIX], [w for _, w in MIX])[0] if MIX else TIER
         row = {"t": start - T0[0], "tier": tier, "status": None, "ttft": None, "itl": None, "e2e": None,
                "k": None, "level": None, "pred_ttft": None, "pred_itl": None, "queued": None, "tokens": 0}
         headers = {"x-phds-tier": tier} if tier else {}
-        body = {"model": MODEL, "prompt": _prompt(), "max_tokens": MAX_TOKENS, "temperature": 0.0,
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0.0,
                 "ignore_eos": True, "stream": True}
         exc = None
         try:

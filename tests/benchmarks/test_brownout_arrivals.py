@@ -1,0 +1,102 @@
+"""benchmarks/brownout.py gives every arm of a pass the same arrivals and requests (common random numbers).
+
+The trace (benchmarks/arrivals.py) is a Poisson process whose rate follows the plan; the locust file
+sends it: a stand-in server records what arrived, and two locust runs with one seed send the same
+prompts at the same offsets.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+spec = importlib.util.spec_from_file_location("arrivals", ROOT / "benchmarks" / "arrivals.py")
+arrivals = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(arrivals)
+
+
+def test_one_seed_one_trace_and_the_passes_differ():
+    plan = [[0, 5.0], [20, 5.0]]
+    assert arrivals.arrival_times(plan, 3) == arrivals.arrival_times(plan, 3)
+    assert arrivals.arrival_times(plan, 3) != arrivals.arrival_times(plan, 4)
+    assert arrivals.request_rng(3, 7).random() == arrivals.request_rng(3, 7).random()
+
+
+def test_the_trace_follows_the_plan_and_is_poisson():
+    plan = [[0, 10.0], [100, 10.0], [100.1, 50.0], [200, 50.0], [200.1, 0.0], [300, 20.0]]
+    t = np.array(arrivals.arrival_times(plan, 0))
+    for lo, hi, expected in ((0, 100, 1000), (100.1, 200, 50 * 99.9), (200.1, 250, 0.5 * 10 * 49.9),
+                             (250, 300, 0.5 * (10 + 20) * 50)):
+        n = np.sum((t >= lo) & (t < hi))
+        assert abs(n - expected) < 5 * expected ** 0.5, (lo, hi, n, expected)
+    gaps = np.diff(t[(t >= 100.1) & (t < 200)])
+    assert abs(gaps.mean() * 50 - 1) < 0.05 and abs(gaps.std() / gaps.mean() - 1) < 0.1  # exponential gaps
+
+
+STAND_IN = textwrap.dedent('''
+    import http.server, json, sys, time
+    log = open(sys.argv[2], "a")
+
+    class Completions(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            log.write(json.dumps({"at": time.monotonic(), "prompt": body["prompt"]}) + "\\n"); log.flush()
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream; charset=utf-8")
+            self.send_header("x-phds-k", "2")
+            self.end_headers()
+            for _ in range(3):
+                self.wfile.write(b'data: {"choices": [{"text": "a"}]}\\n\\n')
+            self.wfile.write(b"data: [DONE]\\n\\n")
+        def do_GET(self):
+            self.send_response(404); self.end_headers()
+        def log_message(self, *a):
+            pass
+
+    http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Completions).serve_forever()
+''')
+
+
+def _send(tmp_path: Path, port: int, plan: list, seed: int, name: str) -> tuple[list[dict], list[dict]]:
+    log = tmp_path / f"{name}.jsonl"
+    server = subprocess.Popen([sys.executable, str(tmp_path / "stand_in.py"), str(port), str(log)])
+    try:
+        time.sleep(0.5)
+        env = {**os.environ, "BROWNOUT_PLAN": json.dumps(plan), "BROWNOUT_TIER": "elastic", "BROWNOUT_MODEL": "m",
+               "BROWNOUT_OUT": str(tmp_path / f"{name}.json"), "BROWNOUT_SEED": str(seed),
+               "BROWNOUT_PROMPT_TOKENS": "6"}
+        subprocess.run([sys.executable, "-m", "locust", "-f", str(ROOT / "benchmarks" / "brownout_locust.py"),
+                        "--headless", "--host", f"http://127.0.0.1:{port}", "--only-summary", "--loglevel", "WARNING"],
+                       env=env, cwd=ROOT, check=True, timeout=120, capture_output=True)
+    finally:
+        server.kill()
+        server.wait()
+    rows = json.loads((tmp_path / f"{name}.json").read_text())["rows"]
+    return sorted(rows, key=lambda r: r["t"]), [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def test_locust_sends_the_trace_and_the_same_requests_for_the_same_seed(tmp_path):
+    from loadtest.server import free_port
+
+    (tmp_path / "stand_in.py").write_text(STAND_IN)
+    plan = [[0, 6.0], [3, 6.0]]
+    trace = arrivals.arrival_times(plan, 11)
+    rows_a, got_a = _send(tmp_path, free_port(), plan, 11, "a")
+    rows_b, got_b = _send(tmp_path, free_port(), plan, 11, "b")
+    assert len(trace) >= 8 and len(rows_a) == len(got_a) == len(trace) == len(rows_b)
+    assert all(r["status"] == 200 and r["tokens"] == 3 for r in rows_a)
+    sent = np.array([r["t"] for r in rows_a])
+    assert np.abs(sent - np.array(trace)).max() < 0.1  # each request leaves at its time in the trace
+    arrived = np.array([g["at"] for g in got_a])
+    assert np.abs(np.diff(arrived) - np.diff(trace)).max() < 0.1
+    assert [g["prompt"] for g in got_a] == [g["prompt"] for g in got_b]  # the same requests in every arm
+    assert len({g["prompt"] for g in got_a}) > 1
