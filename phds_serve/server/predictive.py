@@ -117,9 +117,14 @@ class PredictiveBrownout(Ticking):
         # It acts only on misses the service model did not predict (see tick): slowness the online scale
         # explains is the feed-forward choice's to answer. No per-rung memory (max_rung_ratio 1): a cap
         # whose evidence is gone comes off; and a narrower dead band (low 0.8) for the same reason.
+        # No back-off after a premature step either (max_down_after = down_after): at --slo-quantile 0.98
+        # the pressure of a 2 s window is its worst request, a single one marks the last step premature,
+        # and the back-off (up to 8 s per level) held the cap at k 2 for 10 s into a calm phase that
+        # fixed k 8 met entirely (full run of 2026-12-05 23:29). The reactive mode, where the level is the
+        # only control, keeps its back-off.
         self.controller = BrownoutController(ControllerSettings(
             max_level=config.tiers.max_rungs(), low=OUTER_LOW, down_after=OUTER_DOWN_AFTER,
-            max_down_after=8 * OUTER_DOWN_AFTER, max_rung_ratio=1.0))
+            max_down_after=OUTER_DOWN_AFTER, max_rung_ratio=1.0))
         self._predicted: deque[tuple[float, float, float]] = deque(maxlen=4096)  # (bound at, TTFT, ITL)
         self.last_pressure: float | None = None
         self.arrivals: dict[str, deque[float]] = {}

@@ -287,6 +287,27 @@ def test_the_outer_loop_acts_only_on_misses_the_model_did_not_predict():
     assert run(1.1) == 0  # the model saw the miss coming (a slow machine, the lowest k): no cap
 
 
+def test_the_outer_cap_comes_off_at_its_pace_even_after_a_premature_step():
+    """One late request after a step back up (at a high quantile, a window's worst) does not slow the next."""
+    from phds_serve.server.predictive import OUTER_DOWN_AFTER
+
+    pb = PredictiveBrownout(CONFIG, PredictiveSettings(), 32, LoadFeed(), Clock(), model())
+    outer = pb.controller
+    for p in (2.0,) * 8:  # misses the model did not predict: the cap goes up
+        outer.step(p)
+    assert outer.level >= 3
+    top = outer.level
+    for p in (0.1,) * OUTER_DOWN_AFTER:
+        outer.step(p)
+    assert outer.level == top - 1
+    for p in (2.0, 2.0, 2.0):  # a miss right after it: that step was premature
+        outer.step(p)
+    level = outer.level
+    for p in (0.1,) * OUTER_DOWN_AFTER:  # the next step back waits as long as the first
+        outer.step(p)
+    assert outer.level == level - 1
+
+
 def test_reserved_slots_let_a_fixed_tier_in_when_the_elastic_load_took_the_rest():
     from phds_serve.server.predictive import reserved_slots
 
