@@ -51,7 +51,6 @@ class PredictiveSettings:
     calibrate: bool = True
     late_defer_s: float = 2.0  # a request queued past its TTFT deadline yields to those still in time, this long
 
-
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise TierConfigError(f"--brownout-mode must be one of {MODES}, got {self.mode!r}")
