@@ -129,8 +129,7 @@ class Dispatcher:
     def pump(self) -> None:
         """Dispatch in queue order while the engine has free slots (the reserved ones only to a fixed k)."""
         while self.queued and self.occupied() < self.slots:
-            now = self.clock()
-            self.queued.sort(key=lambda t: t.order(now, self.late_defer_s))
+            self.queued = self.ordered()
             elastic_room = self.occupied() < self.slots - self.kept()
             i = next((i for i, t in enumerate(self.queued) if elastic_room or t.fixed_k is not None), None)
             if i is None:
