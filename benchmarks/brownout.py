@@ -671,7 +671,8 @@ def run_arms(args, work: Path) -> dict:
     where = {"vllm-overload": ("overload", "nominal"), "fixed-nominal": ("tiers", "nominal"),
              "fixed-lowest": ("tiers", "lowest"), "brownout": ("tiers", "elastic"),
              "brownout-reactive": ("reactive", "elastic")}
-    order = ["vllm-overload", "fixed-nominal", "fixed-lowest", "brownout", "brownout-reactive"]
+    order = [a for a in ["vllm-overload", "fixed-nominal", "fixed-lowest", "brownout", "brownout-reactive"]
+             if a in args.arms]
 
     def arm_run(arm: str, tier: str, server: str, i: int, plan_name: str, store: dict) -> None:
         print(f"{plan_name}: arm {arm} (pass {i + 1})", flush=True)
@@ -689,11 +690,12 @@ def run_arms(args, work: Path) -> dict:
         for arm in (order if i % 2 == 0 else order[::-1]):
             server, tier = where[arm]
             arm_run(arm, tier, server, i, "single-tier", runs)
-    two_runs: dict[str, list[dict]] = {arm: [] for arm in TWO_TIER_ARMS}
+    two_arms = [a for a in TWO_TIER_ARMS if a in args.arms]
+    two_runs: dict[str, list[dict]] = {arm: [] for arm in two_arms}
     if "two-tier" in args.plans:
         two_where = {"brownout": "tiers", "brownout-reactive": "reactive"}
         for i in range(passes):
-            for arm in (TWO_TIER_ARMS if i % 2 == 0 else TWO_TIER_ARMS[::-1]):
+            for arm in (two_arms if i % 2 == 0 else two_arms[::-1]):
                 arm_run(arm, TWO_TIER_MIX, two_where[arm], i, "two-tier", two_runs)
     calibrations = {}
     for name in ("tiers", "reactive"):
@@ -710,11 +712,11 @@ def run_arms(args, work: Path) -> dict:
          "phds-serve brownout: one load plan, five arms (mean of the passes; level and TTFT of pass 1)")
     print("\n" + table(results))
     print("\n" + phase_table(results, args.duration))
-    base = results["fixed-nominal"]["summary"]["goodput_rps"]
+    base = results["fixed-nominal"]["summary"]["goodput_rps"] if "fixed-nominal" in results else None
     if base:
         print("\ngoodput vs fixed-nominal: " + ", ".join(
-            f"{arm} {results[arm]['summary']['goodput_rps'] / base:.2f}x" for arm in ARMS))
-    for arm in ("brownout",):
+            f"{arm} {results[arm]['summary']['goodput_rps'] / base:.2f}x" for arm in ARMS if arm in results))
+    for arm in [a for a in ("brownout",) if a in results]:
         print(f"{arm}: measured / predicted TTFT: {results[arm]['prediction']}")
         print(f"{arm}: measured / predicted inter-token latency: {results[arm]['prediction_itl']}")
         s = results[arm]["summary"]
@@ -722,7 +724,7 @@ def run_arms(args, work: Path) -> dict:
             print(f"{arm}: late binding: {s['waited_in_layer']} of {s['sent']} requests waited in the layer's dispatch "
                   f"queue (p90 wait {s['waited_p90_s']}), mean k {s['waited_mean_k']} (those that entered at once: "
                   f"{s['direct_mean_k']}); layer queue peak {results[arm]['queue_peak']}")
-    checks = targets(results, args.duration)
+    checks = targets(results, args.duration) if {"brownout", "fixed-lowest"} <= set(results) else []
     print("\ntargets (brownout vs fixed-lowest):")
     for c in checks:
         print(f"  [{'met' if c['met'] else 'NOT met'}] {c['scope']}: {c['target']}: {c['value']} (bound {c['bound']})")
@@ -749,6 +751,8 @@ def run_arms(args, work: Path) -> dict:
 def final_lines(results: dict) -> list[str]:
     out = []
     for arm in ARMS:
+        if arm not in results:
+            continue
         s = results[arm]["summary"]
         out.append(f"arm={arm} attainment={s['attainment']:.3f} goodput={s['goodput_rps']:.2f} "
                    f"mean_k={(s['mean_k'] or 0):.2f} errors={s['errors']}")
@@ -775,6 +779,9 @@ def main() -> int:
     ap.add_argument("--plans", default="single-tier,two-tier", help="comma-separated: single-tier, two-tier")
     ap.add_argument("--quick", action="store_true",
                     help="one pass of a 48 s plan (both bursts), single-tier plan, no rung price; writes <out>/quick")
+    ap.add_argument("--arms", default=",".join(ARMS),
+                    help="comma-separated subset of the arms, for a focused experiment (brownout and fixed-lowest "
+                    "are needed for the targets)")
     ap.add_argument("--skip-rungs", action="store_true")
     ap.add_argument("--skip-arms", action="store_true")
     ap.add_argument("--engine-cores", default="1",
@@ -791,6 +798,9 @@ def main() -> int:
             args.plans = "single-tier"
         args.out = args.out / "quick"
     args.plans = [p.strip() for p in args.plans.split(",") if p.strip()]
+    args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    if unknown := set(args.arms) - set(ARMS):
+        ap.error(f"--arms: unknown {sorted(unknown)}; choose from {', '.join(ARMS)}")
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="phds-brownout-"))
     started = time.monotonic()
