@@ -72,7 +72,7 @@ ENGINE_VIEW_MAX_AGE_S = 5.0
 class Dispatcher:
     def __init__(self, slots: int, bind: Bind, clock: Callable[[], float], reserve: int = 0,
                  urgent_below: int | None = None, engine_view: EngineView | None = None,
-                 late_defer_s: float = 0.0) -> None:
+                 late_defer_s: float = 0.0, on_dispatch: Callable[[Ticket], None] | None = None) -> None:
         if slots < 1:
             raise ValueError("slots must be >= 1")
         if not 0 <= reserve < slots:
@@ -82,6 +82,7 @@ class Dispatcher:
         self.urgent_below = urgent_below
         self.engine_view = engine_view
         self.late_defer_s = late_defer_s
+        self.on_dispatch = on_dispatch  # told of every request that enters the engine, its k bound
         self._urgent_at: float | None = None
         self.bind = bind
         self.clock = clock
@@ -140,6 +141,8 @@ class Dispatcher:
             head.k, head.dispatched_at = k, self.clock()
             self.in_engine[head.seq] = head
             self._occupancy_changed()
+            if self.on_dispatch is not None:
+                self.on_dispatch(head)
             if head.future is not None and not head.future.done():
                 head.future.set_result(k)
 

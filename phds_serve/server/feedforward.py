@@ -31,7 +31,8 @@ predicts, as if this request and every one queued behind it ran at that k:
 Once enough streams have finished (:mod:`~phds_serve.server.stream_latency`), the inter-token latency
 is predicted from what streams measured instead of from the engine's steps: the fit's objectives'
 quantile for this batch over the request's life, and for the steady state of the arrival rate (Little's
-law with this tier at k and the other tiers at their last k); a steady state that does not settle, or
+law with this tier at k and the other tiers at their last k), both stretched by the share of the
+engine's time the arrivals' prefills take at those k; a steady state that does not settle, or
 that needs more than ``max_utilisation`` of the slots, fails k. The engine's steps missed what the API
 server does per stream and token, and under load streams saw twice the step time it predicted.
 
@@ -179,8 +180,11 @@ def predict(
         # the request's life, and the steady state of the arrival rate with this tier at k.
         rate = demand.arrival_rps + demand.other_rps
         mix_k = (demand.arrival_rps * k + demand.other_rps_k) / rate if rate > 0 else float(k)
-        steady = latency.steady(model, rate, mix_k, first_step, max(1.0, demand.output_tokens - 1), state.slots)
-        itl = max(latency.quantile_s(model, batch, batch * life_k), latency.quantile_ratio * steady.itl_s)
+        # The arrivals' prefills, this tier at k, stall the streams (a share of the engine's time).
+        prefill = rate * demand.prompt_tokens * model.token_s(mix_k)
+        steady = latency.steady(model, rate, mix_k, first_step, max(1.0, demand.output_tokens - 1), state.slots,
+                                prefill)
+        itl = max(latency.quantile_s(model, batch, batch * life_k, prefill), latency.quantile_ratio * steady.itl_s)
         steady_rows = steady.rows
     return Prediction(k, ttft, itl, util, worst, False, engine_itl, steady_rows)
 

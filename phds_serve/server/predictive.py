@@ -109,7 +109,8 @@ class PredictiveBrownout(Ticking):
         # Deadlines are arrival + the TTFT objective; without one there is no lateness to order by.
         self.dispatcher = Dispatcher(slots, self._bind, clock, *reserved_slots(config, slots),
                                      engine_view=self._engine_view,
-                                     late_defer_s=settings.late_defer_s if config.objectives.ttft_s else 0.0)
+                                     late_defer_s=settings.late_defer_s if config.objectives.ttft_s else 0.0,
+                                     on_dispatch=self._dispatched)
         # The outer safety loop: only a cap, so it may give k back quickly (OUTER_DOWN_AFTER ticks of
         # headroom per level, not --brownout-down-after): the feed-forward choice keeps k down while the
         # load needs it.
@@ -137,6 +138,12 @@ class PredictiveBrownout(Ticking):
         self._task: asyncio.Task | None = None
         self._suspect = 0
         feed.k_source = self.dispatcher.k_mix
+
+    def _dispatched(self, ticket: Ticket) -> None:
+        """A request entered the engine: its prefill will stall the streams decoding (their fit's P)."""
+        prompt = self.prompt_tokens.value or ticket.info.get("prompt_tokens") or 0.0
+        if ticket.k is not None:
+            self.dispatcher.occupancy.add_prefill(prompt * self.model.token_s(ticket.k))
 
     def _engine_view(self) -> tuple[int, float] | None:
         """vLLM's last count of its running and waiting requests, and when (None before the first)."""

@@ -13,7 +13,7 @@ import pytest
 from phds_serve.declared_k import KContract, KPolicy
 from phds_serve.server.brownout import Objectives
 from phds_serve.server.dispatch import Dispatcher
-from phds_serve.server.feedforward import Demand, EngineState, choose
+from phds_serve.server.feedforward import Demand, EngineState, choose, predict
 from phds_serve.server.load_feed import LoadFeed
 from phds_serve.server.predictive import PredictiveBrownout, PredictiveSettings
 from phds_serve.server.request_k import LayerConfig
@@ -35,7 +35,7 @@ def fitted(noise: float = 0.0, seed: int = 0) -> StreamLatency:
     fit = StreamLatency()
     for _ in range(200):
         rows, k = rng.uniform(1, 16), rng.choice([2, 5, 8])
-        fit.observe(rows, rows * k, streams_line(rows, rows * k) * (1 + noise * rng.random()))
+        fit.observe(rows, rows * k, 0.0, streams_line(rows, rows * k) * (1 + noise * rng.random()))
     return fit
 
 
@@ -52,7 +52,8 @@ def test_occupancy_means_are_time_weighted():
     occ.set(0.0, 2, 16)
     mark = occ.mark(0.5)
     occ.set(1.5, 4, 12)  # 2 requests at k 8 for 1 s since the mark, then 4 at k 3 for 1 s
-    assert occ.mean_since(mark, 2.5) == pytest.approx((3.0, 14.0))
+    occ.add_prefill(0.3)  # a request entered: 0.3 s of prefill, within the interval
+    assert occ.mean_since(mark, 2.5) == pytest.approx((3.0, 14.0, 0.15))
     assert occ.mean_since(occ.mark(3.0), 3.0) is None
 
 
@@ -104,33 +105,37 @@ def test_the_choice_follows_what_streams_measured_where_the_step_model_is_too_op
 
 def test_a_finished_stream_is_a_sample_with_the_occupancy_of_its_own_decode():
     """Through the controller: the dispatch queue's occupancy, marked at the stream's first token, gives the
-    mean requests and summed k over its decode, whatever was in the engine before."""
+    mean requests and summed k over its decode, whatever was in the engine before, and the share of that
+    time the prefills of the requests dispatched meanwhile take (its own prefill, before it, not)."""
     clock = Clock()
     config = LayerConfig(contract=KContract(KPolicy(native_k=8, num_experts=32), True),
                          tiers=parse_tier_spec("balanced=8..2"), objectives=Objectives(ttft_s=0.5, itl_s=0.12))
-    pb = PredictiveBrownout(config, PredictiveSettings(), 32, LoadFeed(), clock, ServiceModel(shape=SHAPE))
+    model = ServiceModel(shape=SHAPE)
+    pb = PredictiveBrownout(config, PredictiveSettings(), 32, LoadFeed(), clock, model)
     assert isinstance(pb.dispatcher, Dispatcher)
-    a = pb.dispatcher.enter(0, 0.5, "balanced")
+    a = pb.dispatcher.enter(0, 0.5, "balanced", prompt_tokens=400)
     clock.t = 1.0
-    b = pb.dispatcher.enter(0, 1.5, "balanced", fixed_k=2)
     pb.first_token(a, 1.0)
+    b = pb.dispatcher.enter(0, 1.5, "balanced", fixed_k=2, prompt_tokens=100)
     clock.t = 2.0  # a and b (k 8 + 2) for 1 s
     pb.dispatcher.done(b)
     clock.t = 4.0  # a alone for 2 s
     pb.observed_itl(a, 0.02)
-    (rows, k_sum, itl), = pb.latency.samples
+    (rows, k_sum, prefill, itl), = pb.latency.samples
     assert (rows, k_sum, itl) == pytest.approx(((2 + 2 * 1) / 3, (10 + 2 * 8) / 3, 0.02))
+    assert prefill == pytest.approx(100 * model.token_s(2) / 3)  # b's prompt at k 2 over a's 3 s of decode
 
 
 def test_a_steady_state_that_needs_more_slots_than_the_engine_has_fails_k_whatever_its_latency():
-    """Four slots and a loose objective (100 ms): at k 8 and 7 the load would hold more streams than
+    """Four slots and a loose objective (100 ms): at k 8, 7 and 6 the load would hold more streams than
     0.9 x 4 slots (requests would queue for slots, their TTFT unbounded) though each stream's latency is
-    far inside the objective; k 6 settles in 3.3 streams."""
+    far inside the objective; k 5 settles in 3.5 streams (the arrivals' prefill, 7 to 13 % of the engine's
+    time, included)."""
     m, fit = ServiceModel(shape=SHAPE), fitted()
     c = choose(KS, m, Objectives(ttft_s=0.5, itl_s=0.1), EngineState((), 4), Demand(6.0, 96, 32), [0.0],
                latency=fit)
-    assert [p.k for p in c.considered] == [8, 7, 6] and c.k == 6
-    for p in c.considered[:2]:
+    assert [p.k for p in c.considered] == [8, 7, 6, 5] and c.k == 5
+    for p in c.considered[:3]:
         assert not p.meets and p.itl_s < 0.08 and p.steady_rows > 0.9 * 4
     assert c.prediction.steady_rows < 0.9 * 4
 
@@ -161,8 +166,32 @@ def test_the_fit_takes_the_operators_quantile():
                          objectives=Objectives(ttft_s=0.5, itl_s=0.12, quantile=0.5))
     pb = PredictiveBrownout(config, PredictiveSettings(), 16, LoadFeed(), Clock(), ServiceModel(shape=SHAPE))
     m, p90 = ServiceModel(shape=SHAPE), fitted(noise=0.4)
-    for n, k, itl in p90.samples:
-        pb.latency.observe(n, k, itl)
+    for n, k, prefill, itl in p90.samples:
+        pb.latency.observe(n, k, prefill, itl)
     pb.latency.fit(m)
     p90.fit(m)
     assert pb.latency.quantile == 0.5 and 0.9 < pb.latency.quantile_ratio < p90.quantile_ratio - 0.1
+
+
+def test_the_fit_divides_out_the_arrivals_prefill_and_the_choice_puts_it_back():
+    """Streams stalled by the prefills of the requests dispatched during their decode (a share P of the
+    time, 0 to 0.6) measure the line / (1 - P): the fit recovers the line exactly, and a stream at P 0.5
+    is predicted at twice it. Through the choice, the same engine and arrival rate with a loose TTFT
+    objective: 1000-token prompts (k 8's prefills 44 % of the engine's time) lower k below 8 where
+    10-token ones keep it, under an inter-token objective between the two predictions."""
+    rng = random.Random(2)
+    m, fit = ServiceModel(shape=SHAPE), StreamLatency()
+    for _ in range(200):
+        rows, k, prefill = rng.uniform(1, 16), rng.choice([2, 5, 8]), rng.uniform(0.0, 0.6)
+        fit.observe(rows, rows * k, prefill, streams_line(rows, rows * k) / (1 - prefill))
+    fit.fit(m)
+    assert (fit.base_s, fit.per_cost, fit.quantile_ratio) == pytest.approx((0.007, 3.0, 1.0))
+    assert fit.mean_s(m, 4, 32, 0.5) == pytest.approx(2 * streams_line(4, 32))
+    state, long, short = EngineState((8, 8), 16), Demand(2.0, 1000, 32), Demand(2.0, 10, 32)
+    assert 2.0 * 1000 * m.token_s(8) == pytest.approx(0.44)
+    stalled = predict(8, m, state, long, [0.0], latency=fit).itl_s
+    free = predict(8, m, state, short, [0.0], latency=fit).itl_s
+    assert stalled > 1.5 * free
+    objectives = Objectives(ttft_s=5.0, itl_s=(stalled + free) / 2 / 0.8)
+    assert choose(KS, m, objectives, state, short, [0.0], latency=fit).k == 8
+    assert choose(KS, m, objectives, state, long, [0.0], latency=fit).k < 8
