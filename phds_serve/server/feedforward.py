@@ -48,7 +48,7 @@ from typing import Sequence
 
 from phds_serve.server.brownout import Objectives
 from phds_serve.server.service_model import ServiceModel
-from phds_serve.server.stream_latency import StreamLatency
+from phds_serve.server.stream_latency import StreamLatency, stretch
 
 INF = float("inf")
 
@@ -138,10 +138,14 @@ def predict(
     # Over this request's life about half of the requests running now finish and are replaced at k.
     keep = 0.5 * n_run
     life_k = (keep * run_mean_k + (batch - keep) * k) / max(1.0, batch)
-    prefill_share = demand.arrival_rps * demand.prompt_tokens * model.token_s(k)
-    stretch = INF if prefill_share >= 0.95 else 1.0 / (1.0 - prefill_share)
+    # The arrivals' prefills (this tier at k, the others at their last k) stall the decode: a share of the
+    # engine's time.
+    rate = demand.arrival_rps + demand.other_rps
+    mix_k = (demand.arrival_rps * k + demand.other_rps_k) / rate if rate > 0 else float(k)
+    prefill = rate * demand.prompt_tokens * model.token_s(mix_k)
     util = demand.other_utilisation + demand.arrival_rps * work_s(model, k, demand)
-    engine_itl = max(state.itl_scale * model.step_s(batch, life_k) * stretch, steady_step_s(model, util, state))
+    engine_itl = max(state.itl_scale * model.step_s(batch, life_k) * stretch(prefill),
+                     steady_step_s(model, util, state))
     own_prefill = state.ttft_scale * demand.prompt_tokens * model.token_s(k)
     # Prompts ahead of it in the engine (dispatched, no first token yet) are prefilled first.
     ahead_prefill = demand.prompt_tokens * (state.engine_waiting * model.token_s(run_mean_k)
@@ -178,10 +182,6 @@ def predict(
     if latency is not None and latency.ready():
         # What streams have measured (the stream-latency fit, at the objectives' quantile): this batch over
         # the request's life, and the steady state of the arrival rate with this tier at k.
-        rate = demand.arrival_rps + demand.other_rps
-        mix_k = (demand.arrival_rps * k + demand.other_rps_k) / rate if rate > 0 else float(k)
-        # The arrivals' prefills, this tier at k, stall the streams (a share of the engine's time).
-        prefill = rate * demand.prompt_tokens * model.token_s(mix_k)
         steady = latency.steady(model, rate, mix_k, first_step, max(1.0, demand.output_tokens - 1), state.slots,
                                 prefill)
         itl = max(latency.quantile_s(model, batch, batch * life_k, prefill), latency.quantile_ratio * steady.itl_s)
