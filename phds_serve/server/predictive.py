@@ -140,10 +140,14 @@ class PredictiveBrownout(Ticking):
         feed.k_source = self.dispatcher.k_mix
 
     def _dispatched(self, ticket: Ticket) -> None:
-        """A request entered the engine: its prefill will stall the streams decoding (their fit's P)."""
-        prompt = self.prompt_tokens.value or ticket.info.get("prompt_tokens") or 0.0
-        if ticket.k is not None:
-            self.dispatcher.occupancy.add_prefill(prompt * self.model.token_s(ticket.k))
+        """A request entered the engine (its k bound): its prefill will stall the streams decoding (their
+        fit's P). Unknown prompt length: no prefill counted."""
+        assert ticket.k is not None
+        self.dispatcher.occupancy.add_prefill((self._prompt_tokens(ticket) or 0.0) * self.model.token_s(ticket.k))
+
+    def _prompt_tokens(self, ticket: Ticket) -> float | None:
+        """Prompt tokens of a request: the mean of the responses' usage, else the request's own estimate."""
+        return self.prompt_tokens.value or ticket.info.get("prompt_tokens")
 
     def _engine_view(self) -> tuple[int, float] | None:
         """vLLM's last count of its running and waiting requests, and when (None before the first)."""
@@ -222,7 +226,7 @@ class PredictiveBrownout(Ticking):
         return statistics.median(ratios)
 
     def demand(self, head: Ticket, now: float) -> Demand:
-        prompt = self.prompt_tokens.value or head.info.get("prompt_tokens") or 128.0
+        prompt = self._prompt_tokens(head) or 128.0
         output = self.output_tokens.value or head.info.get("max_tokens") or 64.0
         rates = self.rates(now)
         other = other_rps = other_rps_k = 0.0

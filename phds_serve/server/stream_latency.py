@@ -88,7 +88,7 @@ class Occupancy:
         self._advance(now)
         return (now, self.rows_s, self.k_s, self.prefill_s)
 
-    def mean_since(self, mark: tuple[float, ...], now: float) -> tuple[float, float, float] | None:
+    def mean_since(self, mark: tuple[float, float, float, float], now: float) -> tuple[float, float, float] | None:
         """Between ``mark`` and ``now``: the mean requests in the engine, their mean summed k, and the share
         of the time the prefills dispatched meanwhile take (None if no time passed)."""
         t0, rows0, k0, prefill0 = mark
