@@ -63,10 +63,15 @@ class EngineState:
     itl_scale: float = 1.0  # measured / predicted inter-token latency, over recent requests
 
 
+# Prompt tokens of a request before any response has reported its usage and without an estimate of its
+# own (a chat request): the prefill a dispatch is counted to add and the one a prediction assumes.
+PROMPT_TOKENS_PRIOR = 128.0
+
+
 @dataclass(frozen=True)
 class Demand:
     arrival_rps: float = 0.0  # requests/s arriving for the tier being chosen
-    prompt_tokens: float = 128.0  # mean prompt tokens per request
+    prompt_tokens: float = PROMPT_TOKENS_PRIOR  # mean prompt tokens per request
     output_tokens: float = 64.0  # mean generated tokens per request
     other_utilisation: float = 0.0  # engine share taken by the other tiers' arrivals
     other_rps: float = 0.0  # requests/s arriving for the other tiers

@@ -26,7 +26,7 @@ from typing import Any, Callable
 from phds_serve.server import metrics
 from phds_serve.server.brownout import BrownoutController, ControllerSettings, Window, pressure
 from phds_serve.server.dispatch import Dispatcher, Ticket
-from phds_serve.server.feedforward import Demand, EngineState, choose, work_s
+from phds_serve.server.feedforward import PROMPT_TOKENS_PRIOR, Demand, EngineState, choose, work_s
 from phds_serve.server.load_feed import FEED, LoadFeed
 from phds_serve.server.request_k import LayerConfig
 from phds_serve.server.service_model import ServiceModel
@@ -141,13 +141,14 @@ class PredictiveBrownout(Ticking):
 
     def _dispatched(self, ticket: Ticket) -> None:
         """A request entered the engine (its k bound): its prefill will stall the streams decoding (their
-        fit's P). Unknown prompt length: no prefill counted."""
+        fit's P)."""
         assert ticket.k is not None
-        self.dispatcher.occupancy.add_prefill((self._prompt_tokens(ticket) or 0.0) * self.model.token_s(ticket.k))
+        self.dispatcher.occupancy.add_prefill(self._prompt_tokens(ticket) * self.model.token_s(ticket.k))
 
-    def _prompt_tokens(self, ticket: Ticket) -> float | None:
-        """Prompt tokens of a request: the mean of the responses' usage, else the request's own estimate."""
-        return self.prompt_tokens.value or ticket.info.get("prompt_tokens")
+    def _prompt_tokens(self, ticket: Ticket) -> float:
+        """Prompt tokens of a request: the mean of the responses' usage, else the request's own estimate,
+        else the prior (one rule for the prefill a dispatch adds and the one a prediction assumes)."""
+        return self.prompt_tokens.value or ticket.info.get("prompt_tokens") or PROMPT_TOKENS_PRIOR
 
     def _engine_view(self) -> tuple[int, float] | None:
         """vLLM's last count of its running and waiting requests, and when (None before the first)."""
@@ -226,7 +227,7 @@ class PredictiveBrownout(Ticking):
         return statistics.median(ratios)
 
     def demand(self, head: Ticket, now: float) -> Demand:
-        prompt = self._prompt_tokens(head) or 128.0
+        prompt = self._prompt_tokens(head)
         output = self.output_tokens.value or head.info.get("max_tokens") or 64.0
         rates = self.rates(now)
         other = other_rps = other_rps_k = 0.0

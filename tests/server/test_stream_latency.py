@@ -13,7 +13,7 @@ import pytest
 from phds_serve.declared_k import KContract, KPolicy
 from phds_serve.server.brownout import Objectives
 from phds_serve.server.dispatch import Dispatcher
-from phds_serve.server.feedforward import Demand, EngineState, choose, predict
+from phds_serve.server.feedforward import PROMPT_TOKENS_PRIOR, Demand, EngineState, choose, predict
 from phds_serve.server.load_feed import LoadFeed
 from phds_serve.server.predictive import PredictiveBrownout, PredictiveSettings
 from phds_serve.server.request_k import LayerConfig
@@ -124,6 +124,21 @@ def test_a_finished_stream_is_a_sample_with_the_occupancy_of_its_own_decode():
     (rows, k_sum, prefill, itl), = pb.latency.samples
     assert (rows, k_sum, itl) == pytest.approx(((2 + 2 * 1) / 3, (10 + 2 * 8) / 3, 0.02))
     assert prefill == pytest.approx(100 * model.token_s(2) / 3)  # b's prompt at k 2 over a's 3 s of decode
+
+
+def test_a_request_of_unknown_length_counts_the_same_prompt_in_the_measurement_and_the_prediction():
+    """Before any response has reported its usage, a chat request carries no prompt estimate: the prefill
+    its dispatch adds to the streams' P and the prompt the prediction assumes are one prior, not 0 and 128."""
+    clock = Clock()
+    config = LayerConfig(contract=KContract(KPolicy(native_k=8, num_experts=32), True),
+                         tiers=parse_tier_spec("balanced=8..2"), objectives=Objectives(ttft_s=0.5, itl_s=0.12))
+    model = ServiceModel(shape=SHAPE)
+    pb = PredictiveBrownout(config, PredictiveSettings(), 32, LoadFeed(), clock, model)
+    added: list[float] = []
+    pb.dispatcher.occupancy.add_prefill = added.append
+    ticket = pb.dispatcher.enter(0, 0.5, "balanced", fixed_k=2)  # no prompt_tokens: a chat request
+    assert added == [pytest.approx(PROMPT_TOKENS_PRIOR * model.token_s(2))]
+    assert pb.demand(ticket, clock.t).prompt_tokens == PROMPT_TOKENS_PRIOR
 
 
 def test_a_steady_state_that_needs_more_slots_than_the_engine_has_fails_k_whatever_its_latency():
