@@ -13,6 +13,9 @@ its objectives, holds, ramps back, with two bursts. The same load, in the same r
   brownout-reactive  the same tier, --brownout-mode reactive (the controller before issue 15: k bound
                   at arrival from a level moved by measured latencies; the ablation arm)
   vllm-overload   nominal k, with vLLM's own overload answer: --max-num-queued-reqs (HTTP 503 beyond it)
+  fixed-kN        (only with --fixed-ks) every request at k N, between the lowest and the nominal: with
+                  fixed-lowest and fixed-nominal they trace what each fixed k does on the plan, and the best
+                  a plan-knowing choice of one fixed k per phase could do (the frontier brownout is judged on)
 
 A second plan (``--plans two-tier``, part of the full run) sends 30 % of the requests to a fixed
 ``fast`` tier (k 2, vLLM priority -10, --scheduling-policy priority) and 70 % to an elastic
@@ -430,6 +433,19 @@ COLORS = {"fixed-nominal": "tab:blue", "fixed-lowest": "tab:green", "brownout": 
 TWO_TIER_MIX = "fast:0.3,balanced:0.7"
 
 
+def fixed_arm(k: int) -> str:
+    """The arm (and, without the ``fixed-``, the tier) that serves every request at k (``--fixed-ks``)."""
+    return f"fixed-k{k}"
+
+
+def arm_order(results: dict) -> list[str]:
+    """The arms that ran, for tables: the fixed ks from lowest to nominal, then the others."""
+    fixed_ks = sorted(int(a.removeprefix("fixed-k")) for a in results if a.startswith("fixed-k"))
+    order = ["fixed-lowest", *map(fixed_arm, fixed_ks), "fixed-nominal", "brownout", "brownout-reactive",
+             "vllm-overload"]
+    return [a for a in order if a in results]
+
+
 def mean_timeline(tls: list[dict]) -> dict:
     """Bin-wise mean of the passes' timelines (None where no pass had data); level/waiting of pass 1."""
     def mean(values):
@@ -493,9 +509,7 @@ def table(results: dict) -> str:
     head = ("| arm | sent | objective met | attainment (by pass) | goodput req/s | throughput req/s | mean k | errors "
             "| p50 TTFT ms | p90 TTFT ms | p90 ITL ms |\n|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
-    for arm in ARMS:
-        if arm not in results:
-            continue
+    for arm in arm_order(results):
         s = results[arm]["summary"]
         ms = lambda v: "-" if v is None else f"{v * 1000:.0f}"  # noqa: E731
         errs = ", ".join(f"{n} {k}" for k, n in s["errors_by_kind"].items()) or "0"
@@ -507,13 +521,77 @@ def table(results: dict) -> str:
 
 
 def phase_table(results: dict, duration: float) -> str:
-    arms = [a for a in ARMS if a in results]
+    arms = arm_order(results)
     out = ["| phase | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
     for i, (name, _, _) in enumerate(phases(duration)):
         cells = [f"{results[a]['phases'][i]['attainment']:.0%} (k {results[a]['phases'][i]['mean_k'] or 0:.1f})"
                  for a in arms]
         out.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(out)
+
+
+def fixed_k_frontier(results: dict, duration: float, lowest_k: int, native_k: int) -> dict | None:
+    """What each fixed k did on the plan, and the best mean k of a choice that knows the plan and runs one
+    fixed k per phase: in each phase the highest fixed k that kept the phase within the targets' slack of
+    fixed-lowest (1.5 points, 5 in a burst phase), as measured in this run.
+
+    An upper bound on brownout's mean k at its attainment targets only as far as one k per phase is the
+    best shape (a controller can also vary k within a phase), and it carries each fixed arm's backlog from
+    the phases before (a higher fixed k through a burst leaves a queue the next phase pays for)."""
+    fixed = {k: arm for k, arm in [(lowest_k, "fixed-lowest"), (native_k, "fixed-nominal"),
+                                   *((int(a.removeprefix("fixed-k")), a) for a in results if a.startswith("fixed-k"))]
+             if arm in results}
+    if "fixed-lowest" not in results or len(fixed) < 3:
+        return None
+    lowest = results["fixed-lowest"]
+    arms = [{"k": k, "arm": arm, "attainment": results[arm]["summary"]["attainment"],
+             "by_pass": [p["attainment"] for p in results[arm]["passes"]],
+             "goodput_rps": results[arm]["summary"]["goodput_rps"]} for k, arm in sorted(fixed.items())]
+    per_phase = []
+    for i, (name, _, _) in enumerate(phases(duration)):
+        bound = lowest["phases"][i]["attainment"] - (0.05 if name.startswith("burst") else 0.015)
+        k = max(k for k, arm in fixed.items() if results[arm]["phases"][i]["attainment"] >= bound - 1e-9)
+        per_phase.append({"phase": name, "sent": lowest["phases"][i]["sent"], "k": k, "bound": bound,
+                          "attainment": results[fixed[k]]["phases"][i]["attainment"]})
+    sent = sum(p["sent"] for p in per_phase)
+    return {"arms": arms, "per_phase": per_phase,
+            "mean_k": sum(p["k"] * p["sent"] for p in per_phase) / max(1, sent),
+            "attainment": sum(p["attainment"] * p["sent"] for p in per_phase) / max(1, sent)}
+
+
+def plot_frontier(path: Path, frontier: dict, results: dict) -> None:
+    """Attainment against mean k: the fixed ks, the per-phase choice, and the controllers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    ks = [a["k"] for a in frontier["arms"]]
+    ax.plot(ks, [a["attainment"] for a in frontier["arms"]], "o-", color="tab:green", label="fixed k (both passes)")
+    for a in frontier["arms"]:
+        ax.scatter([a["k"]] * len(a["by_pass"]), a["by_pass"], s=10, color="tab:green", alpha=0.5)
+        ax.annotate(f"k {a['k']}", (a["k"], a["attainment"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.scatter([frontier["mean_k"]], [frontier["attainment"]], marker="*", s=160, color="k",
+               label="one fixed k per phase, chosen knowing the plan")
+    for arm in ("brownout", "brownout-reactive"):
+        if arm in results:
+            s = results[arm]["summary"]
+            ax.scatter([s["mean_k"]], [s["attainment"]], s=60, color=COLORS[arm], label=f"{arm} (both passes)")
+            ax.scatter([p["mean_k"] for p in results[arm]["passes"]], [p["attainment"] for p in results[arm]["passes"]],
+                       s=15, color=COLORS[arm], alpha=0.5)
+    bound = results["fixed-lowest"]["summary"]["attainment"] - 0.015
+    ax.axhline(bound, color="k", ls=":", lw=1, label="fixed-lowest - 1.5 points")
+    ax.axvline(4.0, color="k", ls="--", lw=1, label="mean k target 4.0")
+    ax.set_xlabel("mean applied k over the plan")
+    ax.set_ylabel("objective attainment")
+    ax.set_ylim(max(0.0, min(a["attainment"] for a in frontier["arms"]) - 0.05), 1.01)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title("what each fixed k does on the plan, and where brownout lands")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def prediction_error(rows: list[dict], what: str = "ttft") -> dict | None:
@@ -642,7 +720,8 @@ def run_arms(args, work: Path) -> dict:
     model = build_model(work / "moe-heavy")
     print(f"model: OLMoE shape {SHAPE}, {NUM_EXPERTS} experts, native k {NATIVE_K}; work dir {work}", flush=True)
     L, passes = args.lowest_k, args.passes
-    runs: dict[str, list[dict]] = {arm: [] for arm in ARMS}
+    fixed = [fixed_arm(k) for k in args.fixed_ks]
+    runs: dict[str, list[dict]] = {arm: [] for arm in [*ARMS, *fixed]}
     overload_flags = ["--tiers", f"nominal={NATIVE_K}", "--max-num-queued-reqs", str(MAX_NUM_SEQS)]
     # Objectives are passed once the unloaded latency is known: the tiered servers start after the probe.
     overload = start_server(model, overload_flags, work / "server-overload.log")
@@ -653,7 +732,8 @@ def run_arms(args, work: Path) -> dict:
     brownout_flags = ["--slo-ttft-ms", f"{slo['ttft_s'] * 1000:.1f}", "--slo-itl-ms", f"{slo['itl_s'] * 1000:.2f}",
                       "--slo-quantile", str(args.quantile)]
     tiers = (f"nominal={NATIVE_K},lowest={L},elastic={NATIVE_K}..{L},"
-             f"fast={L}:priority=-10,balanced={NATIVE_K}..{L}:priority=0")
+             f"fast={L}:priority=-10,balanced={NATIVE_K}..{L}:priority=0"
+             + "".join(f",{fixed_arm(k).removeprefix('fixed-')}={k}" for k in args.fixed_ks))
     common = ["--tiers", tiers, "--scheduling-policy", "priority", *brownout_flags]
     servers = start_servers(model, {"tiers": common, "reactive": [*common, "--brownout-mode", "reactive"]}, work)
     servers["overload"] = overload
@@ -670,9 +750,10 @@ def run_arms(args, work: Path) -> dict:
     unloaded(servers["reactive"].url, "elastic", n=2)  # warm-up
     where = {"vllm-overload": ("overload", "nominal"), "fixed-nominal": ("tiers", "nominal"),
              "fixed-lowest": ("tiers", "lowest"), "brownout": ("tiers", "elastic"),
-             "brownout-reactive": ("reactive", "elastic")}
-    order = [a for a in ["vllm-overload", "fixed-nominal", "fixed-lowest", "brownout", "brownout-reactive"]
-             if a in args.arms]
+             "brownout-reactive": ("reactive", "elastic"),
+             **{arm: ("tiers", arm.removeprefix("fixed-")) for arm in fixed}}
+    order = [a for a in ["vllm-overload", "fixed-nominal", *fixed[::-1], "fixed-lowest", "brownout",
+                         "brownout-reactive"] if a in args.arms or a in fixed]
 
     def arm_run(arm: str, tier: str, server: str, i: int, plan_name: str, store: dict) -> None:
         print(f"{plan_name}: arm {arm} (pass {i + 1})", flush=True)
@@ -724,6 +805,14 @@ def run_arms(args, work: Path) -> dict:
             print(f"{arm}: late binding: {s['waited_in_layer']} of {s['sent']} requests waited in the layer's dispatch "
                   f"queue (p90 wait {s['waited_p90_s']}), mean k {s['waited_mean_k']} (those that entered at once: "
                   f"{s['direct_mean_k']}); layer queue peak {results[arm]['queue_peak']}")
+    frontier = fixed_k_frontier(results, args.duration, L, NATIVE_K)
+    if frontier:
+        plot_frontier(args.out / "brownout_frontier.png", frontier, results)
+        print("\nfixed k on the plan: " + ", ".join(
+            f"k {a['k']} {a['attainment']:.1%} ({', '.join(f'{v:.1%}' for v in a['by_pass'])})" for a in frontier["arms"]))
+        print("one fixed k per phase, knowing the plan: " + "; ".join(
+            f"{p['phase']} k {p['k']} ({p['attainment']:.0%}, bound {p['bound']:.0%})" for p in frontier["per_phase"])
+            + f" -> mean k {frontier['mean_k']:.2f}, attainment {frontier['attainment']:.1%}")
     checks = targets(results, args.duration) if {"brownout", "fixed-lowest"} <= set(results) else []
     print("\ntargets (brownout vs fixed-lowest):")
     for c in checks:
@@ -731,7 +820,7 @@ def run_arms(args, work: Path) -> dict:
     report = dict(slo=slo, unloaded={"native": [ttft0, itl0], "lowest": [lo_ttft, lo_itl]}, saturation_rate=rate,
                   calibration=steps, plan=plan, lowest_k=L, native_k=NATIVE_K, results=strip_rows(results),
                   targets=checks, max_num_seqs=MAX_NUM_SEQS, brownout_flags=brownout_flags, passes=passes,
-                  server_tiers=tiers, controllers=calibrations)
+                  server_tiers=tiers, controllers=calibrations, fixed_k_frontier=frontier)
     if any(two_runs.values()):
         two = analyse(two_runs, slo, args.duration)
         plot(args.out / "brownout_two_tier.png", two, slo, plan,
@@ -782,6 +871,9 @@ def main() -> int:
     ap.add_argument("--arms", default=",".join(ARMS),
                     help="comma-separated subset of the arms, for a focused experiment (brownout and fixed-lowest "
                     "are needed for the targets)")
+    ap.add_argument("--fixed-ks", default="",
+                    help="comma-separated ks strictly between --lowest-k and the nominal k: one fixed arm each "
+                    "(fixed-kN, single-tier plan), for the fixed-k frontier (brownout_frontier.png)")
     ap.add_argument("--skip-rungs", action="store_true")
     ap.add_argument("--skip-arms", action="store_true")
     ap.add_argument("--engine-cores", default="1",
@@ -801,6 +893,13 @@ def main() -> int:
     args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if unknown := set(args.arms) - set(ARMS):
         ap.error(f"--arms: unknown {sorted(unknown)}; choose from {', '.join(ARMS)}")
+    try:
+        args.fixed_ks = sorted({int(k) for k in args.fixed_ks.split(",") if k.strip()})
+    except ValueError:
+        ap.error(f"--fixed-ks: {args.fixed_ks!r} is not a comma-separated list of integers")
+    if outside := [k for k in args.fixed_ks if not args.lowest_k < k < NATIVE_K]:
+        ap.error(f"--fixed-ks: {outside} not strictly between the lowest k {args.lowest_k} and the nominal k "
+                 f"{NATIVE_K} (those are fixed-lowest and fixed-nominal)")
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="phds-brownout-"))
     started = time.monotonic()

@@ -31,3 +31,52 @@ def test_the_final_lines_name_only_the_arms_that_ran():
     summary = {"attainment": 0.5, "goodput_rps": 1.0, "mean_k": 3.0, "errors": 0}
     lines = brownout.final_lines({"brownout": {"summary": summary}, "fixed-lowest": {"summary": summary}})
     assert [line.split()[0] for line in lines] == ["arm=fixed-lowest", "arm=brownout"]
+
+
+def test_fixed_ks_outside_the_open_range_are_refused_before_anything_starts(tmp_path):
+    for bad, said in (("2,4", "[2]"), ("8", "[8]"), ("3,x", "not a comma-separated list")):
+        out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "brownout.py"), "--out", str(tmp_path),
+                              "--fixed-ks", bad], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2, bad
+        assert said in out.stderr, out.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def phase_results(brownout, attainments: list[float], sent: list[int], k: float) -> dict:
+    phases = [{"phase": name, "sent": n, "attainment": a, "mean_k": k}
+              for (name, _, _), a, n in zip(brownout.phases(100.0), attainments, sent)]
+    total = sum(a * n for a, n in zip(attainments, sent)) / sum(sent)
+    summary = {"attainment": total, "goodput_rps": 1.0, "mean_k": k, "errors": 0}
+    return {"summary": summary, "phases": phases, "passes": [summary]}
+
+
+def test_the_frontier_takes_per_phase_the_highest_fixed_k_within_the_targets_slack(tmp_path):
+    brownout = load()
+    names = [name for name, _, _ in brownout.phases(100.0)]
+    assert names[1].startswith("burst") and not names[2].startswith("burst")
+    sent = [10, 20, 40, 30, 5, 20, 5]
+    results = {
+        "fixed-lowest": phase_results(brownout, [1.0, 1.0, 1.0, 1.0, 1.0, 0.90, 1.0], sent, 2),
+        # k 4: within 1.5 points in phase 0, 4 points short in burst 1 (a burst allows 5), 2 points short
+        # in phase 2 (not a burst: 1.5 allowed), within in the rest.
+        "fixed-k4": phase_results(brownout, [0.99, 0.96, 0.98, 1.0, 1.0, 0.86, 1.0], sent, 4),
+        "fixed-nominal": phase_results(brownout, [0.80, 0.0, 0.0, 0.5, 1.0, 0.0, 0.99], sent, 8),
+    }
+    frontier = brownout.fixed_k_frontier(results, 100.0, 2, 8)
+    assert [p["k"] for p in frontier["per_phase"]] == [4, 4, 2, 4, 8, 4, 8]
+    assert frontier["mean_k"] == (10 * 4 + 20 * 4 + 40 * 2 + 30 * 4 + 5 * 8 + 20 * 4 + 5 * 8) / 130
+    assert [a["k"] for a in frontier["arms"]] == [2, 4, 8]
+    results["brownout"] = phase_results(brownout, [1.0] * 7, sent, 3.5)
+    brownout.plot_frontier(tmp_path / "frontier.png", frontier, results)
+    assert (tmp_path / "frontier.png").stat().st_size > 10_000
+    # Without a fixed k between lowest and nominal there is no frontier to draw.
+    assert brownout.fixed_k_frontier({a: results[a] for a in ("fixed-lowest", "fixed-nominal")}, 100.0, 2, 8) is None
+
+
+def test_fixed_k_arms_are_in_the_tables_in_k_order_but_not_in_the_final_lines():
+    brownout = load()
+    summary = {"attainment": 0.5, "goodput_rps": 1.0, "mean_k": 3.0, "errors": 0}
+    results = {a: {"summary": summary} for a in ("brownout", "fixed-k5", "fixed-nominal", "fixed-k3", "fixed-lowest")}
+    assert brownout.arm_order(results) == ["fixed-lowest", "fixed-k3", "fixed-k5", "fixed-nominal", "brownout"]
+    assert [line.split()[0] for line in brownout.final_lines(results)] == [
+        "arm=fixed-nominal", "arm=fixed-lowest", "arm=brownout"]
