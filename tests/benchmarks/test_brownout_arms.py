@@ -42,12 +42,16 @@ def test_fixed_ks_outside_the_open_range_are_refused_before_anything_starts(tmp_
     assert not any(tmp_path.iterdir())
 
 
-def phase_results(brownout, attainments: list[float], sent: list[int], k: float) -> dict:
+def phase_results(brownout, attainments: list[float], sent: list[int], k: float,
+                  bins: tuple[tuple[int, int], ...] = ((10, 10), (10, 10))) -> dict:
+    """An arm's results as analyse() gives them: per phase, and a timeline of 5 s bins of (sent, met)."""
     phases = [{"phase": name, "sent": n, "attainment": a, "mean_k": k}
               for (name, _, _), a, n in zip(brownout.phases(100.0), attainments, sent)]
     total = sum(a * n for a, n in zip(attainments, sent)) / sum(sent)
     summary = {"attainment": total, "goodput_rps": 1.0, "mean_k": k, "errors": 0}
-    return {"summary": summary, "phases": phases, "passes": [summary]}
+    timeline = {"t": [2.5 + 5 * i for i in range(len(bins))], "offered": [n / 5 for n, _ in bins],
+                "goodput": [good / 5 for _, good in bins]}
+    return {"summary": summary, "phases": phases, "passes": [summary], "timelines": [timeline]}
 
 
 def test_the_frontier_takes_per_phase_the_highest_fixed_k_within_the_targets_slack(tmp_path):
@@ -59,13 +63,16 @@ def test_the_frontier_takes_per_phase_the_highest_fixed_k_within_the_targets_sla
         "fixed-lowest": phase_results(brownout, [1.0, 1.0, 1.0, 1.0, 1.0, 0.90, 1.0], sent, 2),
         # k 4: within 1.5 points in phase 0, 4 points short in burst 1 (a burst allows 5), 2 points short
         # in phase 2 (not a burst: 1.5 allowed), within in the rest.
-        "fixed-k4": phase_results(brownout, [0.99, 0.96, 0.98, 1.0, 1.0, 0.86, 1.0], sent, 4),
-        "fixed-nominal": phase_results(brownout, [0.80, 0.0, 0.0, 0.5, 1.0, 0.0, 0.99], sent, 8),
+        # Per 5 s bin: k 4 and k 8 both meet the first bin; in the second k 8 meets none and k 4 misses one
+        # (90 %: more than 1.5 points short), so k 2.
+        "fixed-k4": phase_results(brownout, [0.99, 0.96, 0.98, 1.0, 1.0, 0.86, 1.0], sent, 4, ((10, 10), (10, 9))),
+        "fixed-nominal": phase_results(brownout, [0.80, 0.0, 0.0, 0.5, 1.0, 0.0, 0.99], sent, 8, ((10, 10), (10, 0))),
     }
     frontier = brownout.fixed_k_frontier(results, 100.0, 2, 8)
     assert [p["k"] for p in frontier["per_phase"]] == [4, 4, 2, 4, 8, 4, 8]
     assert frontier["mean_k"] == (10 * 4 + 20 * 4 + 40 * 2 + 30 * 4 + 5 * 8 + 20 * 4 + 5 * 8) / 130
     assert [a["k"] for a in frontier["arms"]] == [2, 4, 8]
+    assert frontier["bins"] == {"mean_k": (8 * 10 + 2 * 10) / 20, "attainment": 1.0}
     results["brownout"] = phase_results(brownout, [1.0] * 7, sent, 3.5)
     brownout.plot_frontier(tmp_path / "frontier.png", frontier, results)
     assert (tmp_path / "frontier.png").stat().st_size > 10_000
