@@ -6,7 +6,8 @@ request at its time without waiting for the responses (open loop: an overloaded 
 by its own slowness, as it would be with closed-loop users). Each request's prompt (and its tier, in a
 mix) comes from its own seeded source, so every arm sends the same requests at the same times.
 
-Every request is a streaming /v1/completions with ``ignore_eos`` and a fixed length, sent with the
+Every request is a streaming /v1/completions with ``ignore_eos`` and a fixed length (the openai client:
+its SSE parsing, its errors), sent with the
 arm's tier header (one tier, or a weighted mix such as ``fast:0.3,balanced:0.7``); per request the
 file records its start (seconds since the run start), tier, time to first token, mean inter-token
 latency, end-to-end latency, HTTP status, the applied k, the brownout level the server reports and
@@ -26,8 +27,10 @@ import sys
 import time
 
 import gevent
+import openai
 import requests
 from locust import LoadTestShape, User, constant, events, task
+from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from arrivals import arrival_times, rate_at, request_rng  # noqa: E402
@@ -35,7 +38,7 @@ from arrivals import arrival_times, rate_at, request_rng  # noqa: E402
 PLAN: list[list[float]] = json.loads(os.environ.get("BROWNOUT_PLAN", "[[0, 1], [10, 1]]"))
 TIER = os.environ.get("BROWNOUT_TIER", "")
 MIX = [(name, float(weight)) for name, _, weight in (part.partition(":") for part in TIER.split(","))
-       if weight] if ":" in TIER else []
+       if weight] if ":" in TIER else []  # "fast:0.3,balanced:0.7" -> [("fast", 0.3), ("balanced", 0.7)]
 MODEL = os.environ.get("BROWNOUT_MODEL", "")
 PROMPT_TOKENS = int(os.environ.get("BROWNOUT_PROMPT_TOKENS", "96"))
 MAX_TOKENS = int(os.environ.get("BROWNOUT_MAX_TOKENS", "32"))
@@ -81,14 +84,38 @@ def _poll(host: str) -> None:
         try:
             text = requests.get(host + "/metrics", timeout=5).text
             sample = {"t": t}
-            for line in text.splitlines():
-                name = line.split("{", 1)[0].split(" ", 1)[0]
-                if name in wanted:
-                    sample[name] = sample.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+            for family in text_string_to_metric_families(text):
+                for s in family.samples:
+                    if s.name in wanted:  # summed over labels (vLLM's engines, the layer's tiers)
+                        sample[s.name] = sample.get(s.name, 0.0) + s.value
             SAMPLES.append(sample)
         except (requests.RequestException, ValueError):
             pass
         gevent.sleep(1.0)
+
+
+CLIENT: list[openai.OpenAI] = []  # one client (one connection pool) for the run
+
+
+def client(host: str) -> openai.OpenAI:
+    if not CLIENT:
+        CLIENT.append(openai.OpenAI(base_url=host.rstrip("/") + "/v1", api_key="brownout", max_retries=0,
+                                    timeout=TIMEOUT_S))
+    return CLIENT[0]
+
+
+def record_headers(row: dict, headers) -> None:
+    """What phds-serve says about a request: the k that ran, the brownout level, how long it waited in the
+    layer's dispatch queue, and the latencies the predictive controller predicted when it bound k."""
+    if "x-phds-k" in headers:
+        row["k"] = int(headers["x-phds-k"])
+    if "x-phds-brownout-level" in headers:
+        row["level"] = int(headers["x-phds-brownout-level"])
+    if "x-phds-queued-ms" in headers:
+        row["queued"] = float(headers["x-phds-queued-ms"]) / 1000
+    if "x-phds-predicted-ttft-ms" in headers:
+        row["pred_ttft"] = float(headers["x-phds-predicted-ttft-ms"]) / 1000
+        row["pred_itl"] = float(headers["x-phds-predicted-itl-ms"]) / 1000
 
 
 class TraceSource(User):
@@ -115,44 +142,32 @@ class TraceSource(User):
         tier = rng.choices([n for n, _ in MIX], [w for _, w in MIX])[0] if MIX else TIER
         row = {"t": start - T0[0], "tier": tier, "status": None, "ttft": None, "itl": None, "e2e": None,
                "k": None, "level": None, "pred_ttft": None, "pred_itl": None, "queued": None, "tokens": 0}
-        headers = {"x-phds-tier": tier} if tier else {}
-        body = {"model": MODEL, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0.0,
-                "ignore_eos": True, "stream": True}
         exc = None
+        first = last = None
         try:
-            with requests.post(environment.host.rstrip("/") + "/v1/completions", json=body, headers=headers,
-                               stream=True, timeout=TIMEOUT_S) as r:
+            with client(environment.host).completions.with_streaming_response.create(
+                    model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0, stream=True,
+                    extra_body={"ignore_eos": True}, extra_headers={"x-phds-tier": tier} if tier else None) as r:
                 row["status"] = r.status_code
-                row["k"] = int(r.headers["x-phds-k"]) if "x-phds-k" in r.headers else None
-                if "x-phds-brownout-level" in r.headers:
-                    row["level"] = int(r.headers["x-phds-brownout-level"])
-                if "x-phds-queued-ms" in r.headers:  # time waited in the layer's dispatch queue
-                    row["queued"] = float(r.headers["x-phds-queued-ms"]) / 1000
-                if "x-phds-predicted-ttft-ms" in r.headers:
-                    row["pred_ttft"] = float(r.headers["x-phds-predicted-ttft-ms"]) / 1000
-                    row["pred_itl"] = float(r.headers["x-phds-predicted-itl-ms"]) / 1000
-                if r.status_code == 200:
-                    first = last = None
-                    for line in r.iter_lines(chunk_size=None, decode_unicode=True):
-                        if not line.startswith("data:") or line[5:].strip() == "[DONE]":
-                            continue
-                        event = json.loads(line[5:])
-                        if event.get("error"):
-                            row["status"] = 599
-                            break
-                        if any(c.get("text") is not None for c in event.get("choices", [])):
-                            now = time.monotonic()
-                            first = now if first is None else first
-                            last = now
-                            row["tokens"] += 1
-                    if first is not None:
-                        row["ttft"] = first - start
-                        row["itl"] = (last - first) / (row["tokens"] - 1) if row["tokens"] > 1 else 0.0
-                else:
-                    r.content
-        except Exception as e:  # timeouts, resets: recorded as failed requests, never dropped
-            exc = e
-            row["status"] = row["status"] or 0
+                record_headers(row, r.headers)
+                for chunk in r.parse():
+                    if any(c.text is not None for c in chunk.choices):
+                        now = time.monotonic()
+                        first = now if first is None else first
+                        last = now
+                        row["tokens"] += 1
+        except openai.APIStatusError as e:  # an HTTP error status (400, 429, 503, ...)
+            exc, row["status"] = e, e.status_code
+            record_headers(row, e.response.headers)
+        except openai.APIConnectionError as e:  # timeouts, resets: failed requests, never dropped
+            exc, row["status"] = e, 0
+        except openai.APIError as e:  # an error event in the stream after a 200
+            exc, row["status"] = e, 599
+        except Exception as e:  # anything else: a failed request too
+            exc, row["status"] = e, row["status"] or 0
+        if first is not None and row["status"] == 200:
+            row["ttft"] = first - start
+            row["itl"] = (last - first) / (row["tokens"] - 1) if row["tokens"] > 1 else 0.0
         row["e2e"] = time.monotonic() - start
         ROWS.append(row)
         environment.events.request.fire(
