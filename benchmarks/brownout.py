@@ -740,8 +740,9 @@ def run_arms(args, work: Path) -> dict:
     """Three servers, started together before any measurement: ``overload`` (nominal k, vLLM's queue limit)
     probes the unloaded latency, calibrates and runs vllm-overload; ``tiers`` (fixed tiers, and elastic tiers
     with the objectives, predictive) runs fixed-nominal, fixed-lowest and brownout; ``reactive`` (the same
-    tiers, --brownout-mode reactive) runs brownout-reactive. The arms run in mirrored order over the passes
-    (a linear drift of the machine's own load hits every arm alike). Then the two-tier plan, if asked for."""
+    tiers, --brownout-mode reactive; started only when that arm runs) runs brownout-reactive. The arms run
+    in mirrored order over the passes (a linear drift of the machine's own load hits every arm alike). Then
+    the two-tier plan, if asked for."""
     model = build_model(work / "moe-heavy")
     print(f"model: OLMoE shape {SHAPE}, {NUM_EXPERTS} experts, native k {NATIVE_K}; work dir {work}", flush=True)
     L, passes = args.lowest_k, args.passes
@@ -760,7 +761,11 @@ def run_arms(args, work: Path) -> dict:
              f"fast={L}:priority=-10,balanced={NATIVE_K}..{L}:priority=0"
              + "".join(f",{fixed_arm(k).removeprefix('fixed-')}={k}" for k in args.fixed_ks))
     common = ["--tiers", tiers, "--scheduling-policy", "priority", *brownout_flags]
-    servers = start_servers(model, {"tiers": common, "reactive": [*common, "--brownout-mode", "reactive"]}, work)
+    # The reactive server only when its arm runs: on a 2-core machine an idle engine is still a neighbour.
+    flags = {"tiers": common}
+    if "brownout-reactive" in args.arms:
+        flags["reactive"] = [*common, "--brownout-mode", "reactive"]
+    servers = start_servers(model, flags, work)
     servers["overload"] = overload
     if args.rate:
         rate, steps = args.rate, []
@@ -772,7 +777,8 @@ def run_arms(args, work: Path) -> dict:
           f"req/s, {passes} pass(es)", flush=True)
     lo_ttft, lo_itl = unloaded(servers["tiers"].url, "lowest")
     print(f"unloaded at k={L}: TTFT {lo_ttft * 1000:.0f} ms, ITL {lo_itl * 1000:.1f} ms", flush=True)
-    unloaded(servers["reactive"].url, "elastic", n=2)  # warm-up
+    if "reactive" in servers:
+        unloaded(servers["reactive"].url, "elastic", n=2)  # warm-up
     where = {"vllm-overload": ("overload", "nominal"), "fixed-nominal": ("tiers", "nominal"),
              "fixed-lowest": ("tiers", "lowest"), "brownout": ("tiers", "elastic"),
              "brownout-reactive": ("reactive", "elastic"),
@@ -804,7 +810,7 @@ def run_arms(args, work: Path) -> dict:
             for arm in (two_arms if i % 2 == 0 else two_arms[::-1]):
                 arm_run(arm, TWO_TIER_MIX, two_where[arm], i, "two-tier", two_runs)
     calibrations = {}
-    for name in ("tiers", "reactive"):
+    for name in [n for n in ("tiers", "reactive") if n in servers]:
         try:
             model_info = requests.get(servers[name].url + "/v1/models", timeout=10).json()["data"][0]["brownout"]
             calibrations[name] = model_info
