@@ -436,15 +436,25 @@ OVERALL_SLACK, BURST_SLACK = 0.015, 0.05
 MEAN_K_TARGET = 4.0  # and brownout's mean applied k over the plan at least this
 
 
+def fixed_tier(k: int) -> str:
+    """The tier that serves every request at k (``--fixed-ks``)."""
+    return f"k{k}"
+
+
 def fixed_arm(k: int) -> str:
-    """The arm (and, without the ``fixed-``, the tier) that serves every request at k (``--fixed-ks``)."""
-    return f"fixed-k{k}"
+    """The arm that runs the plan on :func:`fixed_tier` (k)."""
+    return f"fixed-{fixed_tier(k)}"
+
+
+def fixed_arms(results: dict) -> dict[int, str]:
+    """The ``--fixed-ks`` arms among ``results``, by k (those ks lie strictly below the nominal k)."""
+    return {k: fixed_arm(k) for k in range(1, NATIVE_K) if fixed_arm(k) in results}
 
 
 def arm_order(results: dict) -> list[str]:
     """The arms that ran, for tables: the fixed ks from lowest to nominal, then the others."""
-    fixed_ks = sorted(int(a.removeprefix("fixed-k")) for a in results if a.startswith("fixed-k"))
-    order = ["fixed-lowest", *map(fixed_arm, fixed_ks), "fixed-nominal", "brownout", "brownout-reactive",
+    fixed = fixed_arms(results)
+    order = ["fixed-lowest", *(fixed[k] for k in sorted(fixed)), "fixed-nominal", "brownout", "brownout-reactive",
              "vllm-overload"]
     return [a for a in order if a in results]
 
@@ -544,8 +554,7 @@ def fixed_k_frontier(results: dict, duration: float, lowest_k: int, native_k: in
     1.5 points of fixed-lowest in each bin) follows the plan closer; with a dozen requests a bin it also
     takes the luckiest k, so it overstates what a controller could hold."""
     fixed = {k: arm for k, arm in [(lowest_k, "fixed-lowest"), (native_k, "fixed-nominal"),
-                                   *((int(a.removeprefix("fixed-k")), a) for a in results if a.startswith("fixed-k"))]
-             if arm in results}
+                                   *fixed_arms(results).items()] if arm in results}
     if "fixed-lowest" not in results or len(fixed) < 3:
         return None
     lowest = results["fixed-lowest"]
@@ -759,7 +768,7 @@ def run_arms(args, work: Path) -> dict:
                       "--slo-quantile", str(args.quantile)]
     tiers = (f"nominal={NATIVE_K},lowest={L},elastic={NATIVE_K}..{L},"
              f"fast={L}:priority=-10,balanced={NATIVE_K}..{L}:priority=0"
-             + "".join(f",{fixed_arm(k).removeprefix('fixed-')}={k}" for k in args.fixed_ks))
+             + "".join(f",{fixed_tier(k)}={k}" for k in args.fixed_ks))
     common = ["--tiers", tiers, "--scheduling-policy", "priority", *brownout_flags]
     # The reactive server only when its arm runs: on a 2-core machine an idle engine is still a neighbour.
     flags = {"tiers": common}
@@ -782,7 +791,7 @@ def run_arms(args, work: Path) -> dict:
     where = {"vllm-overload": ("overload", "nominal"), "fixed-nominal": ("tiers", "nominal"),
              "fixed-lowest": ("tiers", "lowest"), "brownout": ("tiers", "elastic"),
              "brownout-reactive": ("reactive", "elastic"),
-             **{arm: ("tiers", arm.removeprefix("fixed-")) for arm in fixed}}
+             **{fixed_arm(k): ("tiers", fixed_tier(k)) for k in args.fixed_ks}}
     order = [a for a in ["vllm-overload", "fixed-nominal", *fixed[::-1], "fixed-lowest", "brownout",
                          "brownout-reactive"] if a in args.arms or a in fixed]
 
