@@ -103,15 +103,21 @@ def test_the_choice_follows_what_streams_measured_where_the_step_model_is_too_op
         choose(KS, m, obj, state, split, [0.0], latency=fit).k)
 
 
+def controller(clock: Clock, slots: int = 32, objectives: Objectives = Objectives(ttft_s=0.5, itl_s=0.12),
+               ) -> PredictiveBrownout:
+    """A predictive controller for one elastic tier (balanced=8..2) on the test's step model."""
+    config = LayerConfig(contract=KContract(KPolicy(native_k=8, num_experts=32), True),
+                         tiers=parse_tier_spec("balanced=8..2"), objectives=objectives)
+    return PredictiveBrownout(config, PredictiveSettings(), slots, LoadFeed(), clock, ServiceModel(shape=SHAPE))
+
+
 def test_a_finished_stream_is_a_sample_with_the_occupancy_of_its_own_decode():
     """Through the controller: the dispatch queue's occupancy, marked at the stream's first token, gives the
     mean requests and summed k over its decode, whatever was in the engine before, and the share of that
     time the prefills of the requests dispatched meanwhile take (its own prefill, before it, not)."""
     clock = Clock()
-    config = LayerConfig(contract=KContract(KPolicy(native_k=8, num_experts=32), True),
-                         tiers=parse_tier_spec("balanced=8..2"), objectives=Objectives(ttft_s=0.5, itl_s=0.12))
-    model = ServiceModel(shape=SHAPE)
-    pb = PredictiveBrownout(config, PredictiveSettings(), 32, LoadFeed(), clock, model)
+    pb = controller(clock)
+    model = pb.model
     assert isinstance(pb.dispatcher, Dispatcher)
     a = pb.dispatcher.enter(0, 0.5, "balanced", prompt_tokens=400)
     clock.t = 1.0
@@ -130,10 +136,8 @@ def test_a_request_of_unknown_length_counts_the_same_prompt_in_the_measurement_a
     """Before any response has reported its usage, a chat request carries no prompt estimate: the prefill
     its dispatch adds to the streams' P and the prompt the prediction assumes are one prior, not 0 and 128."""
     clock = Clock()
-    config = LayerConfig(contract=KContract(KPolicy(native_k=8, num_experts=32), True),
-                         tiers=parse_tier_spec("balanced=8..2"), objectives=Objectives(ttft_s=0.5, itl_s=0.12))
-    model = ServiceModel(shape=SHAPE)
-    pb = PredictiveBrownout(config, PredictiveSettings(), 32, LoadFeed(), clock, model)
+    pb = controller(clock)
+    model = pb.model
     added: list[float] = []
     pb.dispatcher.occupancy.add_prefill = added.append
     ticket = pb.dispatcher.enter(0, 0.5, "balanced", fixed_k=2)  # no prompt_tokens: a chat request
@@ -158,12 +162,10 @@ def test_a_steady_state_that_needs_more_slots_than_the_engine_has_fails_k_whatev
 def test_the_controller_chooses_k_from_the_fit_once_streams_have_finished():
     """The same arrival rate at dispatch: a controller whose streams measured 3x the engine's cost per row
     lowers k; one with no finished streams yet (the step model alone) keeps k 8."""
-    config = LayerConfig(contract=KContract(KPolicy(native_k=8, num_experts=32), True),
-                         tiers=parse_tier_spec("balanced=8..2"), objectives=Objectives(ttft_s=0.5, itl_s=0.03))
     ks = {}
     for learned in (False, True):
         clock = Clock()
-        pb = PredictiveBrownout(config, PredictiveSettings(), 16, LoadFeed(), clock, ServiceModel(shape=SHAPE))
+        pb = controller(clock, 16, Objectives(ttft_s=0.5, itl_s=0.03))
         if learned:
             pb.latency = fitted()
         clock.t = 10.0
@@ -176,10 +178,7 @@ def test_the_controller_chooses_k_from_the_fit_once_streams_have_finished():
 
 def test_the_fit_takes_the_operators_quantile():
     """--slo-quantile 0.5: the fit's ratio is the median of measured / fitted, not a fixed 90th percentile."""
-    config = LayerConfig(contract=KContract(KPolicy(native_k=8, num_experts=32), True),
-                         tiers=parse_tier_spec("balanced=8..2"),
-                         objectives=Objectives(ttft_s=0.5, itl_s=0.12, quantile=0.5))
-    pb = PredictiveBrownout(config, PredictiveSettings(), 16, LoadFeed(), Clock(), ServiceModel(shape=SHAPE))
+    pb = controller(Clock(), 16, Objectives(ttft_s=0.5, itl_s=0.12, quantile=0.5))
     m, p90 = ServiceModel(shape=SHAPE), fitted(noise=0.4)
     for n, k, prefill, itl in p90.samples:
         pb.latency.observe(n, k, prefill, itl)
