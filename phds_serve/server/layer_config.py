@@ -84,11 +84,46 @@ def _check_options(args: Namespace, tiers: TierTable, objectives: Objectives, tr
             "tiers with a k range (e.g. --tiers balanced=4..2); no tier has one"
         )
     trust.check(tiers)
+    if objectives.active and getattr(args, "phds_brownout_mode", "predictive") == "predictive":
+        _check_one_engine(args)
     for flag, value in (("--brownout-interval-ms", getattr(args, "phds_brownout_interval_ms", 500.0)),
                         ("--brownout-window-ms", getattr(args, "phds_brownout_window_ms", 2000.0)),
                         ("--brownout-down-after", getattr(args, "phds_brownout_down_after", 10))):
         if not value > 0:
             raise TierConfigError(f"{flag} must be positive, got {value!r}")
+
+
+def front_ends_and_engines(args: Namespace) -> tuple[int, int]:
+    """API-server processes, and the engines each one sends requests to, as ``vllm serve`` starts them.
+
+    An external load balancer (``--data-parallel-rank``, ``--data-parallel-external-lb``, the multi-port
+    mode) gives every data-parallel rank its own front end; hybrid mode (``--data-parallel-start-rank``)
+    one front end per node over its local ranks; otherwise every front end balances over all ranks, and
+    vLLM starts one front end per rank unless ``--api-server-count`` says otherwise."""
+    size = int(getattr(args, "data_parallel_size", 1) or 1)
+    if (getattr(args, "data_parallel_external_lb", False) or getattr(args, "data_parallel_rank", None) is not None
+            or getattr(args, "data_parallel_multi_port_external_lb", False)):
+        engines = 1
+    elif getattr(args, "data_parallel_hybrid_lb", False) or getattr(args, "data_parallel_start_rank", None) is not None:
+        local = getattr(args, "data_parallel_size_local", None)
+        engines = int(local) if local else max(1, size // int(getattr(args, "nnodes", 1) or 1))
+    else:
+        engines = size
+    count = getattr(args, "api_server_count", None)
+    return (int(count) if count else engines), engines
+
+
+def _check_one_engine(args: Namespace) -> None:
+    """Predictive brownout's dispatch queue counts the slots and steps of one engine, and sees every request
+    only from the one front end that runs it: refuse what it would misread rather than run it wrong."""
+    front_ends, engines = front_ends_and_engines(args)
+    if front_ends > 1 or engines > 1:
+        raise TierConfigError(
+            f"predictive brownout (the default --brownout-mode) needs one API-server process sending to one "
+            f"engine; this server would run {front_ends} API-server process(es) over {engines} engine(s), and "
+            "each dispatch queue would count only its own requests against one engine's --max-num-seqs. "
+            "Run one phds-serve per data-parallel rank behind the load balancer (--data-parallel-rank, "
+            "--data-parallel-external-lb) and --api-server-count 1, or use --brownout-mode reactive")
 
 
 def precheck(args: Namespace, hf_config: Any) -> None:

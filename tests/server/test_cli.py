@@ -64,6 +64,34 @@ def test_startup_checks(model_dir, flags, message):
         finalize(args)
 
 
+BROWNOUT_ON = ["--tiers", "balanced=4..2", "--slo-ttft-ms", "200"]
+
+
+@pytest.mark.parametrize("flags", [
+    ["--data-parallel-size", "2"],  # vLLM's default: two front ends, each balancing over both engines
+    ["--data-parallel-size", "2", "--api-server-count", "1"],  # one front end over two engines
+    ["--api-server-count", "2"],  # two front ends over one engine
+    ["--data-parallel-size", "4", "--data-parallel-start-rank", "0", "--data-parallel-size-local", "2"],
+])
+def test_predictive_brownout_refuses_more_than_one_front_end_or_engine(model_dir, flags):
+    """Its dispatch queue counts one engine's slots and only its own front end's requests: refused at start."""
+    args = parse_args([model_dir, *BROWNOUT_ON, *flags])
+    with pytest.raises(ValueError, match="needs one API-server process sending to one engine"):
+        finalize(args)
+
+
+@pytest.mark.parametrize("flags", [
+    ["--data-parallel-size", "2", "--data-parallel-rank", "1"],  # one phds-serve per rank (external LB)
+    ["--data-parallel-size", "2", "--data-parallel-external-lb", "--data-parallel-rank", "0"],
+    ["--data-parallel-size", "2", "--brownout-mode", "reactive"],
+    ["--api-server-count", "2", "--brownout-mode", "reactive"],
+])
+def test_one_engine_per_front_end_or_the_reactive_mode_starts(model_dir, flags):
+    args = parse_args([model_dir, *BROWNOUT_ON, *flags])
+    finalize(args)
+    assert args.middleware[-1] == MIDDLEWARE
+
+
 def test_tier_ranges_objectives_and_trust_flags_parse(model_dir):
     args = parse_args([model_dir, "--tiers", "fast=1,balanced=4..2", "--slo-ttft-ms", "250",
                        "--slo-itl-ms", "40", "--tier-secret", "x" * 16, "--trusted-proxies", "10.0.0.0/8",
