@@ -3,7 +3,8 @@
 With brownout on (predictive mode), every generation request waits here, in order of its tier's
 priority (lower first, as vLLM's priority scheduling) and then its deadline (arrival + the TTFT
 objective: first come, first served within a tier), until fewer than ``slots`` (vLLM's
-``max_num_seqs``) requests are in the engine. Only then is its k bound (``bind``), from the load of
+``max_num_seqs``) requests are in the engine, or fewer than its KV cache has shown it holds
+(``room``). Only then is its k bound (``bind``), from the load of
 that moment: a request that waited out a burst gets the k of the moment it starts, not the k of the
 moment it arrived. Once dispatched its k is fixed: a running request's k never changes, so its
 output is exactly transformers at that k. Requests beyond ``slots`` would wait in vLLM's own queue
@@ -31,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from phds_serve.server.stream_latency import Occupancy
 
@@ -64,8 +65,20 @@ class Ticket:
 
 
 Bind = Callable[[Ticket, list[Ticket]], int]
-# () -> (vLLM's running + waiting requests, when it reported them) or None: the engine's own count
-EngineView = Callable[[], "tuple[int, float] | None"]
+
+
+class EngineReport(NamedTuple):
+    """vLLM's own last word on its queues."""
+
+    requests: int  # running + waiting
+    at: float  # when it reported them
+    capacity: int | None = None  # requests its KV cache holds at once, where it has shown a limit
+    # Requests dispatched since then may be missing from ``requests`` (vLLM counts when it schedules a
+    # step, and its report reaches the layer a step or so later); ``at`` when not given.
+    since: float | None = None
+
+
+EngineView = Callable[[], "EngineReport | None"]
 ENGINE_VIEW_MAX_AGE_S = 5.0
 
 
@@ -129,9 +142,10 @@ class Dispatcher:
     # -- dispatch -------------------------------------------------------------------------
     def pump(self) -> None:
         """Dispatch in queue order while the engine has free slots (the reserved ones only to a fixed k)."""
-        while self.queued and self.occupied() < self.slots:
+        while self.queued and self.occupied() < self.room():
             self.queued = self.ordered()
-            elastic_room = self.occupied() < self.slots - self.kept()
+            room = self.room()
+            elastic_room = self.occupied() < room - min(self.kept(), room - 1)
             i = next((i for i, t in enumerate(self.queued) if elastic_room or t.fixed_k is not None), None)
             if i is None:
                 return  # only elastic requests wait, and only reserved slots are free
@@ -157,16 +171,33 @@ class Dispatcher:
         kept the layer's count at ``slots`` while vLLM ran a few requests, and a queue of requests waited
         here for slots that were free (a run on 2026-12-05: 16 queued, vLLM running 1). So: vLLM's own
         last count of running and waiting requests (no older than ``ENGINE_VIEW_MAX_AGE_S``) plus those
-        dispatched after it, when that is lower."""
+        dispatched since it may have missed them, when that is lower. (Counting only those dispatched
+        after the report reached the layer let a burst in past the KV cache's room: a report made before
+        vLLM saw them arrived after they were sent, and counted them nowhere.)"""
         mine = len(self.in_engine)
-        view = self.engine_view() if self.engine_view is not None else None
+        view = self._fresh_view()
         if view is None:
             return mine
-        count, at = view
-        if self.clock() - at > ENGINE_VIEW_MAX_AGE_S:
-            return mine
-        after = sum(1 for t in self.in_engine.values() if t.dispatched_at is not None and t.dispatched_at >= at)
-        return min(mine, count + after)
+        since = view.at if view.since is None else view.since
+        after = sum(1 for t in self.in_engine.values()
+                    if t.dispatched_at is not None and t.dispatched_at >= since)
+        return min(mine, view.requests + after)
+
+    def room(self) -> int:
+        """Requests the engine runs at once: ``slots`` (vLLM's max_num_seqs), or fewer where its KV cache
+        has shown that it holds fewer (on a GPU the cache is usually the limit). Beyond that a request
+        would wait in vLLM's queue with its k bound; here it waits with its k open. The capacity is the
+        cache's, learned over time: an old report still tells it."""
+        view = self.engine_view() if self.engine_view is not None else None
+        if view is None or view.capacity is None:
+            return self.slots
+        return max(1, min(self.slots, view.capacity))
+
+    def _fresh_view(self) -> EngineReport | None:
+        view = self.engine_view() if self.engine_view is not None else None
+        if view is None or self.clock() - view.at > ENGINE_VIEW_MAX_AGE_S:
+            return None
+        return view
 
     def kept(self) -> int:
         """Slots kept from elastic requests now: ``reserve`` while urgent requests have been arriving."""

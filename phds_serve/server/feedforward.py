@@ -56,7 +56,7 @@ INF = float("inf")
 @dataclass(frozen=True)
 class EngineState:
     in_engine_k: Sequence[int] = ()  # k of every request dispatched to the engine and not finished
-    slots: int = 256  # the engine's max_num_seqs
+    slots: int = 256  # requests the engine runs at once: max_num_seqs, or fewer where its KV cache holds fewer
     engine_waiting: int = 0  # requests in vLLM's queues that the layer did not dispatch
     prefilling_k: Sequence[int] = ()  # k of the requests in the engine still waiting for their first token
     ttft_scale: float = 1.0  # measured / predicted engine part of TTFT, over recent requests

@@ -32,6 +32,7 @@ from phds_serve.server.service_model import Step
 MAX_SAMPLES = 50_000
 HORIZON_S = 120.0  # samples older than this are dropped
 MAX_STEP_S = 2.0  # a longer gap between two outputs is an idle engine, not a step
+KV_FULL = 0.9  # KV-cache use at or above which requests vLLM leaves waiting wait for cache, not for a step
 
 
 class LoadFeed:
@@ -45,7 +46,14 @@ class LoadFeed:
         self._next = 0
         self.waiting = 0
         self.queue_at: float | None = None  # when waiting/running were last reported
+        # When the reports before it came: a request dispatched after the one two back may be missing from
+        # the last count (vLLM counted at its step's schedule, before the report reached the layer).
+        self.report_times: deque[float] = deque(maxlen=3)
         self.running = 0
+        # Requests vLLM's KV cache holds at once, from when it last left some waiting for cache (None: it
+        # never has; max_num_seqs is the limit). On a GPU the cache, not max_num_seqs, usually limits a batch.
+        self.capacity: int | None = None
+        self.on_report: Any = None  # () -> None, called after each report of vLLM's queues (the layer's pump)
         self.engine_steps = 0
         self.steps: deque[Step] = deque(maxlen=4096)  # busy engine steps, drained by the controller
         # () -> (mean k of decoding requests, mean k of prefilling requests), set by the layer
@@ -64,10 +72,23 @@ class LoadFeed:
         with self._lock:
             self._itl.extend((t, float(v)) for v in values)
 
-    def set_queue(self, waiting: int, running: int, now: float | None = None) -> None:
+    def set_queue(self, waiting: int, running: int, now: float | None = None, kv_usage: float = 0.0) -> None:
+        """vLLM's scheduler after a step: its waiting and running requests and the share of KV cache used.
+
+        Requests left waiting with the cache full mean the cache holds ``running`` requests now: that is
+        the engine's capacity. A report with none waiting at that capacity may have room for one more, so
+        the capacity goes up by one (the layer then offers one more request, and learns whether it fit):
+        shorter requests later raise it a step at a time, longer ones lower it when they fill the cache."""
         self.waiting, self.running = waiting, running
         self.queue_at = time.monotonic() if now is None else now
+        self.report_times.append(self.queue_at)
         self.engine_steps += 1
+        if waiting > 0 and kv_usage >= KV_FULL:
+            self.capacity = max(1, running)
+        elif self.capacity is not None and waiting == 0 and running >= self.capacity:
+            self.capacity = running + 1
+        if self.on_report is not None:
+            self.on_report()
 
     def admitted(self, now: float | None = None) -> int:
         """A request entered the layer; returns a token for :meth:`first_token`/:meth:`finished`."""
@@ -135,7 +156,8 @@ class PhdsLoadLogger(StatLoggerBase):
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
         now = time.monotonic()
         if scheduler_stats is not None:
-            FEED.set_queue(scheduler_stats.num_waiting_reqs, scheduler_stats.num_running_reqs)
+            FEED.set_queue(scheduler_stats.num_waiting_reqs, scheduler_stats.num_running_reqs,
+                           kv_usage=scheduler_stats.kv_cache_usage)
         if iteration_stats is None:
             FEED.idle()
         else:

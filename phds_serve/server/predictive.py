@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from phds_serve.server import metrics
 from phds_serve.server.brownout import BrownoutController, ControllerSettings, Window, pressure
-from phds_serve.server.dispatch import Dispatcher, Ticket
+from phds_serve.server.dispatch import Dispatcher, EngineReport, Ticket
 from phds_serve.server.feedforward import PROMPT_TOKENS_PRIOR, Demand, EngineState, choose, work_s
 from phds_serve.server.load_feed import FEED, LoadFeed
 from phds_serve.server.request_k import LayerConfig
@@ -138,6 +138,8 @@ class PredictiveBrownout(Ticking):
         self._task: asyncio.Task | None = None
         self._suspect = 0
         feed.k_source = self.dispatcher.k_mix
+        self._loop: asyncio.AbstractEventLoop | None = None
+        feed.on_report = self._engine_reported
 
     def _dispatched(self, ticket: Ticket) -> None:
         """A request entered the engine (its k bound): its prefill will stall the streams decoding (their
@@ -150,10 +152,32 @@ class PredictiveBrownout(Ticking):
         else the prior (one rule for the prefill a dispatch adds and the one a prediction assumes)."""
         return self.prompt_tokens.value or ticket.info.get("prompt_tokens") or PROMPT_TOKENS_PRIOR
 
-    def _engine_view(self) -> tuple[int, float] | None:
-        """vLLM's last count of its running and waiting requests, and when (None before the first)."""
+    def _engine_view(self) -> EngineReport | None:
+        """vLLM's last count of its running and waiting requests, when, and the requests its KV cache
+        holds (None before the first report)."""
         at = self.feed.queue_at
-        return None if at is None else (self.feed.running + self.feed.waiting, at)
+        return None if at is None else EngineReport(self.feed.running + self.feed.waiting, at, self.feed.capacity,
+                                                    self.feed.report_times[0])
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        super().start()
+
+    def _engine_reported(self) -> None:
+        """vLLM reported its queues after a step: a request waiting here for room may enter now (the stat
+        logger runs on the server's event loop; from another thread the pump is handed to the loop)."""
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            self.dispatcher.pump()
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self.dispatcher.pump()
+        else:
+            loop.call_soon_threadsafe(self.dispatcher.pump)
 
     @property
     def level(self) -> int:
@@ -241,7 +265,7 @@ class PredictiveBrownout(Ticking):
 
     # -- the choice, at dispatch ------------------------------------------------------------
     def _state(self) -> EngineState:
-        return EngineState(self.dispatcher.engine_ks(), self.dispatcher.slots,
+        return EngineState(self.dispatcher.engine_ks(), self.dispatcher.room(),
                            max(0, self.feed.waiting + self.feed.running - len(self.dispatcher.in_engine)),
                            self.dispatcher.prefilling_ks(), self.ttft_scale, self.itl_scale)
 
@@ -291,8 +315,8 @@ class PredictiveBrownout(Ticking):
         self.dispatcher.pump()
         # A dispatch queue that thinks the engine is full while vLLM runs far fewer requests for a long time
         # would be a lost ticket (requests wait for a slot nobody frees): say so loudly.
-        if len(self.dispatcher.in_engine) >= self.dispatcher.slots and self.feed.running + self.feed.waiting < (
-                self.dispatcher.slots // 2):
+        room = self.dispatcher.room()
+        if len(self.dispatcher.in_engine) >= room and self.feed.running + self.feed.waiting < room // 2:
             self._suspect += 1
             if self._suspect in (20, 200):
                 logger.warning("phds-serve: dispatch queue counts %d requests in the engine, vLLM reports %d running "
@@ -323,5 +347,6 @@ class PredictiveBrownout(Ticking):
 
     def as_json(self) -> dict:
         return {"mode": "predictive", "ttft_scale": self.ttft_scale, "itl_scale": self.itl_scale, "queued": len(self.dispatcher.queued), "in_engine": len(self.dispatcher.in_engine),
+                "room": self.dispatcher.room(), "kv_capacity": self.feed.capacity,
                 "service_model": self.model.as_json(), "stream_latency": self.latency.as_json(),
                 "calibration": self.calibration}

@@ -9,7 +9,7 @@ import pytest
 
 from phds_serve.declared_k import KContract, KPolicy
 from phds_serve.server.brownout import Objectives
-from phds_serve.server.dispatch import Dispatcher
+from phds_serve.server.dispatch import Dispatcher, EngineReport
 from phds_serve.server.feedforward import Demand, EngineState, choose, predict
 from phds_serve.server.load_feed import LoadFeed
 from phds_serve.server.predictive import PredictiveBrownout, PredictiveSettings
@@ -445,13 +445,90 @@ def test_slots_vllm_has_freed_are_used_while_the_layer_still_sends_the_tails():
     sending = [d.enter(0, 1.0), d.enter(0, 1.0)]
     assert all(t.k == 8 for t in sending)
     clock.t = 1.0
-    view["v"] = (0, 1.0)  # vLLM: nothing running or waiting (both finished generating)
+    view["v"] = EngineReport(0, 1.0)  # vLLM: nothing running or waiting (both finished generating)
     a, b, c = d.enter(0, 2.0), d.enter(0, 2.0), d.enter(0, 2.0)
     assert (a.k, b.k, c.k) == (8, 8, None)  # vLLM's 0 + the two dispatched since: full
     clock.t = 10.0
-    view["v"] = (0, 4.0)  # 6 s old (it would let c in): the layer's own count (3 after this) decides
+    view["v"] = EngineReport(0, 4.0)  # 6 s old (it would let c in): the layer's own count (3 after this) decides
     d.done(sending[0])
     assert c.k is None
-    view["v"] = (1, 10.0)  # fresh: vLLM runs one of them
+    view["v"] = EngineReport(1, 10.0)  # fresh: vLLM runs one of them
     d.pump()
     assert c.k == 8
+
+
+# -- an engine whose KV cache, not max_num_seqs, limits the batch (a GPU's usual case) --------------
+def test_the_feed_learns_how_many_requests_the_kv_cache_holds_from_vllms_reports():
+    feed, reports = LoadFeed(), []
+    feed.on_report = lambda: reports.append(feed.capacity)
+    feed.set_queue(0, 5, now=0.0, kv_usage=0.5)
+    feed.set_queue(3, 6, now=0.1, kv_usage=0.4)  # waiting with cache to spare: a full step, not a full cache
+    assert feed.capacity is None
+    feed.set_queue(3, 4, now=0.2, kv_usage=0.97)  # waiting for cache: it holds 4
+    assert feed.capacity == 4
+    feed.set_queue(0, 3, now=0.3, kv_usage=0.8)  # one finished: still 4
+    assert feed.capacity == 4
+    feed.set_queue(0, 4, now=0.4, kv_usage=0.9)  # 4 and none waiting: maybe room for one more
+    assert feed.capacity == 5
+    feed.set_queue(1, 5, now=0.5, kv_usage=0.99)  # the fifth fit, a sixth did not
+    assert feed.capacity == 5
+    feed.set_queue(0, 2, now=60.0, kv_usage=0.3)  # a minute later, a light load: the cache is the same
+    assert feed.capacity == 5
+    assert reports == [None, None, 4, 4, 5, 5, 5]  # every report is passed on (the layer pumps)
+
+
+def test_requests_beyond_what_the_kv_cache_holds_wait_in_the_layer_with_k_open():
+    """max_num_seqs 16, but vLLM's cache holds 2: a third request waits here, not in vLLM's queue with
+    its k bound, and gets the k of the moment vLLM has room; fast-tier reserve never takes the last room."""
+    clock = Clock()
+    view = {"v": None}
+    load = {"k": 8}
+    d = Dispatcher(16, lambda head, queued: load["k"], clock, reserve=2, urgent_below=0,
+                   engine_view=lambda: view["v"])
+    a, b = d.enter(0, 1.0), d.enter(0, 1.0)
+    clock.t = 0.05
+    # A report that reached the layer after a and b were sent, but counted before vLLM saw them (the one
+    # before it came at -0.01): it frees no room.
+    view["v"] = EngineReport(0, 0.05, capacity=2, since=-0.01)
+    c = d.enter(0, 1.0)
+    explicit = d.enter(0, 0.9, fixed_k=4)  # a request that named its k waits for the room too
+    assert (a.k, b.k, c.k, explicit.k) == (8, 8, None, None) and d.room() == 2
+    d.done(explicit)
+    load["k"] = 3  # a burst arrives while c waits
+    clock.t = 0.5
+    view["v"] = EngineReport(1, 0.5, capacity=2)  # vLLM finished one (the layer still sends its tail)
+    d.pump()
+    assert c.k == 3  # the k of the moment it entered
+    d.done(b)
+    d.done(a)
+    d.done(d.enter(-10, 1.0, fixed_k=2))  # a fast-tier request: one in eight slots kept while they arrive
+    clock.t = 0.6
+    view["v"] = EngineReport(1, 0.6, capacity=2)
+    e = d.enter(0, 1.0)
+    assert e.k is None  # c runs; of a room of 2, one is kept for the fast tier (not 2 of 16)
+    view["v"] = EngineReport(0, 0.6, capacity=1)  # the cache holds only one: it is not kept
+    d.done(c)
+    assert e.k == 3
+    view["v"] = EngineReport(2, 0.7, capacity=None)
+    clock.t = 0.7
+    assert d.room() == 16
+    clock.t = 60.0  # the cache's capacity does not age with the report that taught it
+    view["v"] = EngineReport(2, 0.5, capacity=1)
+    assert d.room() == 1
+
+
+def test_a_report_that_vllm_has_room_lets_a_queued_request_in_and_the_prediction_counts_the_room():
+    """No request finishes and no tick runs: vLLM's report alone (after a step) dispatches the request
+    that waited for cache; the choice of k counts the room the cache gives, not max_num_seqs."""
+    clock, feed = Clock(), LoadFeed()
+    pb = PredictiveBrownout(CONFIG, PredictiveSettings(), 32, feed, clock, model())
+    first = pb.dispatcher.enter(0, 0.5, "balanced")
+    feed.set_queue(1, 1, now=0.0, kv_usage=1.0)  # vLLM: one running, one waiting for cache
+    waiting = pb.dispatcher.enter(0, 0.5, "balanced")
+    assert first.k == 8 and waiting.k is None
+    assert pb._state().slots == 1
+    feed.set_queue(0, 1, now=0.05, kv_usage=0.95)  # the cache made room: it may hold one more
+    assert waiting.k is not None and waiting.dispatched_at == 0.0
+    # What vLLM counted may be a report older than when it reached the layer: dispatches since the one
+    # before (two reports back) count as possibly unseen.
+    assert pb._engine_view().since == 0.0

@@ -1,0 +1,87 @@
+"""A real ``phds-serve`` whose KV cache, not ``--max-num-seqs``, limits the batch (a GPU's usual case:
+vLLM's default there is 1024 requests, far more than the cache of a real model holds).
+
+The cache here is 2 blocks of 128 tokens (``--num-gpu-blocks-override 2``, one of them vLLM's null
+block): one of these requests at a time, against ``--max-num-seqs 16``. With predictive brownout the
+requests beyond what the cache holds must wait in phds-serve's dispatch queue with their k still open,
+not in vLLM's queue with a k bound at arrival.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.server.test_server import START_TIMEOUT_S, _kill_group, free_port
+
+openai = pytest.importorskip("openai")
+
+REQUESTS = 6
+MAX_SEQS = 16
+FLAGS = ["--tiers", "elastic=4..1", "--slo-ttft-ms", "3000", "--slo-itl-ms", "500",
+         "--num-gpu-blocks-override", "2", "--max-model-len", "128", "--max-num-seqs", str(MAX_SEQS)]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    import subprocess
+
+    tmp = tmp_path_factory.mktemp("kv-bound")
+    port = free_port()
+    exe = Path(sys.executable).with_name("phds-serve")
+    log = tmp / "server.log"
+    with open(log, "wb") as out:
+        # The engine on one core (as benchmarks/brownout.py runs it): vLLM's default binding puts it on
+        # every core here, and the API server then took new requests only between two of its requests.
+        env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": str((os.cpu_count() or 1) - 1)}
+        proc = subprocess.Popen([str(exe), "--host", "127.0.0.1", "--port", str(port), *FLAGS],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"phds-serve exited {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if requests.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, f"not healthy after {START_TIMEOUT_S}s:\n{log.read_text()[-4000:]}"
+            time.sleep(1)
+        yield url
+    finally:
+        _kill_group(proc)
+
+
+def test_requests_beyond_the_kv_cache_wait_in_the_layer_with_k_open(base):
+    async def stream(client, model: str, i: int) -> tuple[int, float, int]:
+        async with client.completions.with_streaming_response.create(
+                model=model, prompt=f"request {i}: " + "word " * 10, max_tokens=64, stream=True,
+                extra_body={"ignore_eos": True}, extra_headers={"x-phds-tier": "elastic"}) as response:
+            chunks = 0
+            async for line in response.iter_lines():
+                chunks += line.startswith("data: {")
+            return response.status_code, float(response.headers["x-phds-queued-ms"]), chunks
+
+    async def burst() -> list[tuple[int, float, int]]:
+        # One event loop sends them all at once (threads here sent some only as others finished: two cores).
+        async with openai.AsyncOpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120) as client:
+            model = (await client.models.list()).data[0].id
+            return await asyncio.gather(*(stream(client, model, i) for i in range(REQUESTS)))
+
+    results = asyncio.run(burst())
+    assert all(status == 200 and chunks == 64 for status, _, chunks in results), results
+    waited = sorted(queued for _, queued, _ in results)
+    brownout = requests.get(base + "/v1/models", timeout=10).json()["data"][0]["brownout"]
+    # Start-up's probes (16 rows) filled the cache, so the layer knows it holds one request: one runs, a
+    # second may wait in vLLM (the room is probed one request at a time), the others waited here (entering
+    # at once takes < 1 ms). With max_num_seqs as the only limit, every one entered at once.
+    assert sum(queued > 5.0 for queued in waited) >= REQUESTS // 2, (waited, brownout)
+    assert brownout["kv_capacity"] is not None and brownout["room"] <= 2 < MAX_SEQS, (waited, brownout)
