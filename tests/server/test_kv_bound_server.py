@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
 
-from tests.server.test_server import START_TIMEOUT_S, _kill_group, free_port
+from tests.server.test_server import _kill_group, free_port, wait_healthy
 
 openai = pytest.importorskip("openai")
 
@@ -30,31 +30,19 @@ FLAGS = ["--tiers", "elastic=4..1", "--slo-ttft-ms", "3000", "--slo-itl-ms", "50
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    import subprocess
-
     tmp = tmp_path_factory.mktemp("kv-bound")
     port = free_port()
     exe = Path(sys.executable).with_name("phds-serve")
     log = tmp / "server.log"
     with open(log, "wb") as out:
-        # The engine on one core (as benchmarks/brownout.py runs it): vLLM's default binding puts it on
-        # every core here, and the API server then took new requests only between two of its requests.
+        # The engine on one core, as benchmarks/brownout.py runs it: the API server and this test's
+        # client keep the other (vLLM's default binding puts the engine on every core here).
         env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": str((os.cpu_count() or 1) - 1)}
         proc = subprocess.Popen([str(exe), "--host", "127.0.0.1", "--port", str(port), *FLAGS],
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"phds-serve exited {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if requests.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, f"not healthy after {START_TIMEOUT_S}s:\n{log.read_text()[-4000:]}"
-            time.sleep(1)
+        wait_healthy(proc, url, log)
         yield url
     finally:
         _kill_group(proc)

@@ -89,6 +89,22 @@ class Server:
         return out
 
 
+def wait_healthy(proc: subprocess.Popen, base: str, log: Path) -> float:
+    """Until the server answers /health (fails the test if it exits or takes too long); the deadline."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"phds-serve exited {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if requests.get(base + "/health", timeout=2).status_code == 200:
+                return deadline
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"phds-serve not healthy after {START_TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
+        time.sleep(1)
+
+
 def _env(cache: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     env.update(XDG_CACHE_HOME=str(cache), PYTHONUNBUFFERED="1")
@@ -137,18 +153,7 @@ def stack(tmp_path_factory):
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"phds-serve exited {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if requests.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"phds-serve not healthy after {START_TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
-            time.sleep(1)
+        deadline = wait_healthy(proc, base, log)
         out, _ = ref.communicate(timeout=max(10.0, deadline - time.monotonic()))
         lines = [ln for ln in out.splitlines() if ln.startswith("PHDS-RESULT ")]
         assert ref.returncode == 0 and lines, out[-4000:]
