@@ -7,13 +7,13 @@ objective: first come, first served within a tier), until fewer than ``slots`` (
 (``room``). Only then is its k bound (``bind``), from the load of
 that moment: a request that waited out a burst gets the k of the moment it starts, not the k of the
 moment it arrived. Once dispatched its k is fixed: a running request's k never changes, so its
-output is exactly transformers at that k. Requests beyond ``slots`` would wait in vLLM's own queue
+output is exactly transformers at that k. Requests beyond the room would wait in vLLM's own queue
 anyway; here they wait with their k still open.
 
 ``reserve`` slots are kept for urgent requests: a fixed k (a fixed tier, an explicit k) with a
 priority below ``urgent_below`` (the ``fast`` tier of a two-tier table). While such a request has
 arrived in the last ``RESERVE_HOLD_S`` seconds, an elastic request enters only while fewer than
-``slots - reserve`` requests are in the engine, so the urgent one finds a slot at once when the
+``room - reserve`` requests are in the engine (the reserve never takes the last of the room), so the urgent one finds a slot at once when the
 elastic load has taken the others, instead of waiting for one of them to finish; elastic requests
 lose only those slots, and wait for them with their k open. Without urgent traffic nothing is kept.
 
