@@ -17,7 +17,7 @@ from phds_serve.server import metrics
 from phds_serve.server.brownout import BrownoutController, ControllerSettings, pressure
 from phds_serve.server.dispatch import Ticket
 from phds_serve.server.load_feed import FEED, LoadFeed
-from phds_serve.server.predictive import PredictiveBrownout, engine_slots, settings_from
+from phds_serve.server.predictive import PredictiveBrownout, engine_cache, engine_slots, settings_from
 from phds_serve.server.request_k import LayerConfig, Prepared
 from phds_serve.server.routes import Route
 from phds_serve.server.ticking import Ticking
@@ -61,7 +61,7 @@ def build_brownout(config: LayerConfig, args: Any, state: Any) -> Brownout | Non
     settings = settings_from(args)
     brownout: Brownout
     if settings.mode == "predictive":
-        brownout = PredictiveBrownout(config, settings, engine_slots(state))
+        brownout = PredictiveBrownout(config, settings, engine_slots(state), cache=engine_cache(state))
     else:
         brownout = BrownoutDriver(config)
     metrics.declare_below_nominal(config.tiers.tiers.values())

@@ -72,20 +72,21 @@ class EngineReport(NamedTuple):
 
     requests: int  # running + waiting
     at: float  # when it reported them
-    capacity: int | None = None  # requests its KV cache holds at once, where it has shown a limit
     # Requests dispatched since then may be missing from ``requests`` (vLLM counts when it schedules a
     # step, and its report reaches the layer a step or so later); ``at`` when not given.
     since: float | None = None
 
 
 EngineView = Callable[[], "EngineReport | None"]
+CacheRoom = Callable[[], "int | None"]  # requests vLLM's KV cache holds at once (None: unknown)
 ENGINE_VIEW_MAX_AGE_S = 5.0
 
 
 class Dispatcher:
     def __init__(self, slots: int, bind: Bind, clock: Callable[[], float], reserve: int = 0,
                  urgent_below: int | None = None, engine_view: EngineView | None = None,
-                 late_defer_s: float = 0.0, on_dispatch: Callable[[Ticket], None] | None = None) -> None:
+                 late_defer_s: float = 0.0, on_dispatch: Callable[[Ticket], None] | None = None,
+                 cache_room: CacheRoom | None = None) -> None:
         if slots < 1:
             raise ValueError("slots must be >= 1")
         if not 0 <= reserve < slots:
@@ -94,6 +95,7 @@ class Dispatcher:
         self.reserve = reserve
         self.urgent_below = urgent_below
         self.engine_view = engine_view
+        self.cache_room = cache_room
         self.late_defer_s = late_defer_s
         self.on_dispatch = on_dispatch  # told of every request that enters the engine, its k bound
         self._urgent_at: float | None = None
@@ -186,12 +188,9 @@ class Dispatcher:
     def room(self) -> int:
         """Requests the engine runs at once: ``slots`` (vLLM's max_num_seqs), or fewer where its KV cache
         has shown that it holds fewer (on a GPU the cache is usually the limit). Beyond that a request
-        would wait in vLLM's queue with its k bound; here it waits with its k open. The capacity is the
-        cache's, learned over time: an old report still tells it."""
-        view = self.engine_view() if self.engine_view is not None else None
-        if view is None or view.capacity is None:
-            return self.slots
-        return max(1, min(self.slots, view.capacity))
+        would wait in vLLM's queue with its k bound; here it waits with its k open."""
+        cache = self.cache_room() if self.cache_room is not None else None
+        return self.slots if cache is None else max(1, min(self.slots, cache))
 
     def _fresh_view(self) -> EngineReport | None:
         view = self.engine_view() if self.engine_view is not None else None

@@ -66,13 +66,14 @@ class EngineState:
 # Prompt tokens of a request before any response has reported its usage and without an estimate of its
 # own (a chat request): the prefill a dispatch is counted to add and the one a prediction assumes.
 PROMPT_TOKENS_PRIOR = 128.0
+OUTPUT_TOKENS_PRIOR = 64.0  # generated tokens of a request, before any response and without a max_tokens
 
 
 @dataclass(frozen=True)
 class Demand:
     arrival_rps: float = 0.0  # requests/s arriving for the tier being chosen
     prompt_tokens: float = PROMPT_TOKENS_PRIOR  # mean prompt tokens per request
-    output_tokens: float = 64.0  # mean generated tokens per request
+    output_tokens: float = OUTPUT_TOKENS_PRIOR  # mean generated tokens per request
     other_utilisation: float = 0.0  # engine share taken by the other tiers' arrivals
     other_rps: float = 0.0  # requests/s arriving for the other tiers
     other_rps_k: float = 0.0  # the same, each weighted by its k (their mean k = other_rps_k / other_rps)

@@ -53,6 +53,9 @@ class LoadFeed:
         # Requests vLLM's KV cache holds at once, from when it last left some waiting for cache (None: it
         # never has; max_num_seqs is the limit). On a GPU the cache, not max_num_seqs, usually limits a batch.
         self.capacity: int | None = None
+        # Before that: the requests the cache would hold at the layer's mean request length, from its size
+        # (set by the layer; None where unknown). The first burst past the cache then waits in the layer too.
+        self.cache_estimate: int | None = None
         self.on_report: Any = None  # () -> None, called after each report of vLLM's queues (the layer's pump)
         self.engine_steps = 0
         self.steps: deque[Step] = deque(maxlen=4096)  # busy engine steps, drained by the controller
@@ -83,12 +86,17 @@ class LoadFeed:
         self.queue_at = time.monotonic() if now is None else now
         self.report_times.append(self.queue_at)
         self.engine_steps += 1
+        room = self.room()
         if waiting > 0 and kv_usage >= KV_FULL:
             self.capacity = max(1, running)
-        elif self.capacity is not None and waiting == 0 and running >= self.capacity:
+        elif room is not None and waiting == 0 and running >= room:
             self.capacity = running + 1
         if self.on_report is not None:
             self.on_report()
+
+    def room(self) -> int | None:
+        """Requests the KV cache holds at once: measured, else estimated from its size (None: unknown)."""
+        return self.capacity if self.capacity is not None else self.cache_estimate
 
     def admitted(self, now: float | None = None) -> int:
         """A request entered the layer; returns a token for :meth:`first_token`/:meth:`finished`."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import statistics
 import time
 from argparse import Namespace
@@ -26,7 +27,7 @@ from typing import Any, Callable
 from phds_serve.server import metrics
 from phds_serve.server.brownout import BrownoutController, ControllerSettings, Window, pressure
 from phds_serve.server.dispatch import Dispatcher, EngineReport, Ticket
-from phds_serve.server.feedforward import PROMPT_TOKENS_PRIOR, Demand, EngineState, choose, work_s
+from phds_serve.server.feedforward import OUTPUT_TOKENS_PRIOR, PROMPT_TOKENS_PRIOR, Demand, EngineState, choose, work_s
 from phds_serve.server.load_feed import FEED, LoadFeed
 from phds_serve.server.request_k import LayerConfig
 from phds_serve.server.service_model import ServiceModel
@@ -68,6 +69,13 @@ def engine_slots(state: Any) -> int:
     return int(getattr(scheduler, "max_num_seqs", None) or getattr(state.args, "max_num_seqs", None) or 256)
 
 
+def engine_cache(state: Any) -> tuple[int, int] | None:
+    """vLLM's KV cache: (blocks, tokens per block), once the engine has sized it (None where unknown)."""
+    cache = getattr(getattr(state.engine_client, "vllm_config", None), "cache_config", None)
+    blocks, size = getattr(cache, "num_gpu_blocks", None), getattr(cache, "block_size", None)
+    return (int(blocks), int(size)) if isinstance(blocks, int) and isinstance(size, int) and blocks > 0 < size else None
+
+
 def reserved_slots(config: LayerConfig, slots: int) -> tuple[int, int | None]:
     """Engine slots kept for fixed tiers that run before the elastic ones (a lower vLLM priority), and
     the priority below which a request is such: one slot in eight, at least one, when there is such a
@@ -102,15 +110,17 @@ class PredictiveBrownout(Ticking):
     """Dispatch queue + service model + arrival rate; the reactive level as a cap."""
 
     def __init__(self, config: LayerConfig, settings: PredictiveSettings, slots: int, feed: LoadFeed = FEED,
-                 clock: Callable[[], float] = time.monotonic, model: ServiceModel | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, model: ServiceModel | None = None,
+                 cache: tuple[int, int] | None = None) -> None:
         self.config, self.settings, self.feed, self.clock = config, settings, feed, clock
+        self.cache = cache  # vLLM's KV cache (blocks, tokens per block), for the room before it has filled
         self.model = model or ServiceModel()
         self.latency = StreamLatency(config.objectives.quantile)
         # Deadlines are arrival + the TTFT objective; without one there is no lateness to order by.
         self.dispatcher = Dispatcher(slots, self._bind, clock, *reserved_slots(config, slots),
                                      engine_view=self._engine_view,
                                      late_defer_s=settings.late_defer_s if config.objectives.ttft_s else 0.0,
-                                     on_dispatch=self._dispatched)
+                                     on_dispatch=self._dispatched, cache_room=feed.room)
         # The outer safety loop: only a cap, so it may give k back quickly (OUTER_DOWN_AFTER ticks of
         # headroom per level, not --brownout-down-after): the feed-forward choice keeps k down while the
         # load needs it.
@@ -140,6 +150,7 @@ class PredictiveBrownout(Ticking):
         feed.k_source = self.dispatcher.k_mix
         self._loop: asyncio.AbstractEventLoop | None = None
         feed.on_report = self._engine_reported
+        self._estimate_cache_room()
 
     def _dispatched(self, ticket: Ticket) -> None:
         """A request entered the engine (its k bound): its prefill will stall the streams decoding (their
@@ -153,10 +164,9 @@ class PredictiveBrownout(Ticking):
         return self.prompt_tokens.value or ticket.info.get("prompt_tokens") or PROMPT_TOKENS_PRIOR
 
     def _engine_view(self) -> EngineReport | None:
-        """vLLM's last count of its running and waiting requests, when, and the requests its KV cache
-        holds (None before the first report)."""
+        """vLLM's last count of its running and waiting requests, and when (None before the first)."""
         at = self.feed.queue_at
-        return None if at is None else EngineReport(self.feed.running + self.feed.waiting, at, self.feed.capacity,
+        return None if at is None else EngineReport(self.feed.running + self.feed.waiting, at,
                                                     self.feed.report_times[0])
 
     def start(self) -> None:
@@ -216,6 +226,17 @@ class PredictiveBrownout(Ticking):
             self.prompt_tokens.add(prompt_tokens)
         if generation_tokens:
             self.output_tokens.add(generation_tokens)
+        self._estimate_cache_room()
+
+    def _estimate_cache_room(self) -> None:
+        """Requests the KV cache would hold at once, each at the mean request's full length (prompt and
+        output, in whole blocks; vLLM keeps one block as its null block): the room until the cache has
+        filled and vLLM's reports measure it (:meth:`LoadFeed.set_queue`, which also probes past it)."""
+        if self.cache is None:
+            return
+        blocks, size = self.cache
+        tokens = (self.prompt_tokens.value or PROMPT_TOKENS_PRIOR) + (self.output_tokens.value or OUTPUT_TOKENS_PRIOR)
+        self.feed.cache_estimate = max(1, (blocks - 1) // max(1, math.ceil(tokens / size)))
 
     def first_token(self, ticket: Ticket, ttft_s: float) -> None:
         """A stream's first token: correct the engine part of the TTFT prediction (measured / predicted)."""
@@ -252,7 +273,7 @@ class PredictiveBrownout(Ticking):
 
     def demand(self, head: Ticket, now: float) -> Demand:
         prompt = self._prompt_tokens(head)
-        output = self.output_tokens.value or head.info.get("max_tokens") or 64.0
+        output = self.output_tokens.value or head.info.get("max_tokens") or OUTPUT_TOKENS_PRIOR
         rates = self.rates(now)
         other = other_rps = other_rps_k = 0.0
         base = Demand(0.0, prompt, output)
@@ -348,5 +369,6 @@ class PredictiveBrownout(Ticking):
     def as_json(self) -> dict:
         return {"mode": "predictive", "ttft_scale": self.ttft_scale, "itl_scale": self.itl_scale, "queued": len(self.dispatcher.queued), "in_engine": len(self.dispatcher.in_engine),
                 "room": self.dispatcher.room(), "kv_capacity": self.feed.capacity,
+                "kv_capacity_estimate": self.feed.cache_estimate,
                 "service_model": self.model.as_json(), "stream_latency": self.latency.as_json(),
                 "calibration": self.calibration}

@@ -482,39 +482,36 @@ def test_requests_beyond_what_the_kv_cache_holds_wait_in_the_layer_with_k_open()
     its k bound, and gets the k of the moment vLLM has room; fast-tier reserve never takes the last room."""
     clock = Clock()
     view = {"v": None}
+    cache = {"room": 2}
     load = {"k": 8}
     d = Dispatcher(16, lambda head, queued: load["k"], clock, reserve=2, urgent_below=0,
-                   engine_view=lambda: view["v"])
+                   engine_view=lambda: view["v"], cache_room=lambda: cache["room"])
     a, b = d.enter(0, 1.0), d.enter(0, 1.0)
     clock.t = 0.05
     # A report that reached the layer after a and b were sent, but counted before vLLM saw them (the one
     # before it came at -0.01): it frees no room.
-    view["v"] = EngineReport(0, 0.05, capacity=2, since=-0.01)
+    view["v"] = EngineReport(0, 0.05, since=-0.01)
     c = d.enter(0, 1.0)
     explicit = d.enter(0, 0.9, fixed_k=4)  # a request that named its k waits for the room too
     assert (a.k, b.k, c.k, explicit.k) == (8, 8, None, None) and d.room() == 2
     d.done(explicit)
     load["k"] = 3  # a burst arrives while c waits
     clock.t = 0.5
-    view["v"] = EngineReport(1, 0.5, capacity=2)  # vLLM finished one (the layer still sends its tail)
+    view["v"] = EngineReport(1, 0.5)  # vLLM finished one (the layer still sends its tail)
     d.pump()
     assert c.k == 3  # the k of the moment it entered
     d.done(b)
     d.done(a)
     d.done(d.enter(-10, 1.0, fixed_k=2))  # a fast-tier request: one in eight slots kept while they arrive
     clock.t = 0.6
-    view["v"] = EngineReport(1, 0.6, capacity=2)
+    view["v"] = EngineReport(1, 0.6)
     e = d.enter(0, 1.0)
     assert e.k is None  # c runs; of a room of 2, one is kept for the fast tier (not 2 of 16)
-    view["v"] = EngineReport(0, 0.6, capacity=1)  # the cache holds only one: it is not kept
+    cache["room"] = 1  # the cache holds only one: it is not kept
     d.done(c)
     assert e.k == 3
-    view["v"] = EngineReport(2, 0.7, capacity=None)
-    clock.t = 0.7
+    cache["room"] = None  # nothing known of the cache: max_num_seqs
     assert d.room() == 16
-    clock.t = 60.0  # the cache's capacity does not age with the report that taught it
-    view["v"] = EngineReport(2, 0.5, capacity=1)
-    assert d.room() == 1
 
 
 def test_a_report_that_vllm_has_room_lets_a_queued_request_in_and_the_prediction_counts_the_room():
@@ -532,3 +529,30 @@ def test_a_report_that_vllm_has_room_lets_a_queued_request_in_and_the_prediction
     # What vLLM counted may be a report older than when it reached the layer: dispatches since the one
     # before (two reports back) count as possibly unseen.
     assert pb._engine_view().since == 0.0
+
+
+def test_before_the_cache_has_filled_its_size_gives_the_room_at_the_mean_request_length():
+    """A new replica (scaled out under load) knows its cache's size, not yet what it holds: the room is
+    the cache's blocks over a mean request's (prompt + output, whole blocks, less vLLM's null block)
+    until vLLM's reports measure it; it follows the responses' usage, and probes past the estimate."""
+    from types import SimpleNamespace
+
+    from phds_serve.server.predictive import engine_cache
+
+    state = SimpleNamespace(engine_client=SimpleNamespace(vllm_config=SimpleNamespace(
+        cache_config=SimpleNamespace(num_gpu_blocks=992, block_size=16))))
+    assert engine_cache(state) == (992, 16)
+    assert engine_cache(SimpleNamespace(engine_client=SimpleNamespace())) is None
+    big = PredictiveBrownout(CONFIG, PredictiveSettings(), 32, LoadFeed(), Clock(), model(), cache=(992, 16))
+    assert big.dispatcher.room() == 32  # 991 blocks / 12 a request (128 + 64 tokens): 82, more than the slots
+    big.finished(1920, 64)  # long prompts: 124 blocks a request
+    assert big.feed.cache_estimate == 7 and big.dispatcher.room() == 7
+
+    clock, feed = Clock(), LoadFeed()
+    pb = PredictiveBrownout(CONFIG, PredictiveSettings(), 32, feed, clock, model(), cache=(2, 128))
+    first, second = pb.dispatcher.enter(0, 0.5, "balanced"), pb.dispatcher.enter(0, 0.5, "balanced")
+    # One block holds one request; no report has come yet. (The next arrival would wait for this one to
+    # finish, past the TTFT objective at k 8: the room is what the choice counts too.)
+    assert first.k == 2 and second.k is None
+    feed.set_queue(0, 1, now=0.01, kv_usage=0.5)  # vLLM runs it, none waiting: maybe room for one more
+    assert second.k is not None and feed.capacity == 2

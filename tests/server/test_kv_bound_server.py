@@ -68,8 +68,9 @@ def test_requests_beyond_the_kv_cache_wait_in_the_layer_with_k_open(base):
     assert all(status == 200 and chunks == 64 for status, _, chunks in results), results
     waited = sorted(queued for _, queued, _ in results)
     brownout = requests.get(base + "/v1/models", timeout=10).json()["data"][0]["brownout"]
-    # Start-up's probes (16 rows) filled the cache, so the layer knows it holds one request: one runs, a
-    # second may wait in vLLM (the room is probed one request at a time), the others waited here (entering
-    # at once takes < 1 ms). With max_num_seqs as the only limit, every one entered at once.
+    # The layer knows the cache holds one request (from its size, and start-up's 16-row probes filled it):
+    # one runs, a second may wait in vLLM (the room is probed one request at a time), the others waited
+    # here (entering at once takes < 1 ms). With max_num_seqs as the only limit, every one entered at once.
     assert sum(queued > 5.0 for queued in waited) >= REQUESTS // 2, (waited, brownout)
     assert brownout["kv_capacity"] is not None and brownout["room"] <= 2 < MAX_SEQS, (waited, brownout)
+    assert brownout["kv_capacity_estimate"] == 1, brownout  # vLLM's 2 blocks, one its null block
