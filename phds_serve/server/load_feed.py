@@ -56,6 +56,7 @@ class LoadFeed:
         # Before that: the requests the cache would hold at the layer's mean request length, from its size
         # (set by the layer; None where unknown). The first burst past the cache then waits in the layer too.
         self.cache_estimate: int | None = None
+        self.cache_full_reports = 0  # reports of requests waiting with the cache full: how often it bound
         self.on_report: Any = None  # () -> None, called after each report of vLLM's queues (the layer's pump)
         self.engine_steps = 0
         self.steps: deque[Step] = deque(maxlen=4096)  # busy engine steps, drained by the controller
@@ -89,6 +90,7 @@ class LoadFeed:
         room = self.room()
         if waiting > 0 and kv_usage >= KV_FULL:
             self.capacity = max(1, running)
+            self.cache_full_reports += 1
         elif room is not None and waiting == 0 and running >= room:
             self.capacity = running + 1
         if self.on_report is not None:

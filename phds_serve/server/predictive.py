@@ -369,6 +369,6 @@ class PredictiveBrownout(Ticking):
     def as_json(self) -> dict:
         return {"mode": "predictive", "ttft_scale": self.ttft_scale, "itl_scale": self.itl_scale, "queued": len(self.dispatcher.queued), "in_engine": len(self.dispatcher.in_engine),
                 "room": self.dispatcher.room(), "kv_capacity": self.feed.capacity,
-                "kv_capacity_estimate": self.feed.cache_estimate,
+                "kv_capacity_estimate": self.feed.cache_estimate, "kv_full_reports": self.feed.cache_full_reports,
                 "service_model": self.model.as_json(), "stream_latency": self.latency.as_json(),
                 "calibration": self.calibration}

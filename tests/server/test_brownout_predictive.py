@@ -475,6 +475,7 @@ def test_the_feed_learns_how_many_requests_the_kv_cache_holds_from_vllms_reports
     feed.set_queue(0, 2, now=60.0, kv_usage=0.3)  # a minute later, a light load: the cache is the same
     assert feed.capacity == 5
     assert reports == [None, None, 4, 4, 5, 5, 5]  # every report is passed on (the layer pumps)
+    assert feed.cache_full_reports == 2
 
 
 def test_requests_beyond_what_the_kv_cache_holds_wait_in_the_layer_with_k_open():

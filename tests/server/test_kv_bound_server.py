@@ -74,3 +74,4 @@ def test_requests_beyond_the_kv_cache_wait_in_the_layer_with_k_open(base):
     assert sum(queued > 5.0 for queued in waited) >= REQUESTS // 2, (waited, brownout)
     assert brownout["kv_capacity"] is not None and brownout["room"] <= 2 < MAX_SEQS, (waited, brownout)
     assert brownout["kv_capacity_estimate"] == 1, brownout  # vLLM's 2 blocks, one its null block
+    assert brownout["kv_full_reports"] > 0, brownout  # vLLM's own stats said requests waited for cache
