@@ -148,8 +148,9 @@ class PredictiveBrownout(Ticking):
         self._task: asyncio.Task | None = None
         self._suspect = 0
         feed.k_source = self.dispatcher.k_mix
-        self._loop: asyncio.AbstractEventLoop | None = None
-        feed.on_report = self._engine_reported
+        # vLLM's report of its queues after a step may give room to a request waiting here. The stat logger
+        # that reports it runs in vLLM's output-handler task (AsyncLLM), on the server's event loop.
+        feed.on_report = self.dispatcher.pump
         self._estimate_cache_room()
 
     def _dispatched(self, ticket: Ticket) -> None:
@@ -168,26 +169,6 @@ class PredictiveBrownout(Ticking):
         at = self.feed.queue_at
         return None if at is None else EngineReport(self.feed.running + self.feed.waiting, at,
                                                     self.feed.report_times[0])
-
-    def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        super().start()
-
-    def _engine_reported(self) -> None:
-        """vLLM reported its queues after a step: a request waiting here for room may enter now (the stat
-        logger runs on the server's event loop; from another thread the pump is handed to the loop)."""
-        loop = self._loop
-        if loop is None or not loop.is_running():
-            self.dispatcher.pump()
-            return
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            self.dispatcher.pump()
-        else:
-            loop.call_soon_threadsafe(self.dispatcher.pump)
 
     @property
     def level(self) -> int:
