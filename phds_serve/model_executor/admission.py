@@ -49,8 +49,9 @@ def validate_declared_k(extra_args: dict[str, Any] | None) -> None:
         return
     value = extra_args[K_FIELD]
     if _FRONTEND is None:
-        # No config hook ran in this process (e.g. another API-server process):
-        # the engine core re-checks against the contract and fails the request.
+        # No config hook ran in this process (every API-server process of vLLM
+        # 0.32 builds its engine config, so none of phds-serve's): the engine
+        # core re-checks against the contract and fails the request.
         k = parse_k(value)
         if k < 1:
             raise InvalidK(f"k={k} is not allowed; k must be an integer >= 1")

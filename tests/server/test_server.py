@@ -26,7 +26,6 @@ import requests
 openai = pytest.importorskip("openai")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
 TIERS = "fast=1:priority=-10,balanced=2,quality=4,elastic=4..1"
 # Brownout on the elastic tier only: TTFT objective 50 ms (a lone request here: ~15-30 ms; 48
 # concurrent streams of the long prompt: several times that), quick ticks so the test sees it go up
@@ -128,17 +127,14 @@ def _reference_jobs(native_k: int) -> list[list]:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def stack(tmp_path_factory, offline_reference):
     """Start phds-serve and, at the same time, the offline reference (2 busy cores)."""
     tmp = tmp_path_factory.mktemp("phds-serve")
     cache = tmp / "cache"  # fresh: no bundled model cached yet
     model_dir = _model_dir(cache)
     from transformers import AutoConfig
 
-    native_k = AutoConfig.from_pretrained(model_dir).num_experts_per_tok
-    jobs = _reference_jobs(native_k)
-    (tmp / "jobs.json").write_text(json.dumps({"max_tokens": MAX_TOKENS, "jobs": jobs}))
-
+    jobs = _reference_jobs(AutoConfig.from_pretrained(model_dir).num_experts_per_tok)
     port = free_port()
     exe = Path(sys.executable).with_name("phds-serve")
     cmd = [str(exe), "--host", "127.0.0.1", "--port", str(port), "--tiers", TIERS,
@@ -147,22 +143,15 @@ def stack(tmp_path_factory):
     log = tmp / "server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(cache), start_new_session=True)
-    ref = subprocess.Popen(
-        [sys.executable, str(HERE / "offline_reference.py"), str(model_dir), str(tmp / "jobs.json")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(cache), start_new_session=True, text=True,
-    )
+    offline_reference.start(model_dir, jobs, MAX_TOKENS, _env(cache))
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = wait_healthy(proc, base, log)
-        out, _ = ref.communicate(timeout=max(10.0, deadline - time.monotonic()))
-        lines = [ln for ln in out.splitlines() if ln.startswith("PHDS-RESULT ")]
-        assert ref.returncode == 0 and lines, out[-4000:]
-        texts = json.loads(lines[-1][len("PHDS-RESULT "):])
+        texts = offline_reference.texts(model_dir, jobs, MAX_TOKENS, deadline)
         server = Server(base, log, proc)
         assert server.model_info["root"] == str(model_dir)
-        yield server, {(p, k): t for (p, k), t in zip(jobs, texts)}
+        yield server, texts
     finally:
-        _kill_group(ref, grace_s=5)
         _kill_group(proc)
 
 
