@@ -430,6 +430,7 @@ ARMS = ("fixed-nominal", "fixed-lowest", "brownout", "brownout-reactive", "vllm-
 TWO_TIER_ARMS = ("brownout", "brownout-reactive")
 COLORS = {"fixed-nominal": "tab:blue", "fixed-lowest": "tab:green", "brownout": "tab:red",
           "brownout-reactive": "tab:orange", "vllm-overload": "tab:gray"}
+HEADROOM_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
 TWO_TIER_MIX = "fast:0.3,balanced:0.7"
 # The issue's targets: brownout's attainment within these of fixed-lowest's, overall and in a burst phase.
 OVERALL_SLACK, BURST_SLACK = 0.015, 0.05
@@ -446,6 +447,16 @@ def fixed_arm(k: int) -> str:
     return f"fixed-{fixed_tier(k)}"
 
 
+def headroom_arm(headroom: float) -> str:
+    """The arm that runs the predictive controller at another ``--brownout-headroom`` (``--headrooms``)."""
+    return f"brownout-h{headroom:g}"
+
+
+def headroom_arms(results: dict) -> list[str]:
+    """The ``--headrooms`` arms among ``results``, in the order they ran."""
+    return [arm for arm in results if arm.startswith("brownout-h")]
+
+
 def fixed_arms(results: dict) -> dict[int, str]:
     """The ``--fixed-ks`` arms among ``results``, by k (those ks lie strictly below the nominal k)."""
     return {k: fixed_arm(k) for k in range(1, NATIVE_K) if fixed_arm(k) in results}
@@ -454,8 +465,8 @@ def fixed_arms(results: dict) -> dict[int, str]:
 def arm_order(results: dict) -> list[str]:
     """The arms that ran, for tables: the fixed ks from lowest to nominal, then the others."""
     fixed = fixed_arms(results)
-    order = ["fixed-lowest", *(fixed[k] for k in sorted(fixed)), "fixed-nominal", "brownout", "brownout-reactive",
-             "vllm-overload"]
+    order = ["fixed-lowest", *(fixed[k] for k in sorted(fixed)), "fixed-nominal", "brownout",
+             *headroom_arms(results), "brownout-reactive", "vllm-overload"]
     return [a for a in order if a in results]
 
 
@@ -480,11 +491,10 @@ def plot(path: Path, results: dict, slo: dict, plan: list, title: str) -> None:
     fig, axes = plt.subplots(6, 1, figsize=(10, 18), sharex=True)
     t = [p[0] for p in plan]
     axes[0].plot(t, [p[1] for p in plan], "k--", label="offered (plan)")
-    for arm in ARMS:
-        if arm not in results:
-            continue
+    variants = iter(HEADROOM_COLORS)
+    for arm in [a for a in arm_order(results) if a in ARMS or a.startswith("brownout-h")]:
         tl = mean_timeline(results[arm]["timelines"])
-        c = COLORS[arm]
+        c = COLORS.get(arm) or next(variants)
         axes[0].plot(tl["t"], tl["goodput"], color=c, label=f"{arm} goodput")
         axes[1].plot(tl["t"], [v if v is not None else float("nan") for v in tl["ttft_p90"]], color=c, label=arm)
         axes[2].plot(tl["t"], [v if v is not None else float("nan") for v in tl["mean_k"]], color=c, label=arm)
@@ -607,24 +617,52 @@ def plot_frontier(path: Path, frontier: dict, results: dict) -> None:
                label="one fixed k per phase, chosen knowing the plan")
     ax.scatter([frontier["bins"]["mean_k"]], [frontier["bins"]["attainment"]], marker="*", s=160,
                facecolors="none", edgecolors="k", label="one fixed k per 5 s, chosen knowing the run (luckiest k)")
-    for arm in ("brownout", "brownout-reactive"):
-        if arm in results:
-            s = results[arm]["summary"]
-            ax.scatter([s["mean_k"]], [s["attainment"]], s=60, color=COLORS[arm], label=f"{arm} (both passes)")
-            ax.scatter([p["mean_k"] for p in results[arm]["passes"]], [p["attainment"] for p in results[arm]["passes"]],
-                       s=15, color=COLORS[arm], alpha=0.5)
-    bound = results["fixed-lowest"]["summary"]["attainment"] - OVERALL_SLACK
-    ax.axhline(bound, color="k", ls=":", lw=1, label="fixed-lowest - 1.5 points")
-    ax.axvline(MEAN_K_TARGET, color="k", ls="--", lw=1, label=f"mean k target {MEAN_K_TARGET}")
-    ax.set_xlabel("mean applied k over the plan")
-    ax.set_ylabel("objective attainment")
+    variants = iter(HEADROOM_COLORS)
+    for arm in [a for a in ("brownout", *headroom_arms(results), "brownout-reactive") if a in results]:
+        _arm_point(ax, results[arm], arm, COLORS.get(arm) or next(variants))
     ax.set_ylim(max(0.0, min(a["attainment"] for a in frontier["arms"]) - 0.05), 1.01)
+    _finish_attainment_plot(fig, ax, path, results, "what each fixed k does on the plan, and where brownout lands")
+
+
+def _arm_point(ax, result: dict, label: str, color: str) -> None:
+    """An arm's attainment against its mean k: both passes (large), each pass (small squares)."""
+    s = result["summary"]
+    ax.scatter([s["mean_k"]], [s["attainment"]], s=60, color=color, label=f"{label} (both passes)")
+    ax.scatter([p["mean_k"] for p in result["passes"]], [p["attainment"] for p in result["passes"]],
+               s=15, color=color, alpha=0.5, marker="s")
+
+
+def _finish_attainment_plot(fig, ax, path: Path, results: dict, title: str) -> None:
+    """The targets' bounds (fixed-lowest - 1.5 points, the mean-k target), labels, and the file."""
+    import matplotlib.pyplot as plt
+
+    ax.axhline(results["fixed-lowest"]["summary"]["attainment"] - OVERALL_SLACK, color="k", ls=":", lw=1,
+               label="fixed-lowest - 1.5 points")
+    ax.axvline(MEAN_K_TARGET, color="k", ls="--", lw=1, label=f"mean k target {MEAN_K_TARGET}")
+    ax.set_xlabel("mean applied k over the plan (squares: each pass)")
+    ax.set_ylabel("objective attainment")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
-    ax.set_title("what each fixed k does on the plan, and where brownout lands")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_headroom(path: Path, results: dict, headrooms: dict[str, float]) -> None:
+    """Attainment against mean k for the predictive controller at each ``--brownout-headroom`` of the run,
+    with fixed-lowest and the targets' bounds (uses only the summaries: also from a run's JSON)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    arms = [("fixed-lowest", "fixed-lowest (k 2)"), *((a, f"brownout, headroom {h:g}") for a, h in headrooms.items())]
+    for i, (arm, label) in enumerate(a for a in arms if a[0] in results):
+        _arm_point(ax, results[arm], label, f"C{i}")
+    _finish_attainment_plot(fig, ax, path, results, "predictive brownout: the margin on the predictions "
+                            "(--brownout-headroom)")
 
 
 def prediction_error(rows: list[dict], what: str = "ttft") -> dict | None:
@@ -639,8 +677,8 @@ def prediction_error(rows: list[dict], what: str = "ttft") -> dict | None:
             "within_2x": sum(0.5 <= r <= 2 for r in ratios) / len(ratios)}
 
 
-def targets(results: dict, duration: float) -> list[dict]:
-    """The issue's targets for the brownout arm, overall and per pass."""
+def targets(results: dict, duration: float, arm: str = "brownout") -> list[dict]:
+    """The issue's targets for a brownout arm (``brownout``, or a ``--headrooms`` one), overall and per pass."""
     out = []
     burst_idx = [i for i, (n, _, _) in enumerate(phases(duration)) if n.startswith("burst")]
     half_idx = [i for i, (n, _, _) in enumerate(phases(duration)) if n.startswith("0.5R") and "ramp" not in n]
@@ -666,7 +704,7 @@ def targets(results: dict, duration: float) -> list[dict]:
         for name, value, bound, ok in rows:
             out.append({"scope": label, "target": name, "value": value, "bound": bound, "met": ok})
 
-    b, lo = results["brownout"], results["fixed-lowest"]
+    b, lo = results[arm], results["fixed-lowest"]
     check(b, lo, b["rows"], "both passes")
     for i, (bp, lp) in enumerate(zip(b["by_pass"], lo["by_pass"])):
         check(bp, lp, bp["rows"], f"pass {i + 1}")
@@ -756,7 +794,8 @@ def run_arms(args, work: Path) -> dict:
     print(f"model: OLMoE shape {SHAPE}, {NUM_EXPERTS} experts, native k {NATIVE_K}; work dir {work}", flush=True)
     L, passes = args.lowest_k, args.passes
     fixed = [fixed_arm(k) for k in args.fixed_ks]
-    runs: dict[str, list[dict]] = {arm: [] for arm in [*ARMS, *fixed]}
+    variants = {headroom_arm(h): h for h in args.headrooms}
+    runs: dict[str, list[dict]] = {arm: [] for arm in [*ARMS, *fixed, *variants]}
     overload_flags = ["--tiers", f"nominal={NATIVE_K}", "--max-num-queued-reqs", str(MAX_NUM_SEQS)]
     # Objectives are passed once the unloaded latency is known: the tiered servers start after the probe.
     overload = start_server(model, overload_flags, work / "server-overload.log")
@@ -774,6 +813,8 @@ def run_arms(args, work: Path) -> dict:
     flags = {"tiers": common}
     if "brownout-reactive" in args.arms:
         flags["reactive"] = [*common, "--brownout-mode", "reactive"]
+    for arm, h in variants.items():  # one server each: the headroom is a server flag
+        flags[arm] = [*common, "--brownout-headroom", str(h)]
     servers = start_servers(model, flags, work)
     servers["overload"] = overload
     if args.rate:
@@ -791,9 +832,10 @@ def run_arms(args, work: Path) -> dict:
     where = {"vllm-overload": ("overload", "nominal"), "fixed-nominal": ("tiers", "nominal"),
              "fixed-lowest": ("tiers", "lowest"), "brownout": ("tiers", "elastic"),
              "brownout-reactive": ("reactive", "elastic"),
-             **{fixed_arm(k): ("tiers", fixed_tier(k)) for k in args.fixed_ks}}
-    order = [a for a in ["vllm-overload", "fixed-nominal", *fixed[::-1], "fixed-lowest", "brownout",
-                         "brownout-reactive"] if a in args.arms or a in fixed]
+             **{fixed_arm(k): ("tiers", fixed_tier(k)) for k in args.fixed_ks},
+             **{arm: (arm, "elastic") for arm in variants}}
+    order = [a for a in ["vllm-overload", "fixed-nominal", *fixed[::-1], "fixed-lowest", "brownout", *variants,
+                         "brownout-reactive"] if a in args.arms or a in fixed or a in variants]
 
     def arm_run(arm: str, tier: str, server: str, i: int, plan_name: str, store: dict) -> None:
         print(f"{plan_name}: arm {arm} (pass {i + 1})", flush=True)
@@ -819,7 +861,7 @@ def run_arms(args, work: Path) -> dict:
             for arm in (two_arms if i % 2 == 0 else two_arms[::-1]):
                 arm_run(arm, TWO_TIER_MIX, two_where[arm], i, "two-tier", two_runs)
     calibrations = {}
-    for name in [n for n in ("tiers", "reactive") if n in servers]:
+    for name in [n for n in ("tiers", "reactive", *variants) if n in servers]:
         try:
             model_info = requests.get(servers[name].url + "/v1/models", timeout=10).json()["data"][0]["brownout"]
             calibrations[name] = model_info
@@ -859,10 +901,25 @@ def run_arms(args, work: Path) -> dict:
     print("\ntargets (brownout vs fixed-lowest):")
     for c in checks:
         print(f"  [{'met' if c['met'] else 'NOT met'}] {c['scope']}: {c['target']}: {c['value']} (bound {c['bound']})")
+    variant_checks = {arm: targets(results, args.duration, arm) for arm in headroom_arms(results)
+                      if "fixed-lowest" in results}
+    if variant_checks:
+        from phds_serve.server.predictive import PredictiveSettings  # the server's default, which brownout ran
+
+        plot_headroom(args.out / "brownout_headroom.png", results,
+                      {**({"brownout": PredictiveSettings.headroom} if "brownout" in results else {}), **variants})
+    for arm, arm_checks in variant_checks.items():
+        s = results[arm]["summary"]
+        print(f"\n{arm} (--brownout-headroom {variants[arm]}): attainment={s['attainment']:.3f} "
+              f"goodput={s['goodput_rps']:.2f} mean_k={(s['mean_k'] or 0):.2f} errors={s['errors']}; targets:")
+        for c in arm_checks:
+            print(f"  [{'met' if c['met'] else 'NOT met'}] {c['scope']}: {c['target']}: {c['value']} "
+                  f"(bound {c['bound']})")
     report = dict(slo=slo, unloaded={"native": [ttft0, itl0], "lowest": [lo_ttft, lo_itl]}, saturation_rate=rate,
                   calibration=steps, plan=plan, lowest_k=L, native_k=NATIVE_K, results=strip_rows(results),
                   targets=checks, max_num_seqs=MAX_NUM_SEQS, brownout_flags=brownout_flags, passes=passes,
-                  server_tiers=tiers, controllers=calibrations, fixed_k_frontier=frontier)
+                  server_tiers=tiers, controllers=calibrations, fixed_k_frontier=frontier,
+                  headroom_targets=variant_checks)
     if any(two_runs.values()):
         two = analyse(two_runs, slo, args.duration)
         plot(args.out / "brownout_two_tier.png", two, slo, plan,
@@ -916,6 +973,9 @@ def main() -> int:
     ap.add_argument("--fixed-ks", default="",
                     help="comma-separated ks strictly between --lowest-k and the nominal k: one fixed arm each "
                     "(fixed-kN, single-tier plan), for the fixed-k frontier (brownout_frontier.png)")
+    ap.add_argument("--headrooms", default="",
+                    help="comma-separated --brownout-headroom values in (0, 1]: one more predictive server and arm "
+                    "each (brownout-hH, single-tier plan), beside brownout at the server's default")
     ap.add_argument("--skip-rungs", action="store_true")
     ap.add_argument("--skip-arms", action="store_true")
     ap.add_argument("--engine-cores", default="1",
@@ -942,6 +1002,12 @@ def main() -> int:
     if outside := [k for k in args.fixed_ks if not args.lowest_k < k < NATIVE_K]:
         ap.error(f"--fixed-ks: {outside} not strictly between the lowest k {args.lowest_k} and the nominal k "
                  f"{NATIVE_K} (those are fixed-lowest and fixed-nominal)")
+    try:
+        args.headrooms = [float(h) for h in args.headrooms.split(",") if h.strip()]
+    except ValueError:
+        ap.error(f"--headrooms: {args.headrooms!r} is not a comma-separated list of numbers")
+    if outside := [h for h in args.headrooms if not 0 < h <= 1]:
+        ap.error(f"--headrooms: {outside} not in (0, 1]")
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="phds-brownout-"))
     started = time.monotonic()
