@@ -661,8 +661,7 @@ def plot_headroom(path: Path, results: dict, headrooms: dict[str, float]) -> Non
     arms = [("fixed-lowest", "fixed-lowest (k 2)"), *((a, f"brownout, headroom {h:g}") for a, h in headrooms.items())]
     for i, (arm, label) in enumerate(a for a in arms if a[0] in results):
         _arm_point(ax, results[arm], label, f"C{i}")
-    _finish_attainment_plot(fig, ax, path, results, "predictive brownout: the margin on the predictions "
-                            "(--brownout-headroom)")
+    _finish_attainment_plot(fig, ax, path, results, "predictive brownout at each --brownout-headroom")
 
 
 def prediction_error(rows: list[dict], what: str = "ttft") -> dict | None:
