@@ -58,6 +58,8 @@ def ensure_rpc_dir() -> str | None:
 
 
 def add_phds_args(parser: argparse.ArgumentParser) -> None:
+    from phds_serve.server.feedforward import HEADROOM
+
     group = parser.add_argument_group(
         "phds-serve (declared k)",
         "Per-request k: top-level \"k\" or vllm_xargs.k in the request; precedence "
@@ -110,9 +112,9 @@ def add_phds_args(parser: argparse.ArgumentParser) -> None:
                           "highest k whose predicted TTFT and inter-token latency meet the objectives (a service "
                           "model measured at start-up, scaled online; arrival rate; queued work), with the "
                           "reactive controller as a safety cap. reactive: k from the reactive level at arrival.")
-    brownout.add_argument("--brownout-headroom", dest="phds_brownout_headroom", type=float, default=0.8,
+    brownout.add_argument("--brownout-headroom", dest="phds_brownout_headroom", type=float, default=HEADROOM,
                           help="Predictive: a k is chosen when its predicted latencies stay within this fraction "
-                          "of the objectives (default 0.8).")
+                          f"of the objectives (default {HEADROOM:g}; lower trades k for attainment).")
     brownout.add_argument("--brownout-max-utilisation", dest="phds_brownout_max_utilisation", type=float,
                           default=0.9, help="Predictive: a k is chosen only when the measured arrival rate keeps "
                           "the engine's predicted utilisation at or below this (default 0.9).")

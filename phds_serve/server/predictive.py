@@ -27,7 +27,8 @@ from typing import Any, Callable
 from phds_serve.server import metrics
 from phds_serve.server.brownout import BrownoutController, ControllerSettings, Window, pressure
 from phds_serve.server.dispatch import Dispatcher, EngineReport, Ticket
-from phds_serve.server.feedforward import OUTPUT_TOKENS_PRIOR, PROMPT_TOKENS_PRIOR, Demand, EngineState, choose, work_s
+from phds_serve.server.feedforward import (HEADROOM, OUTPUT_TOKENS_PRIOR, PROMPT_TOKENS_PRIOR, Demand, EngineState,
+                                           choose, work_s)
 from phds_serve.server.load_feed import FEED, LoadFeed
 from phds_serve.server.request_k import LayerConfig
 from phds_serve.server.service_model import ServiceModel
@@ -47,7 +48,7 @@ OUTER_LOW = 0.8
 @dataclass(frozen=True)
 class PredictiveSettings:
     mode: str = "predictive"
-    headroom: float = 0.8  # predicted latency must stay within headroom x objective
+    headroom: float = HEADROOM  # predicted latency must stay within headroom x objective
     max_utilisation: float = 0.9
     calibrate: bool = True
     late_defer_s: float = 2.0  # a request queued past its TTFT deadline yields to those still in time, this long
@@ -91,7 +92,7 @@ def reserved_slots(config: LayerConfig, slots: int) -> tuple[int, int | None]:
 def settings_from(args: Namespace) -> PredictiveSettings:
     return PredictiveSettings(
         mode=getattr(args, "phds_brownout_mode", "predictive"),
-        headroom=getattr(args, "phds_brownout_headroom", 0.8),
+        headroom=getattr(args, "phds_brownout_headroom", HEADROOM),
         max_utilisation=getattr(args, "phds_brownout_max_utilisation", 0.9),
         calibrate=getattr(args, "phds_brownout_calibrate", True),
         late_defer_s=getattr(args, "phds_brownout_late_defer_ms", 2000.0) / 1000.0,

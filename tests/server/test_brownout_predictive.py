@@ -236,19 +236,20 @@ def test_busy_engine_outputs_become_steps_with_the_k_of_the_requests_in_the_engi
 #    loop's evidence, reserved slots, and late binding through the layer ---------------------------
 def test_a_load_that_is_arriving_lowers_k_before_the_batch_shows_it():
     """An idle engine, 5 requests/s arriving: at k 8 their work takes 64 % of the engine, so it settles
-    on a step of overhead / (1 - 0.64) = 28 ms, above the 24 ms the objective allows; at k 7 it fits.
-    The batch right now (one row) says every k fits, and the utilisation is under the 0.9 limit."""
+    on a step of overhead / (1 - 0.64) = 28 ms, above the 24 ms the objective allows at headroom 0.8; at
+    k 7 it fits. The batch right now (one row) says every k fits, and the utilisation is under the 0.9
+    limit."""
     from phds_serve.server.feedforward import steady_step_s, work_s
 
     m, obj, demand = model(), Objectives(ttft_s=0.5, itl_s=0.03), Demand(5.0, 128, 32)
-    c = choose(KS, m, obj, EngineState((), 32), demand, [0.0])
+    c = choose(KS, m, obj, EngineState((), 32), demand, [0.0], headroom=0.8)
     assert c.k == 7 and c.prediction.meets
     at8 = c.considered[0]
     assert at8.k == 8 and not at8.meets and at8.utilisation < 0.9
     assert at8.itl_s == pytest.approx(steady_step_s(m, 5.0 * work_s(m, 8, demand)))
     assert m.step_s(1, 8) < 0.024  # what the batch alone predicts
     # The same engine with that load gone keeps k 8.
-    assert choose(KS, m, obj, EngineState((), 32), Demand(0.5, 128, 32), [0.0]).k == 8
+    assert choose(KS, m, obj, EngineState((), 32), Demand(0.5, 128, 32), [0.0], headroom=0.8).k == 8
 
 
 def test_a_burst_shows_in_the_arrival_rate_after_a_handful_of_its_arrivals():
