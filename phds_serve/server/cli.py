@@ -58,7 +58,7 @@ def ensure_rpc_dir() -> str | None:
 
 
 def add_phds_args(parser: argparse.ArgumentParser) -> None:
-    from phds_serve.server.feedforward import HEADROOM
+    from phds_serve.server.feedforward import HEADROOM, MAX_UTILISATION
 
     group = parser.add_argument_group(
         "phds-serve (declared k)",
@@ -116,8 +116,8 @@ def add_phds_args(parser: argparse.ArgumentParser) -> None:
                           help="Predictive: a k is chosen when its predicted latencies stay within this fraction "
                           f"of the objectives (default {HEADROOM:g}; lower trades k for attainment).")
     brownout.add_argument("--brownout-max-utilisation", dest="phds_brownout_max_utilisation", type=float,
-                          default=0.9, help="Predictive: a k is chosen only when the measured arrival rate keeps "
-                          "the engine's predicted utilisation at or below this (default 0.9).")
+                          default=MAX_UTILISATION, help="Predictive: a k is chosen only when the measured arrival "
+                          f"rate keeps the engine's predicted utilisation at or below this (default {MAX_UTILISATION:g}).")
     brownout.add_argument("--brownout-late-defer-ms", dest="phds_brownout_late_defer_ms", type=float,
                           default=2000.0, help="Predictive, with a TTFT objective: a request still queued past "
                           "its TTFT objective yields its place to requests that can still meet theirs, for at most "

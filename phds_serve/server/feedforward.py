@@ -49,6 +49,7 @@ from typing import Sequence
 from phds_serve.server.brownout import Objectives
 from phds_serve.server.service_model import ServiceModel
 from phds_serve.server.stream_latency import StreamLatency, stretch
+from phds_serve.tiers import TierConfigError
 
 INF = float("inf")
 # The predicted latencies must stay within HEADROOM x the objectives (--brownout-headroom). 1.0 since
@@ -56,6 +57,15 @@ INF = float("inf")
 # attainment, and missed 8 of the 28 target checks to 0.8's 13 (docs/BROWNOUT.md, the margin runs). The
 # inter-token prediction is already of the objectives' quantile (the stream-latency fit).
 HEADROOM = 1.0
+# The arrivals' predicted share of the engine's time must stay at or below this (--brownout-max-utilisation).
+MAX_UTILISATION = 0.9
+
+
+def check_fraction(flag: str, value: float) -> float:
+    """``value`` of ``flag`` (a margin on the objectives, a share of the engine): in (0, 1]."""
+    if not 0 < value <= 1:
+        raise TierConfigError(f"{flag} must be in (0, 1], got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -208,7 +218,7 @@ def choose(
     demand: Demand,
     waited_s: Sequence[float],
     headroom: float = HEADROOM,
-    max_utilisation: float = 0.9,
+    max_utilisation: float = MAX_UTILISATION,
     latency: StreamLatency | None = None,
 ) -> Choice:
     """The highest k in ``candidates`` whose predictions meet the objectives (else the lowest)."""

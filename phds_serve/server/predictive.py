@@ -27,8 +27,8 @@ from typing import Any, Callable
 from phds_serve.server import metrics
 from phds_serve.server.brownout import BrownoutController, ControllerSettings, Window, pressure
 from phds_serve.server.dispatch import Dispatcher, EngineReport, Ticket
-from phds_serve.server.feedforward import (HEADROOM, OUTPUT_TOKENS_PRIOR, PROMPT_TOKENS_PRIOR, Demand, EngineState,
-                                           choose, work_s)
+from phds_serve.server.feedforward import (HEADROOM, MAX_UTILISATION, OUTPUT_TOKENS_PRIOR, PROMPT_TOKENS_PRIOR,
+                                           Demand, EngineState, check_fraction, choose, work_s)
 from phds_serve.server.load_feed import FEED, LoadFeed
 from phds_serve.server.request_k import LayerConfig
 from phds_serve.server.service_model import ServiceModel
@@ -49,17 +49,15 @@ OUTER_LOW = 0.8
 class PredictiveSettings:
     mode: str = "predictive"
     headroom: float = HEADROOM  # predicted latency must stay within headroom x objective
-    max_utilisation: float = 0.9
+    max_utilisation: float = MAX_UTILISATION
     calibrate: bool = True
     late_defer_s: float = 2.0  # a request queued past its TTFT deadline yields to those still in time, this long
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise TierConfigError(f"--brownout-mode must be one of {MODES}, got {self.mode!r}")
-        if not 0 < self.headroom <= 1:
-            raise TierConfigError(f"--brownout-headroom must be in (0, 1], got {self.headroom!r}")
-        if not 0 < self.max_utilisation <= 1:
-            raise TierConfigError(f"--brownout-max-utilisation must be in (0, 1], got {self.max_utilisation!r}")
+        check_fraction("--brownout-headroom", self.headroom)
+        check_fraction("--brownout-max-utilisation", self.max_utilisation)
         if not 0 <= self.late_defer_s < float("inf"):
             raise TierConfigError(f"--brownout-late-defer-ms must be >= 0, got {self.late_defer_s * 1000!r}")
 
@@ -93,7 +91,7 @@ def settings_from(args: Namespace) -> PredictiveSettings:
     return PredictiveSettings(
         mode=getattr(args, "phds_brownout_mode", "predictive"),
         headroom=getattr(args, "phds_brownout_headroom", HEADROOM),
-        max_utilisation=getattr(args, "phds_brownout_max_utilisation", 0.9),
+        max_utilisation=getattr(args, "phds_brownout_max_utilisation", MAX_UTILISATION),
         calibrate=getattr(args, "phds_brownout_calibrate", True),
         late_defer_s=getattr(args, "phds_brownout_late_defer_ms", 2000.0) / 1000.0,
     )
@@ -328,7 +326,6 @@ class PredictiveBrownout(Ticking):
         else:
             self._suspect = 0
         return level
-
 
     async def calibrate(self, state: Any) -> None:
         """Start-up probes on the served model (see :mod:`phds_serve.server.calibration`); never fatal."""

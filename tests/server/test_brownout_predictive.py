@@ -199,6 +199,8 @@ def test_requests_already_late_do_not_hold_k_down_for_one_still_in_time():
 def test_settings_are_checked():
     with pytest.raises(TierConfigError, match="headroom"):
         PredictiveSettings(headroom=1.5)
+    with pytest.raises(TierConfigError, match="max-utilisation"):
+        PredictiveSettings(max_utilisation=0.0)
     with pytest.raises(TierConfigError, match="mode"):
         PredictiveSettings(mode="psychic")
     with pytest.raises(TierConfigError, match="late-defer"):
