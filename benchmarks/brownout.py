@@ -57,6 +57,8 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from loadtest import server as srv  # noqa: E402
+from phds_serve.server.feedforward import HEADROOM, check_fraction  # noqa: E402 (pure: no vLLM)
+from phds_serve.tiers import TierConfigError  # noqa: E402
 
 SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024)
@@ -491,10 +493,10 @@ def plot(path: Path, results: dict, slo: dict, plan: list, title: str) -> None:
     fig, axes = plt.subplots(6, 1, figsize=(10, 18), sharex=True)
     t = [p[0] for p in plan]
     axes[0].plot(t, [p[1] for p in plan], "k--", label="offered (plan)")
-    variants = iter(HEADROOM_COLORS)
+    spare_colors = iter(HEADROOM_COLORS)
     for arm in [a for a in arm_order(results) if a in ARMS or a.startswith("brownout-h")]:
         tl = mean_timeline(results[arm]["timelines"])
-        c = COLORS.get(arm) or next(variants)
+        c = COLORS.get(arm) or next(spare_colors)
         axes[0].plot(tl["t"], tl["goodput"], color=c, label=f"{arm} goodput")
         axes[1].plot(tl["t"], [v if v is not None else float("nan") for v in tl["ttft_p90"]], color=c, label=arm)
         axes[2].plot(tl["t"], [v if v is not None else float("nan") for v in tl["mean_k"]], color=c, label=arm)
@@ -617,9 +619,9 @@ def plot_frontier(path: Path, frontier: dict, results: dict) -> None:
                label="one fixed k per phase, chosen knowing the plan")
     ax.scatter([frontier["bins"]["mean_k"]], [frontier["bins"]["attainment"]], marker="*", s=160,
                facecolors="none", edgecolors="k", label="one fixed k per 5 s, chosen knowing the run (luckiest k)")
-    variants = iter(HEADROOM_COLORS)
+    spare_colors = iter(HEADROOM_COLORS)
     for arm in [a for a in ("brownout", *headroom_arms(results), "brownout-reactive") if a in results]:
-        _arm_point(ax, results[arm], arm, COLORS.get(arm) or next(variants))
+        _arm_point(ax, results[arm], arm, COLORS.get(arm) or next(spare_colors))
     ax.set_ylim(max(0.0, min(a["attainment"] for a in frontier["arms"]) - 0.05), 1.01)
     _finish_attainment_plot(fig, ax, path, results, "what each fixed k does on the plan, and where brownout lands")
 
@@ -793,8 +795,8 @@ def run_arms(args, work: Path) -> dict:
     print(f"model: OLMoE shape {SHAPE}, {NUM_EXPERTS} experts, native k {NATIVE_K}; work dir {work}", flush=True)
     L, passes = args.lowest_k, args.passes
     fixed = [fixed_arm(k) for k in args.fixed_ks]
-    variants = {headroom_arm(h): h for h in args.headrooms}
-    runs: dict[str, list[dict]] = {arm: [] for arm in [*ARMS, *fixed, *variants]}
+    headrooms = {headroom_arm(h): h for h in args.headrooms}
+    runs: dict[str, list[dict]] = {arm: [] for arm in [*ARMS, *fixed, *headrooms]}
     overload_flags = ["--tiers", f"nominal={NATIVE_K}", "--max-num-queued-reqs", str(MAX_NUM_SEQS)]
     # Objectives are passed once the unloaded latency is known: the tiered servers start after the probe.
     overload = start_server(model, overload_flags, work / "server-overload.log")
@@ -812,7 +814,7 @@ def run_arms(args, work: Path) -> dict:
     flags = {"tiers": common}
     if "brownout-reactive" in args.arms:
         flags["reactive"] = [*common, "--brownout-mode", "reactive"]
-    for arm, h in variants.items():  # one server each: the headroom is a server flag
+    for arm, h in headrooms.items():  # one server each: the headroom is a server flag
         flags[arm] = [*common, "--brownout-headroom", str(h)]
     servers = start_servers(model, flags, work)
     servers["overload"] = overload
@@ -832,9 +834,9 @@ def run_arms(args, work: Path) -> dict:
              "fixed-lowest": ("tiers", "lowest"), "brownout": ("tiers", "elastic"),
              "brownout-reactive": ("reactive", "elastic"),
              **{fixed_arm(k): ("tiers", fixed_tier(k)) for k in args.fixed_ks},
-             **{arm: (arm, "elastic") for arm in variants}}
-    order = [a for a in ["vllm-overload", "fixed-nominal", *fixed[::-1], "fixed-lowest", "brownout", *variants,
-                         "brownout-reactive"] if a in args.arms or a in fixed or a in variants]
+             **{arm: (arm, "elastic") for arm in headrooms}}
+    order = [a for a in ["vllm-overload", "fixed-nominal", *fixed[::-1], "fixed-lowest", "brownout", *headrooms,
+                         "brownout-reactive"] if a in args.arms or a in fixed or a in headrooms]
 
     def arm_run(arm: str, tier: str, server: str, i: int, plan_name: str, store: dict) -> None:
         print(f"{plan_name}: arm {arm} (pass {i + 1})", flush=True)
@@ -860,7 +862,7 @@ def run_arms(args, work: Path) -> dict:
             for arm in (two_arms if i % 2 == 0 else two_arms[::-1]):
                 arm_run(arm, TWO_TIER_MIX, two_where[arm], i, "two-tier", two_runs)
     calibrations = {}
-    for name in [n for n in ("tiers", "reactive", *variants) if n in servers]:
+    for name in [n for n in ("tiers", "reactive", *headrooms) if n in servers]:
         try:
             model_info = requests.get(servers[name].url + "/v1/models", timeout=10).json()["data"][0]["brownout"]
             calibrations[name] = model_info
@@ -900,16 +902,14 @@ def run_arms(args, work: Path) -> dict:
     print("\ntargets (brownout vs fixed-lowest):")
     for c in checks:
         print(f"  [{'met' if c['met'] else 'NOT met'}] {c['scope']}: {c['target']}: {c['value']} (bound {c['bound']})")
-    variant_checks = {arm: targets(results, args.duration, arm) for arm in headroom_arms(results)
-                      if "fixed-lowest" in results}
-    if variant_checks:
-        from phds_serve.server.predictive import PredictiveSettings  # the server's default, which brownout ran
-
+    headroom_checks = {arm: targets(results, args.duration, arm) for arm in headroom_arms(results)
+                       if "fixed-lowest" in results}
+    if headroom_checks:
         plot_headroom(args.out / "brownout_headroom.png", results,
-                      {**({"brownout": PredictiveSettings.headroom} if "brownout" in results else {}), **variants})
-    for arm, arm_checks in variant_checks.items():
+                      {**({"brownout": HEADROOM} if "brownout" in results else {}), **headrooms})
+    for arm, arm_checks in headroom_checks.items():
         s = results[arm]["summary"]
-        print(f"\n{arm} (--brownout-headroom {variants[arm]}): attainment={s['attainment']:.3f} "
+        print(f"\n{arm} (--brownout-headroom {headrooms[arm]}): attainment={s['attainment']:.3f} "
               f"goodput={s['goodput_rps']:.2f} mean_k={(s['mean_k'] or 0):.2f} errors={s['errors']}; targets:")
         for c in arm_checks:
             print(f"  [{'met' if c['met'] else 'NOT met'}] {c['scope']}: {c['target']}: {c['value']} "
@@ -918,7 +918,7 @@ def run_arms(args, work: Path) -> dict:
                   calibration=steps, plan=plan, lowest_k=L, native_k=NATIVE_K, results=strip_rows(results),
                   targets=checks, max_num_seqs=MAX_NUM_SEQS, brownout_flags=brownout_flags, passes=passes,
                   server_tiers=tiers, controllers=calibrations, fixed_k_frontier=frontier,
-                  headroom_targets=variant_checks)
+                  headroom_targets=headroom_checks)
     if any(two_runs.values()):
         two = analyse(two_runs, slo, args.duration)
         plot(args.out / "brownout_two_tier.png", two, slo, plan,
@@ -974,7 +974,7 @@ def main() -> int:
                     "(fixed-kN, single-tier plan), for the fixed-k frontier (brownout_frontier.png)")
     ap.add_argument("--headrooms", default="",
                     help="comma-separated --brownout-headroom values in (0, 1]: one more predictive server and arm "
-                    "each (brownout-hH, single-tier plan), beside brownout at the server's default")
+                    f"each (brownout-hH, single-tier plan), beside brownout at the server's default ({HEADROOM:g})")
     ap.add_argument("--skip-rungs", action="store_true")
     ap.add_argument("--skip-arms", action="store_true")
     ap.add_argument("--engine-cores", default="1",
@@ -1005,8 +1005,13 @@ def main() -> int:
         args.headrooms = [float(h) for h in args.headrooms.split(",") if h.strip()]
     except ValueError:
         ap.error(f"--headrooms: {args.headrooms!r} is not a comma-separated list of numbers")
-    if outside := [h for h in args.headrooms if not 0 < h <= 1]:
-        ap.error(f"--headrooms: {outside} not in (0, 1]")
+    for h in args.headrooms:
+        try:
+            check_fraction("--headrooms", h)
+        except TierConfigError as e:
+            ap.error(str(e))
+    if HEADROOM in args.headrooms:
+        ap.error(f"--headrooms: {HEADROOM:g} is the server's default, which the brownout arm runs already")
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="phds-brownout-"))
     started = time.monotonic()

@@ -42,6 +42,16 @@ def test_fixed_ks_outside_the_open_range_are_refused_before_anything_starts(tmp_
     assert not any(tmp_path.iterdir())
 
 
+def test_headrooms_outside_the_range_or_equal_to_the_default_are_refused_before_anything_starts(tmp_path):
+    for bad, said in (("0.8,1.5", "must be in (0, 1], got 1.5"), ("0", "got 0.0"), ("x", "not a comma-separated"),
+                      ("0.8,1.0", "the server's default")):
+        out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "brownout.py"), "--out", str(tmp_path),
+                              "--headrooms", bad], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2, bad
+        assert said in out.stderr, out.stderr
+    assert not any(tmp_path.iterdir())
+
+
 def phase_results(brownout, attainments: list[float], sent: list[int], k: float,
                   bins: tuple[tuple[int, int], ...] = ((10, 10), (10, 10))) -> dict:
     """An arm's results as analyse() gives them: per phase, and a timeline of 5 s bins of (sent, met)."""
