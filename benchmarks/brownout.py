@@ -116,26 +116,6 @@ class Children:
         self.procs.append(proc)
         return proc
 
-    @staticmethod
-    def end_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                continue
-            try:  # the leader is gone; members of its group may not be
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                break
-        try:
-            proc.wait(timeout=1)
-        except subprocess.TimeoutExpired:
-            pass
-
     def stop_all(self) -> None:
         # SIGTERM to every group first, so their grace periods run together, then wait for (or kill) each.
         for proc in [*self.procs, *(s.proc for s in self.servers if s.proc is not None)]:
@@ -144,7 +124,7 @@ class Children:
             except ProcessLookupError:
                 pass
         for proc in self.procs:
-            self.end_group(proc)
+            srv.end_group(proc)
         for server in self.servers:
             server.stop()
         self.procs.clear()
@@ -240,7 +220,7 @@ def run_load(url: str, plan: list[list[float]], tier: str, out: Path, prompt_tok
     try:
         _, err = proc.communicate(timeout=plan[-1][0] + 300)
     finally:
-        CHILDREN.end_group(proc)
+        srv.end_group(proc)
         CHILDREN.procs.remove(proc)
     if not out.is_file():
         raise RuntimeError(f"locust wrote no results (rc {proc.returncode}):\n{(err or '')[-3000:]}")
@@ -418,7 +398,7 @@ def rung_price(out: Path, work: Path) -> dict:
             if proc.wait() != 0:
                 raise RuntimeError(f"phds-eval failed (rc {proc.returncode})")
         finally:
-            CHILDREN.end_group(proc)
+            srv.end_group(proc)
     finally:
         server.stop()
     result = json.loads((work / "rungs" / "results.json").read_text())

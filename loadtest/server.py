@@ -64,31 +64,44 @@ class Server:
         """SIGTERM to phds-serve alone first, as `docker stop` or the kubelet do: it stops its engine
         itself. A SIGTERM to the whole group would also reach vLLM's engine core directly, which then
         dies under any in-flight request (vLLM logs EngineDeadError tracebacks). Then the group."""
-        if self.proc is None or self.proc.poll() is not None and not _group_alive(self.proc.pid):
+        if self.proc is None:
             return
-        steps = ((self.proc.send_signal, signal.SIGTERM, grace), (self._signal_group, signal.SIGTERM, 5.0),
-                 (self._signal_group, signal.SIGKILL, 5.0))
-        for send, sig, wait in steps:
-            try:
-                send(sig)
-            except ProcessLookupError:
-                pass
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and _group_alive(self.proc.pid):
-                self.proc.poll()  # reap the leader so it does not linger as a zombie
-                time.sleep(0.2)
-            if not _group_alive(self.proc.pid):
-                return
-
-    def _signal_group(self, sig: int) -> None:
-        assert self.proc is not None
-        os.killpg(self.proc.pid, sig)
+        try:
+            self.proc.send_signal(signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        if not _group_ends(self.proc, grace):
+            end_group(self.proc, 5.0)
 
     def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def end_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """End the process group ``proc`` leads (started with ``start_new_session``): SIGTERM to all of it,
+    up to ``grace`` seconds, then SIGKILL to what is left. Returns once no live member remains."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        if _group_ends(proc, wait):
+            break
+    proc.poll()
+
+
+def _group_ends(proc: subprocess.Popen, wait: float) -> bool:
+    """Whether ``proc``'s group has no live member within ``wait`` seconds (reaping the leader meanwhile)."""
+    deadline = time.monotonic() + wait
+    while _group_alive(proc.pid):
+        proc.poll()  # reap the leader so it does not linger as a zombie
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def _group_alive(pgid: int) -> bool:

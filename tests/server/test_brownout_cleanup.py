@@ -98,3 +98,41 @@ def test_benchmark_ends_every_process_it_started(tmp_path, how):
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+
+
+# What the benchmark's cleanup relies on (``loadtest.server.end_group``), on processes that do and do not
+# obey SIGTERM: a load generator or engine stuck in a C call can ignore it, and must still end.
+STUBBORN = textwrap.dedent('''
+    import signal, subprocess, sys, time
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a child inherits the ignored signal across exec
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    print(child.pid, flush=True)
+    time.sleep(600)
+''')
+
+
+def test_a_group_that_ignores_sigterm_is_killed_after_the_grace():
+    from loadtest.server import end_group
+
+    proc = subprocess.Popen([sys.executable, "-c", STUBBORN], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        child = int(proc.stdout.readline())
+        started = time.monotonic()
+        end_group(proc, grace=0.5)
+        assert proc.returncode == -signal.SIGKILL
+        assert not alive(child)  # end_group returns only once no member of the group is alive
+        assert time.monotonic() - started < 5
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_group_that_obeys_sigterm_ends_by_it():
+    from loadtest.server import end_group
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+    end_group(proc, grace=10)
+    assert proc.returncode == -signal.SIGTERM
