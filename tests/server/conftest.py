@@ -8,14 +8,14 @@ and reads it once the server is up; a later module on the same checkpoint reads 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from loadtest import server as srv
 
 HERE = Path(__file__).resolve().parent
 
@@ -28,7 +28,7 @@ class OfflineReference:
 
     def start(self, model_dir: Path, jobs: list[list], max_tokens: int, env: dict[str, str]) -> None:
         """Start computing the texts of ``jobs`` ([prompt, k] pairs) unless this session already has."""
-        key = (model_dir, json.dumps([max_tokens, jobs]))
+        key = self._key(model_dir, jobs, max_tokens)
         if key in self._runs:
             return
         spec = self._tmp / f"jobs-{len(self._runs)}.json"
@@ -39,7 +39,7 @@ class OfflineReference:
 
     def texts(self, model_dir: Path, jobs: list[list], max_tokens: int, deadline: float) -> dict[tuple[str, int], str]:
         """(prompt, k) -> text, waiting for the run :meth:`start` began until ``deadline`` (monotonic)."""
-        key = (model_dir, json.dumps([max_tokens, jobs]))
+        key = self._key(model_dir, jobs, max_tokens)
         if key not in self._texts:
             proc = self._runs[key]
             out, _ = proc.communicate(timeout=max(10.0, deadline - time.monotonic()))
@@ -49,14 +49,13 @@ class OfflineReference:
             self._texts[key] = {(p, k): t for (p, k), t in zip(jobs, texts)}
         return self._texts[key]
 
+    @staticmethod
+    def _key(model_dir: Path, jobs: list[list], max_tokens: int) -> tuple[Path, str]:
+        return model_dir, json.dumps([max_tokens, jobs])
+
     def stop(self) -> None:
         for proc in self._runs.values():
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait(timeout=10)
+            srv.end_group(proc, grace=0.0)
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,6 @@ writes its own ``counter_<pid>.db`` into ``PROMETHEUS_MULTIPROC_DIR``, which the
 from __future__ import annotations
 
 import json
-import sys
-import subprocess
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -21,9 +19,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.server.test_server import (
-    BROWNOUT, LONG, MAX_TOKENS, SHORT, START_TIMEOUT_S, _env, _kill_group, _model_dir, _reference_jobs, free_port,
-    wait_healthy)
+from tests.server.real_server import START_TIMEOUT_S, start_phds_serve
+from tests.server.test_server import BROWNOUT, LONG, MAX_TOKENS, SHORT, _env, _model_dir, _reference_jobs
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -75,21 +72,14 @@ def front_ends(tmp_path_factory, offline_reference):
 
     native_k = AutoConfig.from_pretrained(model_dir).num_experts_per_tok
     jobs = _reference_jobs(native_k)
-    port = free_port()
-    log = tmp / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([str(Path(sys.executable).with_name("phds-serve")), "--host", "127.0.0.1",
-                                 "--port", str(port), *FLAGS], stdout=out, stderr=subprocess.STDOUT,
-                                env={**_env(cache), "PROMETHEUS_MULTIPROC_DIR": str(prom_dir)},
-                                start_new_session=True)
     offline_reference.start(model_dir, jobs, MAX_TOKENS, _env(cache))  # test_server's texts, if it ran first
-    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + START_TIMEOUT_S
+    served = start_phds_serve(tmp / "server.log", FLAGS, {**_env(cache), "PROMETHEUS_MULTIPROC_DIR": str(prom_dir)})
     try:
-        deadline = wait_healthy(proc, base, log)
         texts = offline_reference.texts(model_dir, jobs, MAX_TOKENS, deadline)
-        yield FrontEnds(base, prom_dir, texts, native_k)
+        yield FrontEnds(served.url, prom_dir, texts, native_k)
     finally:
-        _kill_group(proc)
+        served.stop()
 
 
 def _served(front_ends: FrontEnds) -> dict[int, set[str]]:

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import requests
 
-from tests.server.test_server import _kill_group, free_port, wait_healthy
+from tests.server.real_server import start_phds_serve
 
 openai = pytest.importorskip("openai")
 
@@ -30,22 +27,14 @@ FLAGS = ["--tiers", "elastic=4..1", "--slo-ttft-ms", "3000", "--slo-itl-ms", "50
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("kv-bound")
-    port = free_port()
-    exe = Path(sys.executable).with_name("phds-serve")
-    log = tmp / "server.log"
-    with open(log, "wb") as out:
-        # The engine on one core, as benchmarks/brownout.py runs it: the API server and this test's
-        # client keep the other (vLLM's default binding puts the engine on every core here).
-        env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": str((os.cpu_count() or 1) - 1)}
-        proc = subprocess.Popen([str(exe), "--host", "127.0.0.1", "--port", str(port), *FLAGS],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    url = f"http://127.0.0.1:{port}"
+    # The engine on one core, as benchmarks/brownout.py runs it: the API server and this test's client
+    # keep the other (vLLM's default binding puts the engine on every core here).
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": str((os.cpu_count() or 1) - 1)}
+    served = start_phds_serve(tmp_path_factory.mktemp("kv-bound") / "server.log", FLAGS, env)
     try:
-        wait_healthy(proc, url, log)
-        yield url
+        yield served.url
     finally:
-        _kill_group(proc)
+        served.stop()
 
 
 def test_requests_beyond_the_kv_cache_wait_in_the_layer_with_k_open(base):

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +23,8 @@ import requests
 openai = pytest.importorskip("openai")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
+from tests.server.real_server import START_TIMEOUT_S, start_phds_serve  # noqa: E402
+
 TIERS = "fast=1:priority=-10,balanced=2,quality=4,elastic=4..1"
 # Brownout on the elastic tier only: TTFT objective 50 ms (a lone request here: ~15-30 ms; 48
 # concurrent streams of the long prompt: several times that), quick ticks so the test sees it go up
@@ -34,36 +33,14 @@ BROWNOUT = ["--slo-ttft-ms", "50", "--brownout-interval-ms", "250", "--brownout-
             "--brownout-down-after", "4"]
 ORIGIN = "https://app.example"
 MAX_TOKENS = 16
-START_TIMEOUT_S = 300
 SHORT = ["def read_config(path):", "Hello, how are", "import os\nimport sys\n", "The experts said"]
 # Longer than a KV block, so a repeat of it is served from the prefix cache.
 LONG = " ".join(f"token{i} value{i * 7 % 13}" for i in range(40))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _kill_group(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=grace_s)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group (engine core)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=10)
-
-
 class Server:
-    def __init__(self, base: str, log: Path, proc: subprocess.Popen) -> None:
-        self.base, self.log, self.proc = base, log, proc
+    def __init__(self, base: str) -> None:
+        self.base = base
         self.client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
         models = requests.get(base + "/v1/models", timeout=10).json()["data"]
         self.model_info = models[0]
@@ -86,22 +63,6 @@ class Server:
             for s in family.samples:
                 out[(s.name, tuple(sorted(s.labels.items())))] = s.value
         return out
-
-
-def wait_healthy(proc: subprocess.Popen, base: str, log: Path) -> float:
-    """Until the server answers /health (fails the test if it exits or takes too long); the deadline."""
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"phds-serve exited {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if requests.get(base + "/health", timeout=2).status_code == 200:
-                return deadline
-        except requests.RequestException:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"phds-serve not healthy after {START_TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
-        time.sleep(1)
 
 
 def _env(cache: Path) -> dict[str, str]:
@@ -135,24 +96,18 @@ def stack(tmp_path_factory, offline_reference):
     from transformers import AutoConfig
 
     jobs = _reference_jobs(AutoConfig.from_pretrained(model_dir).num_experts_per_tok)
-    port = free_port()
-    exe = Path(sys.executable).with_name("phds-serve")
-    cmd = [str(exe), "--host", "127.0.0.1", "--port", str(port), "--tiers", TIERS,
-           "--scheduling-policy", "priority", *BROWNOUT, "--enable-scale-out", "--enable-request-id-headers",
-           "--allowed-origins", json.dumps([ORIGIN])]
-    log = tmp / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(cache), start_new_session=True)
+    flags = ["--tiers", TIERS, "--scheduling-policy", "priority", *BROWNOUT, "--enable-scale-out",
+             "--enable-request-id-headers", "--allowed-origins", json.dumps([ORIGIN])]
     offline_reference.start(model_dir, jobs, MAX_TOKENS, _env(cache))
-    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + START_TIMEOUT_S
+    served = start_phds_serve(tmp / "server.log", flags, _env(cache))
     try:
-        deadline = wait_healthy(proc, base, log)
         texts = offline_reference.texts(model_dir, jobs, MAX_TOKENS, deadline)
-        server = Server(base, log, proc)
+        server = Server(served.url)
         assert server.model_info["root"] == str(model_dir)
         yield server, texts
     finally:
-        _kill_group(proc)
+        served.stop()
 
 
 @pytest.fixture(scope="module")
