@@ -4,9 +4,12 @@ unknown one (before anything starts)."""
 from __future__ import annotations
 
 import importlib.util
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -18,9 +21,23 @@ def load():
     return module
 
 
+def run_refused(out_dir: Path, *flags: str) -> subprocess.CompletedProcess:
+    """The benchmark with ``flags``, which it should refuse at once. If it starts instead, it is stopped
+    by SIGTERM, which its own clean-up answers by ending the servers it started (a timeout's SIGKILL
+    would leave them running, each with an engine and its memory)."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "brownout.py"), "--out", str(out_dir), *flags]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=180)
+        pytest.fail(f"brownout.py {' '.join(flags)} started instead of refusing")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
 def test_an_unknown_arm_is_refused_before_anything_starts(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "brownout.py"), "--out", str(tmp_path),
-                          "--arms", "brownout,fixed-lowets"], capture_output=True, text=True, timeout=120)
+    out = run_refused(tmp_path, "--arms", "brownout,fixed-lowets")
     assert out.returncode == 2
     assert "unknown ['fixed-lowets']" in out.stderr and "fixed-lowest" in out.stderr
     assert not any(tmp_path.iterdir())  # nothing ran, nothing written
@@ -35,8 +52,7 @@ def test_the_final_lines_name_only_the_arms_that_ran():
 
 def test_fixed_ks_outside_the_open_range_are_refused_before_anything_starts(tmp_path):
     for bad, said in (("2,4", "[2]"), ("8", "[8]"), ("3,x", "not a comma-separated list")):
-        out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "brownout.py"), "--out", str(tmp_path),
-                              "--fixed-ks", bad], capture_output=True, text=True, timeout=120)
+        out = run_refused(tmp_path, "--fixed-ks", bad)
         assert out.returncode == 2, bad
         assert said in out.stderr, out.stderr
     assert not any(tmp_path.iterdir())
@@ -45,8 +61,7 @@ def test_fixed_ks_outside_the_open_range_are_refused_before_anything_starts(tmp_
 def test_headrooms_outside_the_range_or_equal_to_the_default_are_refused_before_anything_starts(tmp_path):
     for bad, said in (("0.8,1.5", "must be in (0, 1], got 1.5"), ("0", "got 0.0"), ("x", "not a comma-separated"),
                       ("0.8,1.0", "the server's default")):
-        out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "brownout.py"), "--out", str(tmp_path),
-                              "--headrooms", bad], capture_output=True, text=True, timeout=120)
+        out = run_refused(tmp_path, "--headrooms", bad)
         assert out.returncode == 2, bad
         assert said in out.stderr, out.stderr
     assert not any(tmp_path.iterdir())
