@@ -19,7 +19,7 @@ its objectives, holds, ramps back, with two bursts. The same load, in the same r
 
 A second plan (``--plans two-tier``, part of the full run) sends 30 % of the requests to a fixed
 ``fast`` tier (k 2, vLLM priority -10, --scheduling-policy priority) and 70 % to an elastic
-``balanced`` tier (8..2), against the predictive and the reactive server.
+``balanced`` tier (8..2), against the predictive and the reactive server (and each --headrooms one).
 
 Every server and load generator runs in its own process group and is ended when the benchmark
 exits: normally, on an exception, on Ctrl-C (SIGINT) or SIGTERM (see ``Children``).
@@ -444,6 +444,22 @@ def fixed_arms(results: dict) -> dict[int, str]:
     return {k: fixed_arm(k) for k in range(1, NATIVE_K) if fixed_arm(k) in results}
 
 
+def plan_arms(plans: list[str], arms: list[str], fixed_ks: list[int], headrooms: list[float]) -> dict[str, list[str]]:
+    """The arms each plan runs, in pass 1's order (later passes mirror it). The single-tier plan: the
+    chosen arms, the fixed ks from nominal down, and the --headrooms arms beside brownout; the two-tier
+    plan: the predictive and reactive arms chosen, and the --headrooms arms (a margin's cost to a fixed
+    tier shows only there)."""
+    out = {}
+    if "single-tier" in plans:
+        fixed = [fixed_arm(k) for k in sorted(fixed_ks, reverse=True)]
+        order = ["vllm-overload", "fixed-nominal", *fixed, "fixed-lowest", "brownout",
+                 *map(headroom_arm, headrooms), "brownout-reactive"]
+        out["single-tier"] = [a for a in order if a in arms or a in fixed or a.startswith("brownout-h")]
+    if "two-tier" in plans:
+        out["two-tier"] = [*(a for a in TWO_TIER_ARMS if a in arms), *map(headroom_arm, headrooms)]
+    return out
+
+
 def arm_order(results: dict) -> list[str]:
     """The arms that ran, for tables: the fixed ks from lowest to nominal, then the others."""
     fixed = fixed_arms(results)
@@ -815,8 +831,7 @@ def run_arms(args, work: Path) -> dict:
              "brownout-reactive": ("reactive", "elastic"),
              **{fixed_arm(k): ("tiers", fixed_tier(k)) for k in args.fixed_ks},
              **{arm: (arm, "elastic") for arm in headrooms}}
-    order = [a for a in ["vllm-overload", "fixed-nominal", *fixed[::-1], "fixed-lowest", "brownout", *headrooms,
-                         "brownout-reactive"] if a in args.arms or a in fixed or a in headrooms]
+    arms = plan_arms(args.plans, args.arms, args.fixed_ks, args.headrooms)
 
     def arm_run(arm: str, tier: str, server: str, i: int, plan_name: str, store: dict) -> None:
         print(f"{plan_name}: arm {arm} (pass {i + 1})", flush=True)
@@ -830,17 +845,16 @@ def run_arms(args, work: Path) -> dict:
         store[arm].append(data)
         time.sleep(2 if args.quick else 5)
 
+    order = arms.get("single-tier", [])
     for i in range(passes):
         for arm in (order if i % 2 == 0 else order[::-1]):
             server, tier = where[arm]
             arm_run(arm, tier, server, i, "single-tier", runs)
-    two_arms = [a for a in TWO_TIER_ARMS if a in args.arms]
+    two_arms = arms.get("two-tier", [])
     two_runs: dict[str, list[dict]] = {arm: [] for arm in two_arms}
-    if "two-tier" in args.plans:
-        two_where = {"brownout": "tiers", "brownout-reactive": "reactive"}
-        for i in range(passes):
-            for arm in (two_arms if i % 2 == 0 else two_arms[::-1]):
-                arm_run(arm, TWO_TIER_MIX, two_where[arm], i, "two-tier", two_runs)
+    for i in range(passes):
+        for arm in (two_arms if i % 2 == 0 else two_arms[::-1]):
+            arm_run(arm, TWO_TIER_MIX, where[arm][0], i, "two-tier", two_runs)
     calibrations = {}
     for name in [n for n in ("tiers", "reactive", *headrooms) if n in servers]:
         try:
@@ -852,10 +866,11 @@ def run_arms(args, work: Path) -> dict:
         server.stop()
 
     results = analyse(runs, slo, args.duration)
-    plot(args.out / "brownout.png", results, slo, plan,
-         "phds-serve brownout: one load plan, five arms (mean of the passes; level and TTFT of pass 1)")
-    print("\n" + table(results))
-    print("\n" + phase_table(results, args.duration))
+    if results:  # the single-tier plan ran
+        plot(args.out / "brownout.png", results, slo, plan,
+             "phds-serve brownout: one load plan, five arms (mean of the passes; level and TTFT of pass 1)")
+        print("\n" + table(results))
+        print("\n" + phase_table(results, args.duration))
     base = results["fixed-nominal"]["summary"]["goodput_rps"] if "fixed-nominal" in results else None
     if base:
         print("\ngoodput vs fixed-nominal: " + ", ".join(
@@ -902,7 +917,7 @@ def run_arms(args, work: Path) -> dict:
     if any(two_runs.values()):
         two = analyse(two_runs, slo, args.duration)
         plot(args.out / "brownout_two_tier.png", two, slo, plan,
-             f"two-tier plan ({TWO_TIER_MIX}): predictive vs reactive brownout")
+             f"two-tier plan ({TWO_TIER_MIX}): {', '.join(arm_order(two))}")
         tiers_out = tier_report(two, slo, args.duration)
         print("\ntwo-tier plan:\n" + table(two) + "\n\n" + phase_table(two, args.duration))
         for arm, per in tiers_out.items():
@@ -954,7 +969,7 @@ def main() -> int:
                     "(fixed-kN, single-tier plan), for the fixed-k frontier (brownout_frontier.png)")
     ap.add_argument("--headrooms", default="",
                     help="comma-separated --brownout-headroom values in (0, 1]: one more predictive server and arm "
-                    f"each (brownout-hH, single-tier plan), beside brownout at the server's default ({HEADROOM:g})")
+                    f"each (brownout-hH, on each plan), beside brownout at the server's default ({HEADROOM:g})")
     ap.add_argument("--skip-rungs", action="store_true")
     ap.add_argument("--skip-arms", action="store_true")
     ap.add_argument("--engine-cores", default="1",

@@ -58,6 +58,17 @@ def test_fixed_ks_outside_the_open_range_are_refused_before_anything_starts(tmp_
     assert not any(tmp_path.iterdir())
 
 
+def test_each_plan_runs_only_its_arms_and_the_headroom_arms_run_on_both():
+    brownout = load()
+    assert brownout.plan_arms(["two-tier"], list(brownout.ARMS), [], [0.8]) == {
+        "two-tier": ["brownout", "brownout-reactive", "brownout-h0.8"]}
+    assert brownout.plan_arms(["single-tier", "two-tier"], ["fixed-lowest", "brownout"], [3, 4], [0.8, 0.9]) == {
+        "single-tier": ["fixed-k4", "fixed-k3", "fixed-lowest", "brownout", "brownout-h0.8", "brownout-h0.9"],
+        "two-tier": ["brownout", "brownout-h0.8", "brownout-h0.9"]}
+    assert brownout.plan_arms(["single-tier"], ["vllm-overload", "brownout-reactive"], [], []) == {
+        "single-tier": ["vllm-overload", "brownout-reactive"]}
+
+
 def test_headrooms_outside_the_range_or_equal_to_the_default_are_refused_before_anything_starts(tmp_path):
     for bad, said in (("0.8,1.5", "must be in (0, 1], got 1.5"), ("0", "got 0.0"), ("x", "not a comma-separated"),
                       ("0.8,1.0", "the server's default")):
