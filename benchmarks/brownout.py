@@ -894,7 +894,8 @@ def run_arms(args, work: Path) -> dict:
         print(f"one fixed k per 5 s, knowing the run: mean k {frontier['bins']['mean_k']:.2f}, "
               f"attainment {frontier['bins']['attainment']:.1%}")
     checks = targets(results, args.duration) if {"brownout", "fixed-lowest"} <= set(results) else []
-    print("\ntargets (brownout vs fixed-lowest):")
+    if checks:
+        print("\ntargets (brownout vs fixed-lowest):")
     for c in checks:
         print(f"  [{'met' if c['met'] else 'NOT met'}] {c['scope']}: {c['target']}: {c['value']} (bound {c['bound']})")
     headroom_checks = {arm: targets(results, args.duration, arm) for arm in headroom_arms(results)
