@@ -58,7 +58,7 @@ def ensure_rpc_dir() -> str | None:
 
 
 def add_phds_args(parser: argparse.ArgumentParser) -> None:
-    from phds_serve.server.feedforward import HEADROOM, MAX_UTILISATION
+    from phds_serve.server.feedforward import ARRIVAL_QUANTILE, HEADROOM, MAX_UTILISATION
 
     group = parser.add_argument_group(
         "phds-serve (declared k)",
@@ -118,6 +118,10 @@ def add_phds_args(parser: argparse.ArgumentParser) -> None:
     brownout.add_argument("--brownout-max-utilisation", dest="phds_brownout_max_utilisation", type=float,
                           default=MAX_UTILISATION, help="Predictive: a k is chosen only when the measured arrival "
                           f"rate keeps the engine's predicted utilisation at or below this (default {MAX_UTILISATION:g}).")
+    brownout.add_argument("--brownout-arrival-quantile", dest="phds_brownout_arrival_quantile", type=float,
+                          default=ARRIVAL_QUANTILE, help="Predictive: the inter-token prediction takes the "
+                          "prefill of the requests arriving during a request's life at this quantile of their "
+                          f"Poisson count at the measured rate (default {ARRIVAL_QUANTILE:g}; 0: at the rate itself).")
     brownout.add_argument("--brownout-late-defer-ms", dest="phds_brownout_late_defer_ms", type=float,
                           default=2000.0, help="Predictive, with a TTFT objective: a request still queued past "
                           "its TTFT objective yields its place to requests that can still meet theirs, for at most "

@@ -27,8 +27,9 @@ from typing import Any, Callable
 from phds_serve.server import metrics
 from phds_serve.server.brownout import BrownoutController, ControllerSettings, Window, pressure
 from phds_serve.server.dispatch import Dispatcher, EngineReport, Ticket
-from phds_serve.server.feedforward import (HEADROOM, MAX_UTILISATION, OUTPUT_TOKENS_PRIOR, PROMPT_TOKENS_PRIOR,
-                                           Demand, EngineState, check_fraction, choose, work_s)
+from phds_serve.server.feedforward import (ARRIVAL_QUANTILE, HEADROOM, MAX_UTILISATION, OUTPUT_TOKENS_PRIOR,
+                                           PROMPT_TOKENS_PRIOR, Demand, EngineState, check_fraction, check_quantile,
+                                           choose, work_s)
 from phds_serve.server.load_feed import FEED, LoadFeed
 from phds_serve.server.request_k import LayerConfig
 from phds_serve.server.service_model import ServiceModel
@@ -50,6 +51,7 @@ class PredictiveSettings:
     mode: str = "predictive"
     headroom: float = HEADROOM  # predicted latency must stay within headroom x objective
     max_utilisation: float = MAX_UTILISATION
+    arrival_quantile: float = ARRIVAL_QUANTILE  # of the arrivals over a request's life (0: their mean)
     calibrate: bool = True
     late_defer_s: float = 2.0  # a request queued past its TTFT deadline yields to those still in time, this long
 
@@ -58,6 +60,7 @@ class PredictiveSettings:
             raise TierConfigError(f"--brownout-mode must be one of {MODES}, got {self.mode!r}")
         check_fraction("--brownout-headroom", self.headroom)
         check_fraction("--brownout-max-utilisation", self.max_utilisation)
+        check_quantile("--brownout-arrival-quantile", self.arrival_quantile)
         if not 0 <= self.late_defer_s < float("inf"):
             raise TierConfigError(f"--brownout-late-defer-ms must be >= 0, got {self.late_defer_s * 1000!r}")
 
@@ -92,6 +95,7 @@ def settings_from(args: Namespace) -> PredictiveSettings:
         mode=getattr(args, "phds_brownout_mode", "predictive"),
         headroom=getattr(args, "phds_brownout_headroom", HEADROOM),
         max_utilisation=getattr(args, "phds_brownout_max_utilisation", MAX_UTILISATION),
+        arrival_quantile=getattr(args, "phds_brownout_arrival_quantile", ARRIVAL_QUANTILE),
         calibrate=getattr(args, "phds_brownout_calibrate", True),
         late_defer_s=getattr(args, "phds_brownout_late_defer_ms", 2000.0) / 1000.0,
     )
@@ -287,7 +291,8 @@ class PredictiveBrownout(Ticking):
             queued = [t for t in queued if not t.late(now)]  # the late ones go after those still in time
         waited = [now - t.arrived for t in queued]
         choice = choose(candidates, self.model, self.config.objectives, state, self.demand(head, now), waited,
-                        self.settings.headroom, self.settings.max_utilisation, self.latency)
+                        self.settings.headroom, self.settings.max_utilisation, self.latency,
+                        self.settings.arrival_quantile)
         head.info["predicted_ttft_s"] = choice.prediction.ttft_s
         head.info["waited_s"] = waited[0]
         head.info["predicted_itl_s"] = choice.prediction.itl_s

@@ -10,7 +10,7 @@ import pytest
 from phds_serve.declared_k import KContract, KPolicy
 from phds_serve.server.brownout import Objectives
 from phds_serve.server.dispatch import Dispatcher, EngineReport
-from phds_serve.server.feedforward import Demand, EngineState, choose, predict
+from phds_serve.server.feedforward import Demand, EngineState, choose, life_rate, poisson_quantile, predict
 from phds_serve.server.load_feed import LoadFeed
 from phds_serve.server.predictive import PredictiveBrownout, PredictiveSettings
 from phds_serve.server.request_k import LayerConfig
@@ -205,6 +205,26 @@ def test_settings_are_checked():
         PredictiveSettings(mode="psychic")
     with pytest.raises(TierConfigError, match="late-defer"):
         PredictiveSettings(late_defer_s=-1.0)
+    for bad in (1.0, -0.1):
+        with pytest.raises(TierConfigError, match=r"arrival-quantile must be in \[0, 1\)"):
+            PredictiveSettings(arrival_quantile=bad)
+    assert PredictiveSettings(arrival_quantile=0.0).arrival_quantile == 0.0  # 0: the mean rate
+
+
+def test_the_arrivals_over_a_life_are_counted_at_a_quantile_of_their_poisson_draw():
+    """Against numpy's own Poisson draws: the empirical quantile of 200,000 (the exact sum for a mean up to
+    100, the normal approximation past it); then the rate over a life: at least the mean, the mean itself
+    at quantile 0 and over an unbounded life."""
+    np = pytest.importorskip("numpy")
+    rng = np.random.default_rng(0)
+    for mean in (0.5, 2.75, 10.0, 400.0):
+        draws = rng.poisson(mean, 200_000)
+        for q in (0.5, 0.9, 0.98):
+            assert poisson_quantile(mean, q) == np.quantile(draws, q, method="inverted_cdf"), (mean, q)
+    assert poisson_quantile(0.0, 0.9) == poisson_quantile(3.0, 0.0) == 0.0
+    assert life_rate(2.5, 1.1, 0.9) == pytest.approx(poisson_quantile(2.75, 0.9) / 1.1) == pytest.approx(5 / 1.1)
+    assert life_rate(2.5, 1.1, 0.0) == life_rate(2.5, float("inf"), 0.9) == life_rate(2.5, 0.0, 0.9) == 2.5
+    assert life_rate(400.0, 1.0, 0.1) == 400.0  # never below the mean
 
 
 def test_late_requests_are_deferred_only_with_a_ttft_objective_and_as_the_operator_says():

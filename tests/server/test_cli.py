@@ -100,6 +100,17 @@ def test_tier_ranges_objectives_and_trust_flags_parse(model_dir):
     assert (args.phds_slo_ttft_ms, args.phds_slo_itl_ms, args.phds_untrusted_tier) == (250, 40, "ignore")
 
 
+def test_predictive_flags_reach_the_controllers_settings(model_dir):
+    from phds_serve.server.feedforward import ARRIVAL_QUANTILE
+    from phds_serve.server.predictive import settings_from
+
+    flags = ["--tiers", "balanced=4..2", "--slo-itl-ms", "40"]
+    assert settings_from(parse_args([model_dir, *flags])).arrival_quantile == ARRIVAL_QUANTILE
+    settings = settings_from(parse_args([model_dir, *flags, "--brownout-arrival-quantile", "0",
+                                         "--brownout-headroom", "0.8", "--brownout-max-utilisation", "0.7"]))
+    assert (settings.arrival_quantile, settings.headroom, settings.max_utilisation) == (0.0, 0.8, 0.7)
+
+
 def test_any_model_on_cpu_gets_the_cpu_safe_defaults_and_user_flags_win(model_dir, monkeypatch):
     monkeypatch.setattr(cli, "on_cpu", lambda: True)
     args = parse_args([model_dir])

@@ -104,11 +104,11 @@ def test_the_choice_follows_what_streams_measured_where_the_step_model_is_too_op
 
 
 def controller(clock: Clock, slots: int = 32, objectives: Objectives = Objectives(ttft_s=0.5, itl_s=0.12),
-               ) -> PredictiveBrownout:
+               settings: PredictiveSettings = PredictiveSettings()) -> PredictiveBrownout:
     """A predictive controller for one elastic tier (balanced=8..2) on the test's step model."""
     config = LayerConfig(contract=KContract(KPolicy(native_k=8, num_experts=32), True),
                          tiers=parse_tier_spec("balanced=8..2"), objectives=objectives)
-    return PredictiveBrownout(config, PredictiveSettings(), slots, LoadFeed(), clock, ServiceModel(shape=SHAPE))
+    return PredictiveBrownout(config, settings, slots, LoadFeed(), clock, ServiceModel(shape=SHAPE))
 
 
 def test_a_finished_stream_is_a_sample_with_the_occupancy_of_its_own_decode():
@@ -209,3 +209,36 @@ def test_the_fit_divides_out_the_arrivals_prefill_and_the_choice_puts_it_back():
     objectives = Objectives(ttft_s=5.0, itl_s=(stalled + free) / 2 / 0.8)
     assert choose(KS, m, objectives, state, short, [0.0], latency=fit).k == 8
     assert choose(KS, m, objectives, state, long, [0.0], latency=fit).k < 8
+
+
+def test_the_arrivals_prefill_over_a_life_is_taken_at_a_quantile_of_their_count():
+    """The fit's quantile is of streams given the arrivals they saw; at binding, the arrivals over the life
+    are still a Poisson draw. The same fit, engine and measured rate (2 req/s of 500-token prompts): at
+    arrival quantile 0 (their mean, the prediction before) k 8 meets a 25 ms inter-token objective; at the
+    default (0.9: 4 arrivals over this 0.89 s life, where the mean is 1.8) the prediction is over it and
+    k is lower. Without an inter-token objective the life is unbounded and the mean is all there is."""
+    m, fit = ServiceModel(shape=SHAPE), fitted()
+    state, demand = EngineState((8, 8), 16), Demand(2.0, 500, 32)
+    objectives = Objectives(ttft_s=5.0, itl_s=0.025)
+    at_mean = predict(8, m, state, demand, [0.0], latency=fit, itl_limit_s=0.025, arrival_quantile=0.0)
+    at_quantile = predict(8, m, state, demand, [0.0], latency=fit, itl_limit_s=0.025)
+    assert at_mean.itl_s <= 0.025 < at_quantile.itl_s
+    assert choose(KS, m, objectives, state, demand, [0.0], latency=fit, arrival_quantile=0.0).k == 8
+    assert choose(KS, m, objectives, state, demand, [0.0], latency=fit).k < 8
+    assert predict(8, m, state, demand, [0.0], latency=fit).itl_s == at_mean.itl_s  # no objective: the mean
+
+
+def test_the_controller_binds_k_at_the_operators_arrival_quantile():
+    """Through the dispatch queue, the same fit, arrivals (2 req/s) and 500-token request: a controller at
+    --brownout-arrival-quantile 0 binds k 8 under a 25 ms inter-token objective, one at the default a
+    lower k."""
+    ks = {}
+    for q in (0.0, PredictiveSettings().arrival_quantile):
+        clock = Clock()
+        pb = controller(clock, 16, Objectives(ttft_s=5.0, itl_s=0.025), PredictiveSettings(arrival_quantile=q))
+        pb.latency = fitted()
+        clock.t = 10.0
+        for i in range(4):
+            pb.arrived("balanced", clock.t - i / 2)
+        ks[q] = pb.dispatcher.enter(0, 15.0, "balanced", prompt_tokens=500, max_tokens=32).k
+    assert ks[0.0] == 8 and ks[0.9] < 8
