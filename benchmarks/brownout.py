@@ -19,7 +19,7 @@ its objectives, holds, ramps back, with two bursts. The same load, in the same r
 
 A second plan (``--plans two-tier``, part of the full run) sends 30 % of the requests to a fixed
 ``fast`` tier (k 2, vLLM priority -10, --scheduling-policy priority) and 70 % to an elastic
-``balanced`` tier (8..2), against the predictive and the reactive server (and each --headrooms one).
+``balanced`` tier (8..2), against the predictive and the reactive server (and each variant one: --headrooms, --arrival-quantiles).
 
 Every server and load generator runs in its own process group and is ended when the benchmark
 exits: normally, on an exception, on Ctrl-C (SIGINT) or SIGTERM (see ``Children``).
@@ -51,13 +51,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import requests
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from loadtest import server as srv  # noqa: E402
-from phds_serve.server.feedforward import HEADROOM, check_fraction  # noqa: E402 (pure: no vLLM)
+from phds_serve.server.feedforward import (ARRIVAL_QUANTILE, HEADROOM, check_fraction,  # noqa: E402 (pure: no vLLM)
+                                           check_quantile)
 from phds_serve.tiers import TierConfigError  # noqa: E402
 
 SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
@@ -412,7 +414,7 @@ ARMS = ("fixed-nominal", "fixed-lowest", "brownout", "brownout-reactive", "vllm-
 TWO_TIER_ARMS = ("brownout", "brownout-reactive")
 COLORS = {"fixed-nominal": "tab:blue", "fixed-lowest": "tab:green", "brownout": "tab:red",
           "brownout-reactive": "tab:orange", "vllm-overload": "tab:gray"}
-HEADROOM_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+VARIANT_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
 TWO_TIER_MIX = "fast:0.3,balanced:0.7"
 # The issue's targets: brownout's attainment within these of fixed-lowest's, overall and in a burst phase.
 OVERALL_SLACK, BURST_SLACK = 0.015, 0.05
@@ -429,14 +431,29 @@ def fixed_arm(k: int) -> str:
     return f"fixed-{fixed_tier(k)}"
 
 
-def headroom_arm(headroom: float) -> str:
-    """The arm that runs the predictive controller at another ``--brownout-headroom`` (``--headrooms``)."""
-    return f"brownout-h{headroom:g}"
+class Variant(NamedTuple):
+    """A predictive server beside brownout's with one flag at another value, and the option that asks for it."""
+
+    option: str  # the benchmark's option, a comma-separated list of values
+    flag: str  # the server's flag
+    default: float  # the server's default (the brownout arm runs it)
+    prefix: str  # of the arm's name
+    check: Callable[[str, float], None]  # refuses a value outside the flag's range
 
 
-def headroom_arms(results: dict) -> list[str]:
-    """The ``--headrooms`` arms among ``results``, in the order they ran."""
-    return [arm for arm in results if arm.startswith("brownout-h")]
+VARIANTS = (Variant("--headrooms", "--brownout-headroom", HEADROOM, "brownout-h", check_fraction),
+            Variant("--arrival-quantiles", "--brownout-arrival-quantile", ARRIVAL_QUANTILE, "brownout-aq",
+                    check_quantile))
+
+
+def variant_arm(variant: Variant, value: float) -> str:
+    """The arm that runs the predictive controller with ``variant.flag`` at ``value``."""
+    return f"{variant.prefix}{value:g}"
+
+
+def variant_arms(results: dict) -> list[str]:
+    """The variant arms (``--headrooms``, ``--arrival-quantiles``) among ``results``, in the order they ran."""
+    return [arm for arm in results if any(arm.startswith(v.prefix) for v in VARIANTS)]
 
 
 def fixed_arms(results: dict) -> dict[int, str]:
@@ -444,19 +461,18 @@ def fixed_arms(results: dict) -> dict[int, str]:
     return {k: fixed_arm(k) for k in range(1, NATIVE_K) if fixed_arm(k) in results}
 
 
-def plan_arms(plans: list[str], arms: list[str], fixed_ks: list[int], headrooms: list[float]) -> dict[str, list[str]]:
+def plan_arms(plans: list[str], arms: list[str], fixed_ks: list[int], variants: list[str]) -> dict[str, list[str]]:
     """The arms each plan runs, in pass 1's order (later passes mirror it). The single-tier plan: the
-    chosen arms, the fixed ks from nominal down, and the --headrooms arms beside brownout; the two-tier
-    plan: the predictive and reactive arms chosen, and the --headrooms arms (a margin's cost to a fixed
+    chosen arms, the fixed ks from nominal down, and the variant arms beside brownout; the two-tier
+    plan: the predictive and reactive arms chosen, and the variant arms (a margin's cost to a fixed
     tier shows only there)."""
     out = {}
     if "single-tier" in plans:
         fixed = [fixed_arm(k) for k in sorted(fixed_ks, reverse=True)]
-        order = ["vllm-overload", "fixed-nominal", *fixed, "fixed-lowest", "brownout",
-                 *map(headroom_arm, headrooms), "brownout-reactive"]
-        out["single-tier"] = [a for a in order if a in arms or a in fixed or a.startswith("brownout-h")]
+        order = ["vllm-overload", "fixed-nominal", *fixed, "fixed-lowest", "brownout", *variants, "brownout-reactive"]
+        out["single-tier"] = [a for a in order if a in arms or a in fixed or a in variants]
     if "two-tier" in plans:
-        out["two-tier"] = [*(a for a in TWO_TIER_ARMS if a in arms), *map(headroom_arm, headrooms)]
+        out["two-tier"] = [*(a for a in TWO_TIER_ARMS if a in arms), *variants]
     return out
 
 
@@ -464,7 +480,7 @@ def arm_order(results: dict) -> list[str]:
     """The arms that ran, for tables: the fixed ks from lowest to nominal, then the others."""
     fixed = fixed_arms(results)
     order = ["fixed-lowest", *(fixed[k] for k in sorted(fixed)), "fixed-nominal", "brownout",
-             *headroom_arms(results), "brownout-reactive", "vllm-overload"]
+             *variant_arms(results), "brownout-reactive", "vllm-overload"]
     return [a for a in order if a in results]
 
 
@@ -489,8 +505,8 @@ def plot(path: Path, results: dict, slo: dict, plan: list, title: str) -> None:
     fig, axes = plt.subplots(6, 1, figsize=(10, 18), sharex=True)
     t = [p[0] for p in plan]
     axes[0].plot(t, [p[1] for p in plan], "k--", label="offered (plan)")
-    spare_colors = iter(HEADROOM_COLORS)
-    for arm in [a for a in arm_order(results) if a in ARMS or a.startswith("brownout-h")]:
+    spare_colors = iter(VARIANT_COLORS)
+    for arm in [a for a in arm_order(results) if a in ARMS or a in variant_arms(results)]:
         tl = mean_timeline(results[arm]["timelines"])
         c = COLORS.get(arm) or next(spare_colors)
         axes[0].plot(tl["t"], tl["goodput"], color=c, label=f"{arm} goodput")
@@ -615,8 +631,8 @@ def plot_frontier(path: Path, frontier: dict, results: dict) -> None:
                label="one fixed k per phase, chosen knowing the plan")
     ax.scatter([frontier["bins"]["mean_k"]], [frontier["bins"]["attainment"]], marker="*", s=160,
                facecolors="none", edgecolors="k", label="one fixed k per 5 s, chosen knowing the run (luckiest k)")
-    spare_colors = iter(HEADROOM_COLORS)
-    for arm in [a for a in ("brownout", *headroom_arms(results), "brownout-reactive") if a in results]:
+    spare_colors = iter(VARIANT_COLORS)
+    for arm in [a for a in ("brownout", *variant_arms(results), "brownout-reactive") if a in results]:
         _arm_point(ax, results[arm], arm, COLORS.get(arm) or next(spare_colors))
     ax.set_ylim(max(0.0, min(a["attainment"] for a in frontier["arms"]) - 0.05), 1.01)
     _finish_attainment_plot(fig, ax, path, results, "what each fixed k does on the plan, and where brownout lands")
@@ -647,19 +663,20 @@ def _finish_attainment_plot(fig, ax, path: Path, results: dict, title: str) -> N
     plt.close(fig)
 
 
-def plot_headroom(path: Path, results: dict, headrooms: dict[str, float]) -> None:
-    """Attainment against mean k for the predictive controller at each ``--brownout-headroom`` of the run,
-    with fixed-lowest and the targets' bounds (uses only the summaries: also from a run's JSON)."""
+def plot_variant(path: Path, results: dict, flag: str, values: dict[str, float]) -> None:
+    """Attainment against mean k for the predictive controller at each value of a server ``flag`` (``values``:
+    arm -> value, brownout's default among them), with fixed-lowest and the targets' bounds (uses only the
+    summaries: also from a run's JSON)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    arms = [("fixed-lowest", "fixed-lowest (k 2)"), *((a, f"brownout, headroom {h:g}") for a, h in headrooms.items())]
+    arms = [("fixed-lowest", "fixed-lowest (k 2)"), *((a, f"brownout, {flag} {v:g}") for a, v in values.items())]
     for i, (arm, label) in enumerate(a for a in arms if a[0] in results):
         _arm_point(ax, results[arm], label, f"C{i}")
-    _finish_attainment_plot(fig, ax, path, results, "predictive brownout at each --brownout-headroom")
+    _finish_attainment_plot(fig, ax, path, results, f"predictive brownout at each {flag}")
 
 
 def prediction_error(rows: list[dict], what: str = "ttft") -> dict | None:
@@ -675,7 +692,7 @@ def prediction_error(rows: list[dict], what: str = "ttft") -> dict | None:
 
 
 def targets(results: dict, duration: float, arm: str = "brownout") -> list[dict]:
-    """The issue's targets for a brownout arm (``brownout``, or a ``--headrooms`` one), overall and per pass."""
+    """The issue's targets for a brownout arm (``brownout``, or a variant one), overall and per pass."""
     out = []
     burst_idx = [i for i, (n, _, _) in enumerate(phases(duration)) if n.startswith("burst")]
     half_idx = [i for i, (n, _, _) in enumerate(phases(duration)) if n.startswith("0.5R") and "ramp" not in n]
@@ -791,8 +808,8 @@ def run_arms(args, work: Path) -> dict:
     print(f"model: OLMoE shape {SHAPE}, {NUM_EXPERTS} experts, native k {NATIVE_K}; work dir {work}", flush=True)
     L, passes = args.lowest_k, args.passes
     fixed = [fixed_arm(k) for k in args.fixed_ks]
-    headrooms = {headroom_arm(h): h for h in args.headrooms}
-    runs: dict[str, list[dict]] = {arm: [] for arm in [*ARMS, *fixed, *headrooms]}
+    variants = {variant_arm(v, value): (v, value) for v in VARIANTS for value in args.variants[v.option]}
+    runs: dict[str, list[dict]] = {arm: [] for arm in [*ARMS, *fixed, *variants]}
     overload_flags = ["--tiers", f"nominal={NATIVE_K}", "--max-num-queued-reqs", str(MAX_NUM_SEQS)]
     # Objectives are passed once the unloaded latency is known: the tiered servers start after the probe.
     overload = start_server(model, overload_flags, work / "server-overload.log")
@@ -810,8 +827,8 @@ def run_arms(args, work: Path) -> dict:
     flags = {"tiers": common}
     if "brownout-reactive" in args.arms:
         flags["reactive"] = [*common, "--brownout-mode", "reactive"]
-    for arm, h in headrooms.items():  # one server each: the headroom is a server flag
-        flags[arm] = [*common, "--brownout-headroom", str(h)]
+    for arm, (v, value) in variants.items():  # one server each: the variant is a server flag
+        flags[arm] = [*common, v.flag, str(value)]
     servers = start_servers(model, flags, work)
     servers["overload"] = overload
     if args.rate:
@@ -830,8 +847,8 @@ def run_arms(args, work: Path) -> dict:
              "fixed-lowest": ("tiers", "lowest"), "brownout": ("tiers", "elastic"),
              "brownout-reactive": ("reactive", "elastic"),
              **{fixed_arm(k): ("tiers", fixed_tier(k)) for k in args.fixed_ks},
-             **{arm: (arm, "elastic") for arm in headrooms}}
-    arms = plan_arms(args.plans, args.arms, args.fixed_ks, args.headrooms)
+             **{arm: (arm, "elastic") for arm in variants}}
+    arms = plan_arms(args.plans, args.arms, args.fixed_ks, list(variants))
 
     def arm_run(arm: str, tier: str, server: str, i: int, plan_name: str, store: dict) -> None:
         print(f"{plan_name}: arm {arm} (pass {i + 1})", flush=True)
@@ -856,7 +873,7 @@ def run_arms(args, work: Path) -> dict:
         for arm in (two_arms if i % 2 == 0 else two_arms[::-1]):
             arm_run(arm, TWO_TIER_MIX, where[arm][0], i, "two-tier", two_runs)
     calibrations = {}
-    for name in [n for n in ("tiers", "reactive", *headrooms) if n in servers]:
+    for name in [n for n in ("tiers", "reactive", *variants) if n in servers]:
         try:
             model_info = requests.get(servers[name].url + "/v1/models", timeout=10).json()["data"][0]["brownout"]
             calibrations[name] = model_info
@@ -898,14 +915,16 @@ def run_arms(args, work: Path) -> dict:
         print("\ntargets (brownout vs fixed-lowest):")
     for c in checks:
         print(f"  [{'met' if c['met'] else 'NOT met'}] {c['scope']}: {c['target']}: {c['value']} (bound {c['bound']})")
-    headroom_checks = {arm: targets(results, args.duration, arm) for arm in headroom_arms(results)
-                       if "fixed-lowest" in results}
-    if headroom_checks:
-        plot_headroom(args.out / "brownout_headroom.png", results,
-                      {**({"brownout": HEADROOM} if "brownout" in results else {}), **headrooms})
-    for arm, arm_checks in headroom_checks.items():
+    variant_checks = {arm: targets(results, args.duration, arm) for arm in variant_arms(results)
+                      if "fixed-lowest" in results}
+    for v in VARIANTS:
+        values = {arm: value for arm, (w, value) in variants.items() if w is v and arm in variant_checks}
+        if values:  # brownout_headroom.png, brownout_arrival_quantile.png
+            plot_variant(args.out / f"brownout_{v.flag.removeprefix('--brownout-').replace('-', '_')}.png", results,
+                         v.flag, {**({"brownout": v.default} if "brownout" in results else {}), **values})
+    for arm, arm_checks in variant_checks.items():
         s = results[arm]["summary"]
-        print(f"\n{arm} (--brownout-headroom {headrooms[arm]}): attainment={s['attainment']:.3f} "
+        print(f"\n{arm} ({variants[arm][0].flag} {variants[arm][1]:g}): attainment={s['attainment']:.3f} "
               f"goodput={s['goodput_rps']:.2f} mean_k={(s['mean_k'] or 0):.2f} errors={s['errors']}; targets:")
         for c in arm_checks:
             print(f"  [{'met' if c['met'] else 'NOT met'}] {c['scope']}: {c['target']}: {c['value']} "
@@ -914,7 +933,7 @@ def run_arms(args, work: Path) -> dict:
                   calibration=steps, plan=plan, lowest_k=L, native_k=NATIVE_K, results=strip_rows(results),
                   targets=checks, max_num_seqs=MAX_NUM_SEQS, brownout_flags=brownout_flags, passes=passes,
                   server_tiers=tiers, controllers=calibrations, fixed_k_frontier=frontier,
-                  headroom_targets=headroom_checks)
+                  variant_targets=variant_checks)
     if any(two_runs.values()):
         two = analyse(two_runs, slo, args.duration)
         plot(args.out / "brownout_two_tier.png", two, slo, plan,
@@ -971,6 +990,9 @@ def main() -> int:
     ap.add_argument("--headrooms", default="",
                     help="comma-separated --brownout-headroom values in (0, 1]: one more predictive server and arm "
                     f"each (brownout-hH, on each plan), beside brownout at the server's default ({HEADROOM:g})")
+    ap.add_argument("--arrival-quantiles", default="",
+                    help="comma-separated --brownout-arrival-quantile values in [0, 1): one more predictive server and "
+                    f"arm each (brownout-aqQ, on each plan), beside brownout at the server's default ({ARRIVAL_QUANTILE:g})")
     ap.add_argument("--skip-rungs", action="store_true")
     ap.add_argument("--skip-arms", action="store_true")
     ap.add_argument("--engine-cores", default="1",
@@ -997,17 +1019,21 @@ def main() -> int:
     if outside := [k for k in args.fixed_ks if not args.lowest_k < k < NATIVE_K]:
         ap.error(f"--fixed-ks: {outside} not strictly between the lowest k {args.lowest_k} and the nominal k "
                  f"{NATIVE_K} (those are fixed-lowest and fixed-nominal)")
-    try:
-        args.headrooms = [float(h) for h in args.headrooms.split(",") if h.strip()]
-    except ValueError:
-        ap.error(f"--headrooms: {args.headrooms!r} is not a comma-separated list of numbers")
-    for h in args.headrooms:
+    args.variants = {}
+    for v in VARIANTS:
+        given = getattr(args, v.option.removeprefix("--").replace("-", "_"))
         try:
-            check_fraction("--headrooms", h)
-        except TierConfigError as e:
-            ap.error(str(e))
-    if HEADROOM in args.headrooms:
-        ap.error(f"--headrooms: {HEADROOM:g} is the server's default, which the brownout arm runs already")
+            values = [float(x) for x in given.split(",") if x.strip()]
+        except ValueError:
+            ap.error(f"{v.option}: {given!r} is not a comma-separated list of numbers")
+        for value in values:
+            try:
+                v.check(v.option, value)
+            except TierConfigError as e:
+                ap.error(str(e))
+        if v.default in values:
+            ap.error(f"{v.option}: {v.default:g} is the server's default, which the brownout arm runs already")
+        args.variants[v.option] = values
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="phds-brownout-"))
     started = time.monotonic()
