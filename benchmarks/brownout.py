@@ -19,7 +19,8 @@ its objectives, holds, ramps back, with two bursts. The same load, in the same r
 
 A second plan (``--plans two-tier``, part of the full run) sends 30 % of the requests to a fixed
 ``fast`` tier (k 2, vLLM priority -10, --scheduling-policy priority) and 70 % to an elastic
-``balanced`` tier (8..2), against the predictive and the reactive server (and each variant one: --headrooms, --arrival-quantiles).
+``balanced`` tier (8..2), against the predictive and the reactive server (and each variant one:
+--headrooms, --arrival-quantiles).
 
 Every server and load generator runs in its own process group and is ended when the benchmark
 exits: normally, on an exception, on Ctrl-C (SIGINT) or SIGTERM (see ``Children``).
@@ -991,8 +992,9 @@ def main() -> int:
                     help="comma-separated --brownout-headroom values in (0, 1]: one more predictive server and arm "
                     f"each (brownout-hH, on each plan), beside brownout at the server's default ({HEADROOM:g})")
     ap.add_argument("--arrival-quantiles", default="",
-                    help="comma-separated --brownout-arrival-quantile values in [0, 1): one more predictive server and "
-                    f"arm each (brownout-aqQ, on each plan), beside brownout at the server's default ({ARRIVAL_QUANTILE:g})")
+                    help="comma-separated --brownout-arrival-quantile values in [0, 1): one more predictive server "
+                    "and arm each (brownout-aqQ, on each plan), beside brownout at the server's default "
+                    f"({ARRIVAL_QUANTILE:g})")
     ap.add_argument("--skip-rungs", action="store_true")
     ap.add_argument("--skip-arms", action="store_true")
     ap.add_argument("--engine-cores", default="1",

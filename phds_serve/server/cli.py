@@ -121,7 +121,8 @@ def add_phds_args(parser: argparse.ArgumentParser) -> None:
     brownout.add_argument("--brownout-arrival-quantile", dest="phds_brownout_arrival_quantile", type=float,
                           default=ARRIVAL_QUANTILE, help="Predictive: the inter-token prediction takes the "
                           "prefill of the requests arriving during a request's life at this quantile of their "
-                          f"Poisson count at the measured rate (default {ARRIVAL_QUANTILE:g}; 0: at the rate itself).")
+                          "Poisson count at the measured rate, not at the rate itself "
+                          f"(default {ARRIVAL_QUANTILE:g}: the rate).")
     brownout.add_argument("--brownout-late-defer-ms", dest="phds_brownout_late_defer_ms", type=float,
                           default=2000.0, help="Predictive, with a TTFT objective: a request still queued past "
                           "its TTFT objective yields its place to requests that can still meet theirs, for at most "

@@ -41,8 +41,10 @@ a high k: in the full run of 2026-12-06 13:20, every request at k 5 to 8 that mi
 objective had seen at least 1.5 times the arrivals over its life that the second before its binding
 foretold (17 of the 88 such requests missed; none of the 316 that saw fewer). The fit's quantile covers the
 spread of streams *given* the arrivals they saw, not the draw of the arrivals, so the fitted inter-token
-prediction takes their prefill at the ``arrival_quantile`` of that count over the life of a stream that
-just meets the objective (first step plus its tokens at the objective), not at its mean.
+prediction can take their prefill at the ``arrival_quantile`` of that count over the life of a stream
+that just meets the objective (first step plus its tokens at the objective) instead of at its mean. It
+is off by default (0: the mean): side by side on this machine it did not gain attainment consistently,
+and at 0.9 it cost k.
 
 The first k that meets all three (each latency at ``headroom`` x its objective, a margin for the
 spread around a mean prediction) is chosen, so k can move any number of levels at once; when none
@@ -71,8 +73,10 @@ HEADROOM = 1.0
 # The arrivals' predicted share of the engine's time must stay at or below this (--brownout-max-utilisation).
 MAX_UTILISATION = 0.9
 # The quantile of the arrivals over a request's life whose prefill the fitted inter-token prediction takes
-# (--brownout-arrival-quantile; 0: their mean, the rate measured at binding).
-ARRIVAL_QUANTILE = 0.9
+# (--brownout-arrival-quantile; 0: their mean, the rate measured at binding). 0 by default: in three
+# side-by-side runs of 2026-12-06 (docs/BROWNOUT.md, "The arrival quantile") 0.9 served 0.45 and 0.75
+# less k than 0 at +3.4 and -5.0 points of attainment, and 0.75 +0.21 and -0.86 k at +1.9 and -0.9 points.
+ARRIVAL_QUANTILE = 0.0
 POISSON_EXACT_UP_TO = 100.0  # a larger mean uses the normal approximation (exp(-mean) would underflow)
 
 

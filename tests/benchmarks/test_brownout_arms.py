@@ -62,25 +62,25 @@ def test_each_plan_runs_only_its_arms_and_the_variant_arms_run_on_both():
     brownout = load()
     headroom, quantile = brownout.VARIANTS
     assert brownout.variant_arm(headroom, 0.8) == "brownout-h0.8"
-    assert brownout.variant_arm(quantile, 0) == "brownout-aq0"
+    assert brownout.variant_arm(quantile, 0.75) == "brownout-aq0.75"
     assert brownout.plan_arms(["two-tier"], list(brownout.ARMS), [], ["brownout-h0.8"]) == {
         "two-tier": ["brownout", "brownout-reactive", "brownout-h0.8"]}
-    variants = ["brownout-h0.8", "brownout-h0.9", "brownout-aq0"]
+    variants = ["brownout-h0.8", "brownout-h0.9", "brownout-aq0.9"]
     assert brownout.plan_arms(["single-tier", "two-tier"], ["fixed-lowest", "brownout"], [3, 4], variants) == {
         "single-tier": ["fixed-k4", "fixed-k3", "fixed-lowest", "brownout", *variants],
         "two-tier": ["brownout", *variants]}
     assert brownout.plan_arms(["single-tier"], ["vllm-overload", "brownout-reactive"], [], []) == {
         "single-tier": ["vllm-overload", "brownout-reactive"]}
-    results = dict.fromkeys(["fixed-lowest", "brownout", "brownout-h0.8", "brownout-aq0", "brownout-reactive"])
-    assert brownout.variant_arms(results) == ["brownout-h0.8", "brownout-aq0"]
+    results = dict.fromkeys(["fixed-lowest", "brownout", "brownout-h0.8", "brownout-aq0.9", "brownout-reactive"])
+    assert brownout.variant_arms(results) == ["brownout-h0.8", "brownout-aq0.9"]
 
 
 def test_variant_values_outside_the_range_or_equal_to_the_default_are_refused_before_anything_starts(tmp_path):
     for option, bad, said in (
             ("--headrooms", "0.8,1.5", "must be in (0, 1], got 1.5"), ("--headrooms", "0", "got 0.0"),
             ("--headrooms", "x", "not a comma-separated"), ("--headrooms", "0.8,1.0", "the server's default"),
-            ("--arrival-quantiles", "0,1", "must be in [0, 1), got 1.0"), ("--arrival-quantiles", "-0.5", "got -0.5"),
-            ("--arrival-quantiles", "0,0.9", "the server's default")):
+            ("--arrival-quantiles", "0.9,1", "must be in [0, 1), got 1.0"), ("--arrival-quantiles", "-0.5", "got -0.5"),
+            ("--arrival-quantiles", "0.75,0", "the server's default")):
         out = run_refused(tmp_path, option, bad)
         assert out.returncode == 2, (option, bad)
         assert said in out.stderr, out.stderr

@@ -106,9 +106,9 @@ def test_predictive_flags_reach_the_controllers_settings(model_dir):
 
     flags = ["--tiers", "balanced=4..2", "--slo-itl-ms", "40"]
     assert settings_from(parse_args([model_dir, *flags])).arrival_quantile == ARRIVAL_QUANTILE
-    settings = settings_from(parse_args([model_dir, *flags, "--brownout-arrival-quantile", "0",
+    settings = settings_from(parse_args([model_dir, *flags, "--brownout-arrival-quantile", "0.75",
                                          "--brownout-headroom", "0.8", "--brownout-max-utilisation", "0.7"]))
-    assert (settings.arrival_quantile, settings.headroom, settings.max_utilisation) == (0.0, 0.8, 0.7)
+    assert (settings.arrival_quantile, settings.headroom, settings.max_utilisation) == (0.75, 0.8, 0.7)
 
 
 def test_any_model_on_cpu_gets_the_cpu_safe_defaults_and_user_flags_win(model_dir, monkeypatch):

@@ -214,26 +214,33 @@ def test_the_fit_divides_out_the_arrivals_prefill_and_the_choice_puts_it_back():
 def test_the_arrivals_prefill_over_a_life_is_taken_at_a_quantile_of_their_count():
     """The fit's quantile is of streams given the arrivals they saw; at binding, the arrivals over the life
     are still a Poisson draw. The same fit, engine and measured rate (2 req/s of 500-token prompts): at
-    arrival quantile 0 (their mean, the prediction before) k 8 meets a 25 ms inter-token objective; at the
-    default (0.9: 4 arrivals over this 0.89 s life, where the mean is 1.8) the prediction is over it and
-    k is lower. Without an inter-token objective the life is unbounded and the mean is all there is."""
+    arrival quantile 0 (their mean, the default) k 8 meets a 25 ms inter-token objective; at 0.9 (4 arrivals
+    over this 0.89 s life, where the mean is 1.8) the prediction is over it and k is lower. Without an
+    inter-token objective the life is unbounded and the mean is all there is."""
     m, fit = ServiceModel(shape=SHAPE), fitted()
     state, demand = EngineState((8, 8), 16), Demand(2.0, 500, 32)
     objectives = Objectives(ttft_s=5.0, itl_s=0.025)
     at_mean = predict(8, m, state, demand, [0.0], latency=fit, itl_limit_s=0.025, arrival_quantile=0.0)
-    at_quantile = predict(8, m, state, demand, [0.0], latency=fit, itl_limit_s=0.025)
+    at_quantile = predict(8, m, state, demand, [0.0], latency=fit, itl_limit_s=0.025, arrival_quantile=0.9)
     assert at_mean.itl_s <= 0.025 < at_quantile.itl_s
     assert choose(KS, m, objectives, state, demand, [0.0], latency=fit, arrival_quantile=0.0).k == 8
-    assert choose(KS, m, objectives, state, demand, [0.0], latency=fit).k < 8
-    assert predict(8, m, state, demand, [0.0], latency=fit).itl_s == at_mean.itl_s  # no objective: the mean
+    assert choose(KS, m, objectives, state, demand, [0.0], latency=fit, arrival_quantile=0.9).k < 8
+    assert choose(KS, m, objectives, state, demand, [0.0], latency=fit).k == 8  # the default: the mean
+    unbounded = predict(8, m, state, demand, [0.0], latency=fit, arrival_quantile=0.9).itl_s
+    assert unbounded == at_mean.itl_s  # no inter-token objective: the mean
+    # An empty engine under a load that settles at about ten streams: the steady state is the bound, its rows
+    # are the long run's (the mean rate), and the arrivals over the life stall its streams too.
+    mean, upper = (predict(8, m, EngineState((), 16), Demand(4.0, 500, 32), [0.0], latency=fit, itl_limit_s=0.025,
+                           arrival_quantile=q) for q in (0.0, 0.9))
+    assert upper.steady_rows == mean.steady_rows > 9 and upper.itl_s > 1.5 * mean.itl_s
 
 
 def test_the_controller_binds_k_at_the_operators_arrival_quantile():
     """Through the dispatch queue, the same fit, arrivals (2 req/s) and 500-token request: a controller at
-    --brownout-arrival-quantile 0 binds k 8 under a 25 ms inter-token objective, one at the default a
+    --brownout-arrival-quantile 0 (the default) binds k 8 under a 25 ms inter-token objective, one at 0.9 a
     lower k."""
     ks = {}
-    for q in (0.0, PredictiveSettings().arrival_quantile):
+    for q in (PredictiveSettings().arrival_quantile, 0.9):
         clock = Clock()
         pb = controller(clock, 16, Objectives(ttft_s=5.0, itl_s=0.025), PredictiveSettings(arrival_quantile=q))
         pb.latency = fitted()
