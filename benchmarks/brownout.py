@@ -439,11 +439,17 @@ class Variant(NamedTuple):
     flag: str  # the server's flag
     default: float  # the server's default (the brownout arm runs it)
     prefix: str  # of the arm's name
+    values_in: str  # the flag's range, for the help
     check: Callable[[str, float], None]  # refuses a value outside the flag's range
 
+    @property
+    def dest(self) -> str:
+        """The attribute argparse stores the option's values in."""
+        return self.option.removeprefix("--").replace("-", "_")
 
-VARIANTS = (Variant("--headrooms", "--brownout-headroom", HEADROOM, "brownout-h", check_fraction),
-            Variant("--arrival-quantiles", "--brownout-arrival-quantile", ARRIVAL_QUANTILE, "brownout-aq",
+
+VARIANTS = (Variant("--headrooms", "--brownout-headroom", HEADROOM, "brownout-h", "(0, 1]", check_fraction),
+            Variant("--arrival-quantiles", "--brownout-arrival-quantile", ARRIVAL_QUANTILE, "brownout-aq", "[0, 1)",
                     check_quantile))
 
 
@@ -507,7 +513,8 @@ def plot(path: Path, results: dict, slo: dict, plan: list, title: str) -> None:
     t = [p[0] for p in plan]
     axes[0].plot(t, [p[1] for p in plan], "k--", label="offered (plan)")
     spare_colors = iter(VARIANT_COLORS)
-    for arm in [a for a in arm_order(results) if a in ARMS or a in variant_arms(results)]:
+    drawn = [*ARMS, *variant_arms(results)]
+    for arm in [a for a in arm_order(results) if a in drawn]:
         tl = mean_timeline(results[arm]["timelines"])
         c = COLORS.get(arm) or next(spare_colors)
         axes[0].plot(tl["t"], tl["goodput"], color=c, label=f"{arm} goodput")
@@ -988,13 +995,10 @@ def main() -> int:
     ap.add_argument("--fixed-ks", default="",
                     help="comma-separated ks strictly between --lowest-k and the nominal k: one fixed arm each "
                     "(fixed-kN, single-tier plan), for the fixed-k frontier (brownout_frontier.png)")
-    ap.add_argument("--headrooms", default="",
-                    help="comma-separated --brownout-headroom values in (0, 1]: one more predictive server and arm "
-                    f"each (brownout-hH, on each plan), beside brownout at the server's default ({HEADROOM:g})")
-    ap.add_argument("--arrival-quantiles", default="",
-                    help="comma-separated --brownout-arrival-quantile values in [0, 1): one more predictive server "
-                    "and arm each (brownout-aqQ, on each plan), beside brownout at the server's default "
-                    f"({ARRIVAL_QUANTILE:g})")
+    for v in VARIANTS:
+        ap.add_argument(v.option, dest=v.dest, default="",
+                        help=f"comma-separated {v.flag} values in {v.values_in}: one more predictive server and arm "
+                        f"each ({v.prefix}VALUE, on each plan), beside brownout at the server's default ({v.default:g})")
     ap.add_argument("--skip-rungs", action="store_true")
     ap.add_argument("--skip-arms", action="store_true")
     ap.add_argument("--engine-cores", default="1",
@@ -1023,7 +1027,7 @@ def main() -> int:
                  f"{NATIVE_K} (those are fixed-lowest and fixed-nominal)")
     args.variants = {}
     for v in VARIANTS:
-        given = getattr(args, v.option.removeprefix("--").replace("-", "_"))
+        given = getattr(args, v.dest)
         try:
             values = [float(x) for x in given.split(",") if x.strip()]
         except ValueError:
