@@ -43,8 +43,10 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -52,7 +54,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import requests
 
@@ -135,6 +137,18 @@ class Children:
 
 
 CHILDREN = Children()
+
+
+@contextlib.contextmanager
+def work_dir() -> Iterator[Path]:
+    """The run's work directory. Its per-request rows and server logs stay for analysis; the model goes
+    at exit, however the run ended: it is rebuilt from its seed on every run, and at 200 MB a run its
+    copies filled /tmp over a day of runs."""
+    work = Path(tempfile.mkdtemp(prefix="phds-brownout-"))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work / MODEL_NAME, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- model and servers
@@ -812,7 +826,7 @@ def run_arms(args, work: Path) -> dict:
     tiers, --brownout-mode reactive; started only when that arm runs) runs brownout-reactive. The arms run
     in mirrored order over the passes (a linear drift of the machine's own load hits every arm alike). Then
     the two-tier plan, if asked for."""
-    model = build_model(work / "moe-heavy")
+    model = build_model(work / MODEL_NAME)
     print(f"model: OLMoE shape {SHAPE}, {NUM_EXPERTS} experts, native k {NATIVE_K}; work dir {work}", flush=True)
     L, passes = args.lowest_k, args.passes
     fixed = [fixed_arm(k) for k in args.fixed_ks]
@@ -1041,28 +1055,28 @@ def main() -> int:
             ap.error(f"{v.option}: {v.default:g} is the server's default, which the brownout arm runs already")
         args.variants[v.option] = values
     args.out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="phds-brownout-"))
     started = time.monotonic()
     report: dict = {}
-    try:
-        if args.skip_arms and (args.out / "brownout.json").is_file():  # add the rungs to an earlier run
-            report = json.loads((args.out / "brownout.json").read_text())
-        report.setdefault("machine", f"{os.cpu_count()} CPU cores, load average at start {os.getloadavg()}")
-        report.setdefault("args", {k: str(v) for k, v in vars(args).items()})
+    with work_dir() as work:
+        try:
+            if args.skip_arms and (args.out / "brownout.json").is_file():  # add the rungs to an earlier run
+                report = json.loads((args.out / "brownout.json").read_text())
+            report.setdefault("machine", f"{os.cpu_count()} CPU cores, load average at start {os.getloadavg()}")
+            report.setdefault("args", {k: str(v) for k, v in vars(args).items()})
 
-        if not args.skip_arms:
-            report.update(run_arms(args, work))
+            if not args.skip_arms:
+                report.update(run_arms(args, work))
+                (args.out / "brownout.json").write_text(json.dumps(report, indent=1))
+
+            if not args.skip_rungs:
+                report["rungs"] = rung_price(args.out, work)
+            report["load_average_at_end"] = os.getloadavg()
+            report["wall_s"] = report.get("wall_s", 0.0) + time.monotonic() - started
             (args.out / "brownout.json").write_text(json.dumps(report, indent=1))
-
-        if not args.skip_rungs:
-            report["rungs"] = rung_price(args.out, work)
-        report["load_average_at_end"] = os.getloadavg()
-        report["wall_s"] = report.get("wall_s", 0.0) + time.monotonic() - started
-        (args.out / "brownout.json").write_text(json.dumps(report, indent=1))
-        print(f"\nwrote {args.out}/brownout.json (wall {report['wall_s'] / 60:.1f} min, load average at end "
-              f"{report['load_average_at_end']}); per-request rows in {work}")
-    finally:
-        CHILDREN.stop_all()
+            print(f"\nwrote {args.out}/brownout.json (wall {report['wall_s'] / 60:.1f} min, load average at end "
+                  f"{report['load_average_at_end']}); per-request rows in {work}")
+        finally:
+            CHILDREN.stop_all()
     for line in report.get("final_lines", []):
         print(line)
     return 0

@@ -1,5 +1,6 @@
 """benchmarks/brownout.py leaves nothing behind: every server and load generator it started is gone
-when it exits, on Ctrl-C (SIGINT), on SIGTERM and on an exception.
+when it exits, on Ctrl-C (SIGINT), on SIGTERM and on an exception; and the model it built is gone from
+its work directory, where the per-request rows stay.
 
 A helper process uses the benchmark's own launch code (``CHILDREN.server`` + ``Server.start``, as
 ``start_server`` does, and ``CHILDREN.popen``, as ``run_load`` does for locust) on a stand-in server:
@@ -136,3 +137,28 @@ def test_a_group_that_obeys_sigterm_ends_by_it():
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
     end_group(proc, grace=10)
     assert proc.returncode == -signal.SIGTERM
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_work_directory_keeps_the_rows_and_loses_the_model(fails):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("brownout_benchmark_work", REPO / "benchmarks" / "brownout.py")
+    brownout = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(brownout)
+    work = None
+    try:
+        with brownout.work_dir() as work:
+            (work / brownout.MODEL_NAME).mkdir()
+            (work / brownout.MODEL_NAME / "model.safetensors").write_bytes(b"0" * 1024)
+            (work / "single-tier-brownout-0.json").write_text("[]")
+            if fails:
+                raise KeyboardInterrupt  # what Ctrl-C raises in the benchmark
+    except KeyboardInterrupt:
+        assert fails
+    try:
+        assert not (work / brownout.MODEL_NAME).exists()
+        assert (work / "single-tier-brownout-0.json").read_text() == "[]"
+    finally:
+        import shutil
+        shutil.rmtree(work, ignore_errors=True)
