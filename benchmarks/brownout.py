@@ -73,6 +73,7 @@ MODEL_NAME = "moe-heavy"
 # brownout, the layer's dispatch queue) queues requests; with 32 that never happened here, and the late
 # binding of k (a request that waited gets the k of the moment it starts) was never exercised.
 MAX_NUM_SEQS = 16
+MACHINE_PROBES = 3  # unloaded requests before each arm (about 1.5 s), for the machine's speed then
 # A fixed 512 MiB KV cache (plenty: 32 sequences x 512 tokens x 8 KiB) instead of a fraction of the
 # machine's memory, which on a shared box is gigabytes per engine.
 SERVER_COMMON = ["--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", str(MAX_NUM_SEQS),
@@ -872,8 +873,15 @@ def run_arms(args, work: Path) -> dict:
              **{arm: (arm, "elastic") for arm in variants}}
     arms = plan_arms(args.plans, args.arms, args.fixed_ks, list(variants))
 
+    drift: dict[str, dict[str, list[float]]] = {}
+
     def arm_run(arm: str, tier: str, server: str, i: int, plan_name: str, store: dict) -> None:
-        print(f"{plan_name}: arm {arm} (pass {i + 1})", flush=True)
+        # The machine's speed as the arm starts: the arms run one after another on a shared machine, and a
+        # neighbour's load between two arms moves their attainment more than the targets' 1.5 points.
+        slowdown = unloaded(overload.url, "nominal", n=MACHINE_PROBES)[1] / itl0
+        drift.setdefault(plan_name, {}).setdefault(arm, []).append(slowdown)
+        print(f"{plan_name}: arm {arm} (pass {i + 1}); machine {slowdown:.2f}x the start's unloaded "
+              f"inter-token latency", flush=True)
         url = servers[server].url
         if arm.startswith("brownout"):
             wait_idle(url)
@@ -910,6 +918,7 @@ def run_arms(args, work: Path) -> dict:
              "phds-serve brownout: one load plan, five arms (mean of the passes; level and TTFT of pass 1)")
         print("\n" + table(results))
         print("\n" + phase_table(results, args.duration))
+        print("\n" + drift_line(drift["single-tier"]))
     base = results["fixed-nominal"]["summary"]["goodput_rps"] if "fixed-nominal" in results else None
     if base:
         print("\ngoodput vs fixed-nominal: " + ", ".join(
@@ -955,13 +964,14 @@ def run_arms(args, work: Path) -> dict:
                   calibration=steps, plan=plan, lowest_k=L, native_k=NATIVE_K, results=strip_rows(results),
                   targets=checks, max_num_seqs=MAX_NUM_SEQS, brownout_flags=brownout_flags, passes=passes,
                   server_tiers=tiers, controllers=calibrations, fixed_k_frontier=frontier,
-                  variant_targets=variant_checks)
+                  variant_targets=variant_checks, machine_slowdown=drift)
     if any(two_runs.values()):
         two = analyse(two_runs, slo, args.duration)
         plot(args.out / "brownout_two_tier.png", two, slo, plan,
              f"two-tier plan ({TWO_TIER_MIX}): {', '.join(arm_order(two))}")
         tiers_out = tier_report(two, slo, args.duration)
-        print("\ntwo-tier plan:\n" + table(two) + "\n\n" + phase_table(two, args.duration))
+        print("\ntwo-tier plan:\n" + table(two) + "\n\n" + phase_table(two, args.duration) + "\n\n"
+              + drift_line(drift["two-tier"]))
         for arm, per in tiers_out.items():
             for tier, e in per.items():
                 bursts = "; ".join(f"{b['phase']}: p90 TTFT {b['ttft_p90_s'] and round(b['ttft_p90_s'] * 1000)} ms"
@@ -970,6 +980,12 @@ def run_arms(args, work: Path) -> dict:
         report["two_tier"] = {"mix": TWO_TIER_MIX, "results": strip_rows(two), "tiers": tiers_out}
     report["final_lines"] = final_lines(results)
     return report
+
+
+def drift_line(drift: dict[str, list[float]]) -> str:
+    """The machine's slowdown as each arm started, by pass, arms in the order they first ran."""
+    return ("machine as each arm started (its unloaded inter-token latency / the start's; by pass): "
+            + "; ".join(f"{arm} {', '.join(f'{x:.2f}x' for x in per_pass)}" for arm, per_pass in drift.items()))
 
 
 def final_lines(results: dict) -> list[str]:

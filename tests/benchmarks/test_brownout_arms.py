@@ -132,3 +132,8 @@ def test_fixed_k_arms_are_in_the_tables_in_k_order_but_not_in_the_final_lines():
     assert brownout.arm_order(results) == ["fixed-lowest", "fixed-k3", "fixed-k5", "fixed-nominal", "brownout"]
     assert [line.split()[0] for line in brownout.final_lines(results)] == [
         "arm=fixed-nominal", "arm=fixed-lowest", "arm=brownout"]
+
+
+def test_the_machines_slowdown_is_reported_per_arm_and_pass_in_the_order_they_ran():
+    line = load().drift_line({"fixed-lowest": [1.0, 1.348], "brownout": [1.214, 1.1]})
+    assert line.endswith("fixed-lowest 1.00x, 1.35x; brownout 1.21x, 1.10x")
