@@ -30,7 +30,9 @@ multiples, see --ttft-x/--itl-x). A request *meets the objective* when it succee
 its mean inter-token latency are within them. The brownout servers are told the share of requests
 that must meet them (``--slo-quantile``, from --quantile): the issue's targets judge attainment
 within 1.5 points of fixed k 2, which meets it for 98 to 100 %, so 0.98. Per arm: objective attainment (met / sent), goodput
-(met per second), mean applied k, errors, latency quantiles, and timelines. Then, separately, the
+(met per second), mean applied k, errors, latency quantiles, and timelines; and, as each arm starts,
+the machine's speed (unloaded inter-token latency at k 8 over the start's: the arms run one after another
+on a shared machine). Then, separately, the
 price of each rung for the bundled PHDS model: held-out loss per k beside latency per k measured
 on a running phds-serve (phds-eval --url).
 
