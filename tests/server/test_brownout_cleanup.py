@@ -10,11 +10,13 @@ vLLM's engine core. The test stops the helper and checks that no process it star
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -140,12 +142,11 @@ def test_a_group_that_obeys_sigterm_ends_by_it():
 
 
 @pytest.mark.parametrize("fails", [False, True])
-def test_the_work_directory_keeps_the_rows_and_loses_the_model(fails):
-    import importlib.util
-
+def test_the_work_directory_keeps_the_rows_and_loses_the_model(fails, tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("brownout_benchmark_work", REPO / "benchmarks" / "brownout.py")
     brownout = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(brownout)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # mkdtemp under pytest's tmp_path, removed by pytest
     work = None
     try:
         with brownout.work_dir() as work:
@@ -156,9 +157,6 @@ def test_the_work_directory_keeps_the_rows_and_loses_the_model(fails):
                 raise KeyboardInterrupt  # what Ctrl-C raises in the benchmark
     except KeyboardInterrupt:
         assert fails
-    try:
-        assert not (work / brownout.MODEL_NAME).exists()
-        assert (work / "single-tier-brownout-0.json").read_text() == "[]"
-    finally:
-        import shutil
-        shutil.rmtree(work, ignore_errors=True)
+    assert work.parent == tmp_path
+    assert not (work / brownout.MODEL_NAME).exists()
+    assert (work / "single-tier-brownout-0.json").read_text() == "[]"
