@@ -3,7 +3,6 @@ unknown one (before anything starts)."""
 
 from __future__ import annotations
 
-import importlib.util
 import signal
 import subprocess
 import sys
@@ -11,14 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from ..scripts import load_script
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("brownout_benchmark_arms", ROOT / "benchmarks" / "brownout.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/brownout.py", "brownout_benchmark_arms")
 
 
 def run_refused(out_dir: Path, *flags: str) -> subprocess.CompletedProcess:

@@ -7,7 +7,6 @@ prompts at the same offsets.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..scripts import load_script
+
 ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("arrivals", ROOT / "benchmarks" / "arrivals.py")
-arrivals = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(arrivals)
+arrivals = load_script("benchmarks/arrivals.py")
 
 
 def test_one_seed_one_trace_and_the_passes_differ():

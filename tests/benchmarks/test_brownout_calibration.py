@@ -6,22 +6,17 @@ and none above it, so the rate the search returns can be checked against the thr
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from argparse import Namespace
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from ..scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def brownout():
-    spec = importlib.util.spec_from_file_location("brownout_benchmark", ROOT / "benchmarks" / "brownout.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
+    yield load_script("benchmarks/brownout.py", "brownout_benchmark")
     sys.modules.pop("brownout_benchmark", None)
 
 

@@ -7,7 +7,6 @@ would win silently if the path order changed), and if the tree goes away after.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -15,11 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from ..scripts import load_script
+
 ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("k_scaling", ROOT / "benchmarks" / "k_scaling.py")
-k_scaling = importlib.util.module_from_spec(spec)
-sys.modules["k_scaling"] = k_scaling  # its dataclasses look their module up there
-spec.loader.exec_module(k_scaling)
+k_scaling = load_script("benchmarks/k_scaling.py")
 
 
 def git(*args: str) -> str:

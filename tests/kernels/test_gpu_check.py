@@ -7,7 +7,6 @@ test (``make gpu-check`` deselects this file when it runs tests/kernels).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -16,16 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from ..scripts import load_script
+
 pytestmark = pytest.mark.libraries
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"benchmarks/{name}.py")
 
 
 def run_check(*args: str, timeout: int) -> tuple[int, str, dict]:

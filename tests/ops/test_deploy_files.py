@@ -5,7 +5,6 @@ test_monitoring.py and test_gateway.py.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -14,18 +13,12 @@ import subprocess
 import pytest
 import yaml
 
+from ..scripts import load_script
 from .conftest import DEPLOY, KEY_FILE, REPO, TIER_FILE, need_tool
 
 YAMLS = sorted(p for ext in ("*.yaml", "*.yml") for p in DEPLOY.rglob(ext))
 JSONS = sorted(DEPLOY.rglob("*.json"))
 K8S = sorted((DEPLOY / "k8s" / "base").glob("*.yaml"))
-
-
-def load_script(path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run(*cmd: str, timeout: float = 60) -> subprocess.CompletedProcess:

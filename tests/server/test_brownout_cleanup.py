@@ -10,7 +10,6 @@ vLLM's engine core. The test stops the helper and checks that no process it star
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -22,6 +21,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from ..scripts import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -143,9 +144,7 @@ def test_a_group_that_obeys_sigterm_ends_by_it():
 
 @pytest.mark.parametrize("fails", [False, True])
 def test_the_work_directory_keeps_the_rows_and_loses_the_model(fails, tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("brownout_benchmark_work", REPO / "benchmarks" / "brownout.py")
-    brownout = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(brownout)
+    brownout = load_script("benchmarks/brownout.py", "brownout_benchmark_work")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # mkdtemp under pytest's tmp_path, removed by pytest
     work = None
     try:
