@@ -80,16 +80,20 @@ ARRIVAL_QUANTILE = 0.0
 POISSON_EXACT_UP_TO = 100.0  # a larger mean uses the normal approximation (exp(-mean) would underflow)
 
 
+FRACTION_RANGE = "(0, 1]"  # what check_fraction accepts, as its error and the benchmark's help name it
+QUANTILE_RANGE = "[0, 1)"  # what check_quantile accepts
+
+
 def check_fraction(flag: str, value: float) -> None:
     """Refuse a ``value`` of ``flag`` (a margin on the objectives, a share of the engine) outside (0, 1]."""
     if not 0 < value <= 1:
-        raise TierConfigError(f"{flag} must be in (0, 1], got {value!r}")
+        raise TierConfigError(f"{flag} must be in {FRACTION_RANGE}, got {value!r}")
 
 
 def check_quantile(flag: str, value: float) -> None:
     """Refuse a ``value`` of ``flag`` (a quantile whose 0 means the mean) outside [0, 1)."""
     if not 0 <= value < 1:
-        raise TierConfigError(f"{flag} must be in [0, 1), got {value!r}")
+        raise TierConfigError(f"{flag} must be in {QUANTILE_RANGE}, got {value!r}")
 
 
 def poisson_quantile(mean: float, q: float) -> float:
