@@ -63,8 +63,8 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from loadtest import server as srv  # noqa: E402
-from phds_serve.server.feedforward import (ARRIVAL_QUANTILE, HEADROOM, check_fraction,  # noqa: E402 (pure: no vLLM)
-                                           check_quantile)
+from phds_serve.server.feedforward import (ARRIVAL_QUANTILE, FRACTION_RANGE, HEADROOM,  # noqa: E402 (pure: no vLLM)
+                                           QUANTILE_RANGE, check_fraction, check_quantile)
 from phds_serve.tiers import TierConfigError  # noqa: E402
 
 SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
@@ -317,6 +317,53 @@ def by_phase(rows: list[dict], slo: dict, duration: float) -> list[dict]:
     return out
 
 
+ONSET_REQUESTS = 4  # the first requests of a burst, whose k paired_losses reports
+
+
+def paired_losses(rows: list[dict], lowest_rows: list[dict], slo: dict, duration: float) -> dict | None:
+    """What an arm lost to fixed-lowest in one pass, request by request. Both arms of a pass were sent the
+    same trace (common random numbers), so the i-th request of each by send time is the same request (None
+    if the two sent different counts). The requests this arm missed and fixed-lowest met, by phase: why (TTFT,
+    inter-token latency, error; a request can miss both latencies) and the k they ran at; the ones it met and
+    fixed-lowest missed; and the k of each burst's first ``ONSET_REQUESTS`` requests, bound before any
+    estimate of the arrival rate can have seen the burst."""
+    if len(rows) != len(lowest_rows):
+        return None
+    bounds = phases(duration)
+    per = {name: {"lost": 0, "ttft": 0, "itl": 0, "error": 0, "k": {}} for name, _, _ in bounds}
+    won = 0
+    for mine, theirs in zip(sorted(rows, key=lambda r: r["t"]), sorted(lowest_rows, key=lambda r: r["t"])):
+        if met(mine, slo) or not met(theirs, slo):
+            won += met(mine, slo) and not met(theirs, slo)
+            continue
+        name = next((n for n, start, end in bounds if start <= mine["t"] < end), bounds[-1][0])
+        entry = per[name]
+        entry["lost"] += 1
+        if mine["status"] != 200 or mine["ttft"] is None:
+            entry["error"] += 1
+            continue
+        entry["ttft"] += mine["ttft"] > slo["ttft_s"]
+        entry["itl"] += mine["itl"] is None or mine["itl"] > slo["itl_s"]
+        entry["k"][mine["k"]] = entry["k"].get(mine["k"], 0) + 1
+    onset = {name: [r["k"] for r in sorted(rows, key=lambda r: r["t"]) if start <= r["t"] < end][:ONSET_REQUESTS]
+             for name, start, end in bounds if name.startswith("burst")}
+    return {"lost": sum(e["lost"] for e in per.values()), "won": won, "onset_k": onset,
+            "by_phase": {name: e for name, e in per.items() if e["lost"]}}
+
+
+def losses_line(arm: str, i: int, losses: dict | None) -> str:
+    """One pass of ``paired_losses``, for the log."""
+    if losses is None:
+        return f"{arm} (pass {i + 1}): not paired with fixed-lowest (the two sent different counts)"
+    where = "; ".join(
+        f"{name} {e['lost']} (TTFT {e['ttft']}, inter-token {e['itl']}, errors {e['error']}; at k "
+        + ", ".join(f"{k}: {n}" for k, n in sorted(e["k"].items(), key=lambda kv: -kv[0])) + ")"
+        for name, e in losses["by_phase"].items())
+    onset = "; ".join(f"{name.split(' (')[0]} {' '.join(str(k) for k in ks)}" for name, ks in losses["onset_k"].items())
+    return (f"{arm} (pass {i + 1}): lost {losses['lost']} requests that fixed-lowest met, won {losses['won']}"
+            + (f": {where}" if where else "") + f". k of each burst's first requests: {onset}")
+
+
 def timeline(data: dict, slo: dict, duration: float, bin_s: float = 5.0) -> dict:
     """Per bin of request start time: offered and good requests/s, p90 TTFT, mean applied k; level samples."""
     bins = int(duration // bin_s) + 1
@@ -465,9 +512,9 @@ class Variant(NamedTuple):
         return self.option.removeprefix("--").replace("-", "_")
 
 
-VARIANTS = (Variant("--headrooms", "--brownout-headroom", HEADROOM, "brownout-h", "(0, 1]", check_fraction),
-            Variant("--arrival-quantiles", "--brownout-arrival-quantile", ARRIVAL_QUANTILE, "brownout-aq", "[0, 1)",
-                    check_quantile))
+VARIANTS = (Variant("--headrooms", "--brownout-headroom", HEADROOM, "brownout-h", FRACTION_RANGE, check_fraction),
+            Variant("--arrival-quantiles", "--brownout-arrival-quantile", ARRIVAL_QUANTILE, "brownout-aq",
+                    QUANTILE_RANGE, check_quantile))
 
 
 def variant_arm(variant: Variant, value: float) -> str:
@@ -948,6 +995,15 @@ def run_arms(args, work: Path) -> dict:
         print("\ntargets (brownout vs fixed-lowest):")
     for c in checks:
         print(f"  [{'met' if c['met'] else 'NOT met'}] {c['scope']}: {c['target']}: {c['value']} (bound {c['bound']})")
+    losses = {arm: [paired_losses(bp["rows"], lp["rows"], slo, args.duration)
+                    for bp, lp in zip(results[arm]["by_pass"], results["fixed-lowest"]["by_pass"])]
+              for arm in ("brownout", "brownout-reactive", *variant_arms(results))
+              if arm in results and "fixed-lowest" in results}
+    if losses:
+        print("\nrequest by request against fixed-lowest (the same trace in each pass):")
+    for arm, per_pass in losses.items():
+        for i, pass_losses in enumerate(per_pass):
+            print("  " + losses_line(arm, i, pass_losses))
     variant_checks = {arm: targets(results, args.duration, arm) for arm in variant_arms(results)
                       if "fixed-lowest" in results}
     for v in VARIANTS:
@@ -966,7 +1022,7 @@ def run_arms(args, work: Path) -> dict:
                   calibration=steps, plan=plan, lowest_k=L, native_k=NATIVE_K, results=strip_rows(results),
                   targets=checks, max_num_seqs=MAX_NUM_SEQS, brownout_flags=brownout_flags, passes=passes,
                   server_tiers=tiers, controllers=calibrations, fixed_k_frontier=frontier,
-                  variant_targets=variant_checks, machine_slowdown=drift)
+                  variant_targets=variant_checks, machine_slowdown=drift, paired_losses=losses)
     if any(two_runs.values()):
         two = analyse(two_runs, slo, args.duration)
         plot(args.out / "brownout_two_tier.png", two, slo, plan,
