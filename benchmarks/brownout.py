@@ -325,16 +325,18 @@ def paired_losses(rows: list[dict], lowest_rows: list[dict], slo: dict, duration
     same trace (common random numbers), so the i-th request of each by send time is the same request (None
     if the two sent different counts). The requests this arm missed and fixed-lowest met, by phase: why (TTFT,
     inter-token latency, error; a request can miss both latencies) and the k they ran at; the ones it met and
-    fixed-lowest missed; and the k of each burst's first ``ONSET_REQUESTS`` requests, bound before any
-    estimate of the arrival rate can have seen the burst."""
+    fixed-lowest missed; and the k of each burst's first ``ONSET_REQUESTS`` requests, bound before the
+    arrival-rate estimate has seen more than a few of the burst's arrivals."""
     if len(rows) != len(lowest_rows):
         return None
     bounds = phases(duration)
     per = {name: {"lost": 0, "ttft": 0, "itl": 0, "error": 0, "k": {}} for name, _, _ in bounds}
     won = 0
     for mine, theirs in zip(sorted(rows, key=lambda r: r["t"]), sorted(lowest_rows, key=lambda r: r["t"])):
-        if met(mine, slo) or not met(theirs, slo):
-            won += met(mine, slo) and not met(theirs, slo)
+        mine_met, theirs_met = met(mine, slo), met(theirs, slo)
+        if mine_met and not theirs_met:
+            won += 1
+        if mine_met or not theirs_met:
             continue
         name = next((n for n, start, end in bounds if start <= mine["t"] < end), bounds[-1][0])
         entry = per[name]
