@@ -32,7 +32,8 @@ that must meet them (``--slo-quantile``, from --quantile): the issue's targets j
 within 1.5 points of fixed k 2, which meets it for 98 to 100 %, so 0.98. Per arm: objective attainment (met / sent), goodput
 (met per second), mean applied k, errors, latency quantiles, and timelines; and, as each arm starts,
 the machine's speed (unloaded inter-token latency at k 8 over the start's: the arms run one after another
-on a shared machine). Then, separately, the
+on a shared machine), and where the CPU went over the arm (benchmarks/cpu_use.py: the hypervisor's steal,
+each server, the rest). Then, separately, the
 price of each rung for the bundled PHDS model: held-out loss per k beside latency per k measured
 on a running phds-serve (phds-eval --url).
 
@@ -62,6 +63,8 @@ import requests
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from cpu_use import CpuUse, cpu_line  # noqa: E402
 from loadtest import server as srv  # noqa: E402
 from phds_serve.server.feedforward import (ARRIVAL_QUANTILE, FRACTION_RANGE, HEADROOM,  # noqa: E402 (pure: no vLLM)
                                            QUANTILE_RANGE, check_fraction, check_quantile)
@@ -925,6 +928,7 @@ def run_arms(args, work: Path) -> dict:
     arms = plan_arms(args.plans, args.arms, args.fixed_ks, list(variants))
 
     drift: dict[str, dict[str, list[float]]] = {}
+    cpu: dict[str, dict[str, list[dict]]] = {}  # plan -> arm -> per pass: benchmarks/cpu_use.py
 
     def arm_run(arm: str, tier: str, server: str, i: int, plan_name: str, store: dict) -> None:
         # The machine's speed as the arm starts: the arms run one after another on a shared machine, and a
@@ -938,8 +942,11 @@ def run_arms(args, work: Path) -> dict:
             wait_idle(url)
         # Every arm of a pass gets the same arrival trace and requests (common random numbers).
         seed = args.seed + (100 if plan_name == "two-tier" else 0) + i
-        data = run_load(url, plan, tier, work / f"{plan_name}-{arm}-{i}.json", args.prompt_tokens, args.max_tokens,
-                        seed)
+        with CpuUse({name: s.proc.pid for name, s in servers.items() if s.proc is not None}) as use:
+            data = run_load(url, plan, tier, work / f"{plan_name}-{arm}-{i}.json", args.prompt_tokens,
+                            args.max_tokens, seed)
+        cpu.setdefault(plan_name, {}).setdefault(arm, []).append(use.result)
+        print(f"  cpu over the arm: {cpu_line(use.result)}", flush=True)
         store[arm].append(data)
         time.sleep(2 if args.quick else 5)
 
@@ -970,6 +977,7 @@ def run_arms(args, work: Path) -> dict:
         print("\n" + table(results))
         print("\n" + phase_table(results, args.duration))
         print("\n" + drift_line(drift["single-tier"]))
+        print(steal_line(cpu["single-tier"]))
     base = results["fixed-nominal"]["summary"]["goodput_rps"] if "fixed-nominal" in results else None
     if base:
         print("\ngoodput vs fixed-nominal: " + ", ".join(
@@ -1024,14 +1032,15 @@ def run_arms(args, work: Path) -> dict:
                   calibration=steps, plan=plan, lowest_k=L, native_k=NATIVE_K, results=strip_rows(results),
                   targets=checks, max_num_seqs=MAX_NUM_SEQS, brownout_flags=brownout_flags, passes=passes,
                   server_tiers=tiers, controllers=calibrations, fixed_k_frontier=frontier,
-                  variant_targets=variant_checks, machine_slowdown=drift, paired_losses=losses)
+                  variant_targets=variant_checks, machine_slowdown=drift, cpu_use=cpu,
+                  paired_losses=losses)
     if any(two_runs.values()):
         two = analyse(two_runs, slo, args.duration)
         plot(args.out / "brownout_two_tier.png", two, slo, plan,
              f"two-tier plan ({TWO_TIER_MIX}): {', '.join(arm_order(two))}")
         tiers_out = tier_report(two, slo, args.duration)
         print("\ntwo-tier plan:\n" + table(two) + "\n\n" + phase_table(two, args.duration) + "\n\n"
-              + drift_line(drift["two-tier"]))
+              + drift_line(drift["two-tier"]) + "\n" + steal_line(cpu["two-tier"]))
         for arm, per in tiers_out.items():
             for tier, e in per.items():
                 bursts = "; ".join(f"{b['phase']}: p90 TTFT {b['ttft_p90_s'] and round(b['ttft_p90_s'] * 1000)} ms"
@@ -1046,6 +1055,14 @@ def drift_line(drift: dict[str, list[float]]) -> str:
     """The machine's slowdown as each arm started, by pass, arms in the order they first ran."""
     return ("machine as each arm started (its unloaded inter-token latency / the start's; by pass): "
             + "; ".join(f"{arm} {', '.join(f'{x:.2f}x' for x in per_pass)}" for arm, per_pass in drift.items()))
+
+
+def steal_line(cpu: dict[str, list[dict]]) -> str:
+    """Each arm's cores taken by the hypervisor (steal) and by processes outside the servers, by pass: the
+    neighbours over the whole arm, where the drift line is a snapshot as it started."""
+    return ("cpu over each arm (cores stolen by the hypervisor / busy outside the servers; by pass): "
+            + "; ".join(arm + " " + ", ".join(f"{u['steal']:.2f}/{u['other']:.2f}" for u in per_pass)
+                        for arm, per_pass in cpu.items()))
 
 
 def final_lines(results: dict) -> list[str]:

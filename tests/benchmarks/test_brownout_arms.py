@@ -135,3 +135,9 @@ def test_fixed_k_arms_are_in_the_tables_in_k_order_but_not_in_the_final_lines():
 def test_the_machines_slowdown_is_reported_per_arm_and_pass_in_the_order_they_ran():
     line = load().drift_line({"fixed-lowest": [1.0, 1.348], "brownout": [1.214, 1.1]})
     assert line.endswith("fixed-lowest 1.00x, 1.35x; brownout 1.21x, 1.10x")
+
+
+def test_each_arms_stolen_and_outside_cores_are_reported_per_pass_in_the_order_they_ran():
+    use = {"fixed-lowest": [{"steal": 0.04, "other": 0.51}, {"steal": 0.3, "other": 0.6}],
+           "brownout": [{"steal": 0.126, "other": 0.4}]}
+    assert load().steal_line(use).endswith("fixed-lowest 0.04/0.51, 0.30/0.60; brownout 0.13/0.40")
