@@ -66,8 +66,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 from cpu_use import CpuUse, cpu_line  # noqa: E402
 from loadtest import server as srv  # noqa: E402
-from phds_serve.server.feedforward import (ARRIVAL_QUANTILE, FRACTION_RANGE, HEADROOM,  # noqa: E402 (pure: no vLLM)
-                                           QUANTILE_RANGE, check_fraction, check_quantile)
+from phds_serve.server.feedforward import ARRIVAL_QUANTILE, HEADROOM  # noqa: E402 (pure: no vLLM)
+from phds_serve.server.flag_ranges import FRACTION_RANGE, QUANTILE_RANGE, check_fraction, check_quantile  # noqa: E402
 from phds_serve.tiers import TierConfigError  # noqa: E402
 
 SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
@@ -251,9 +251,13 @@ def run_load(url: str, plan: list[list[float]], tier: str, out: Path, prompt_tok
 
 
 # --------------------------------------------------------------------------- analysis
+def answered(row: dict) -> bool:
+    """The request succeeded and streamed a first token (anything else is an error or a timeout)."""
+    return row["status"] == 200 and row["ttft"] is not None
+
+
 def met(row: dict, slo: dict) -> bool:
-    return (row["status"] == 200 and row["ttft"] is not None and row["ttft"] <= slo["ttft_s"]
-            and row["itl"] is not None and row["itl"] <= slo["itl_s"])
+    return answered(row) and row["ttft"] <= slo["ttft_s"] and row["itl"] is not None and row["itl"] <= slo["itl_s"]
 
 
 def quantile(values: list[float], q: float) -> float | None:
@@ -265,7 +269,7 @@ def quantile(values: list[float], q: float) -> float | None:
 
 def summarize(data: dict, slo: dict, duration: float) -> dict:
     rows = data["rows"]
-    ok = [r for r in rows if r["status"] == 200 and r["ttft"] is not None]
+    ok = [r for r in rows if answered(r)]
     good = [r for r in rows if met(r, slo)]
     errors: dict[str, int] = {}
     for r in rows:
@@ -335,7 +339,8 @@ def paired_losses(rows: list[dict], lowest_rows: list[dict], slo: dict, duration
     bounds = phases(duration)
     per = {name: {"lost": 0, "ttft": 0, "itl": 0, "error": 0, "k": {}} for name, _, _ in bounds}
     won = 0
-    for mine, theirs in zip(sorted(rows, key=lambda r: r["t"]), sorted(lowest_rows, key=lambda r: r["t"])):
+    rows = sorted(rows, key=lambda r: r["t"])
+    for mine, theirs in zip(rows, sorted(lowest_rows, key=lambda r: r["t"])):
         mine_met, theirs_met = met(mine, slo), met(theirs, slo)
         if mine_met and not theirs_met:
             won += 1
@@ -344,13 +349,13 @@ def paired_losses(rows: list[dict], lowest_rows: list[dict], slo: dict, duration
         name = next((n for n, start, end in bounds if start <= mine["t"] < end), bounds[-1][0])
         entry = per[name]
         entry["lost"] += 1
-        if mine["status"] != 200 or mine["ttft"] is None:
+        if not answered(mine):
             entry["error"] += 1
             continue
         entry["ttft"] += mine["ttft"] > slo["ttft_s"]
         entry["itl"] += mine["itl"] is None or mine["itl"] > slo["itl_s"]
         entry["k"][mine["k"]] = entry["k"].get(mine["k"], 0) + 1
-    onset = {name: [r["k"] for r in sorted(rows, key=lambda r: r["t"]) if start <= r["t"] < end][:ONSET_REQUESTS]
+    onset = {name: [r["k"] for r in rows if start <= r["t"] < end][:ONSET_REQUESTS]
              for name, start, end in bounds if name.startswith("burst")}
     return {"lost": sum(e["lost"] for e in per.values()), "won": won, "onset_k": onset,
             "by_phase": {name: e for name, e in per.items() if e["lost"]}}
@@ -383,7 +388,7 @@ def timeline(data: dict, slo: dict, duration: float, bin_s: float = 5.0) -> dict
         out["offered"][i] = len(rows) / bin_s
         out["goodput"][i] = sum(met(r, slo) for r in rows) / bin_s
         out["errors"][i] = sum(r["status"] != 200 for r in rows) / bin_s
-        ok = [r for r in rows if r["status"] == 200 and r["ttft"] is not None]
+        ok = [r for r in rows if answered(r)]
         out["ttft_p90"][i] = quantile([r["ttft"] for r in ok], 0.9)
         ks = [r["k"] for r in ok if r["k"] is not None]
         out["mean_k"][i] = statistics.mean(ks) if ks else None
@@ -834,7 +839,7 @@ def tier_report(results: dict, slo: dict, duration: float) -> dict:
         out[arm] = {}
         for tier in ("fast", "balanced"):
             rows = [r for r in res["rows"] if r.get("tier") == tier]
-            ok = [r for r in rows if r["status"] == 200 and r["ttft"] is not None]
+            ok = [r for r in rows if answered(r)]
             entry = {"sent": len(rows), "attainment": sum(met(r, slo) for r in rows) / max(1, len(rows)),
                      "mean_k": statistics.mean([r["k"] for r in ok if r["k"] is not None]) if ok else None,
                      "ttft_p90_s": quantile([r["ttft"] for r in ok], 0.9), "bursts": []}
@@ -842,7 +847,7 @@ def tier_report(results: dict, slo: dict, duration: float) -> dict:
                 if not name.startswith("burst"):
                     continue
                 part = [r for r in rows if start <= r["t"] < end]
-                good = [r["ttft"] for r in part if r["status"] == 200 and r["ttft"] is not None]
+                good = [r["ttft"] for r in part if answered(r)]
                 p90 = quantile(good, 0.9)
                 entry["bursts"].append({"phase": name, "sent": len(part), "ttft_p90_s": p90,
                                         "within_objective": p90 is not None and p90 <= slo["ttft_s"]

@@ -23,22 +23,24 @@ BUSY_FIELDS = ("user", "nice", "system", "irq", "softirq")
 IDLE_FIELDS = ("idle", "iowait")
 
 
-def group_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and every descendant it has now (a server's engine core is
-    its child); 0 if it is gone. A descendant that exited in between takes its seconds with it."""
+def group_seconds(pid: int) -> tuple[float, float]:
+    """User + system CPU seconds of a process itself and of every descendant it has now (a server's engine
+    core is its child, the API server the process itself); zeros if it is gone. A descendant that exited
+    in between takes its seconds with it."""
     try:
         root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
+        descendants = root.children(recursive=True)
     except psutil.NoSuchProcess:
-        return 0.0
-    total = 0.0
-    for proc in procs:
+        return 0.0, 0.0
+
+    def seconds(proc: psutil.Process) -> float:
         try:
             t = proc.cpu_times()
         except psutil.NoSuchProcess:
-            continue
-        total += t.user + t.system
-    return total
+            return 0.0
+        return t.user + t.system
+
+    return seconds(root), sum(seconds(proc) for proc in descendants)
 
 
 def machine_cores(before: Any, after: Any, cores: int) -> dict[str, float]:
@@ -56,8 +58,10 @@ def machine_cores(before: Any, after: Any, cores: int) -> dict[str, float]:
 
 class CpuUse:
     """``with CpuUse({"tiers": pid, ...}) as use: ...``; then ``use.result`` is the window's cores: busy,
-    idle and steal for the machine, each group's (a process and its descendants), and ``other`` (busy
-    less the groups: locust, the benchmark itself, and any process not in a group)."""
+    idle and steal for the machine; each group's (a process and its descendants) in ``groups``, and in
+    ``leaders`` the part of it that the group's first process used itself (a server's API process, apart
+    from its engine); and ``other`` (busy less the groups: locust, the benchmark itself, and any process
+    not in a group)."""
 
     def __init__(self, groups: Mapping[str, int]) -> None:
         self.groups = dict(groups)
@@ -72,15 +76,21 @@ class CpuUse:
     def __exit__(self, *exc: object) -> None:
         wall = time.monotonic() - self._start
         machine = machine_cores(self._machine, psutil.cpu_times(), psutil.cpu_count() or 1)
-        groups = {name: (group_seconds(pid) - self._groups[name]) / wall if wall > 0 else 0.0
-                  for name, pid in self.groups.items()}
+        leaders, groups = {}, {}
+        for name, pid in self.groups.items():
+            (leader0, rest0), (leader1, rest1) = self._groups[name], group_seconds(pid)
+            leaders[name] = (leader1 - leader0) / wall if wall > 0 else 0.0
+            groups[name] = leaders[name] + ((rest1 - rest0) / wall if wall > 0 else 0.0)
         self.result = {"wall_s": round(wall, 1), **{k: round(v, 2) for k, v in machine.items()},
                        "groups": {k: round(v, 2) for k, v in groups.items()},
+                       "leaders": {k: round(v, 2) for k, v in leaders.items()},
                        "other": round(machine["busy"] - sum(groups.values()), 2)}
 
 
 def cpu_line(use: Mapping[str, Any]) -> str:
-    """One arm's window, for the log: 'busy 1.62 cores (tiers 1.10, overload 0.02, other 0.50), idle 0.30, steal 0.08'."""
-    groups = ", ".join(f"{name} {cores:.2f}" for name, cores in use["groups"].items())
+    """One arm's window, for the log: 'busy 1.62 cores (tiers 1.10 [0.45 itself], overload 0.02 [0.01 itself],
+    other 0.50), idle 0.30, steal 0.08'."""
+    groups = ", ".join(f"{name} {cores:.2f} [{use['leaders'][name]:.2f} itself]"
+                       for name, cores in use["groups"].items())
     return (f"busy {use['busy']:.2f} cores ({groups}{', ' if groups else ''}other {use['other']:.2f}), "
             f"idle {use['idle']:.2f}, steal {use['steal']:.2f}")

@@ -51,6 +51,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from phds_serve.server.flag_ranges import check_fraction
+
 
 @dataclass(frozen=True)
 class Objectives:
@@ -65,8 +67,7 @@ class Objectives:
         for name, value in (("TTFT", self.ttft_s), ("inter-token latency", self.itl_s)):
             if value is not None and not value > 0:
                 raise ValueError(f"the {name} objective must be positive, got {value!r}")
-        if not 0 < self.quantile <= 1:
-            raise ValueError(f"the objective quantile must be in (0, 1], got {self.quantile!r}")
+        check_fraction("--slo-quantile", self.quantile)
         if self.min_samples < 1:
             raise ValueError("min_samples must be >= 1")
 

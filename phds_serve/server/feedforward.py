@@ -61,7 +61,6 @@ from typing import Sequence
 from phds_serve.server.brownout import Objectives
 from phds_serve.server.service_model import ServiceModel
 from phds_serve.server.stream_latency import StreamLatency, stretch
-from phds_serve.tiers import TierConfigError
 
 INF = float("inf")
 # The predicted latencies must stay within HEADROOM x the objectives (--brownout-headroom). 1.0 since
@@ -78,22 +77,6 @@ MAX_UTILISATION = 0.9
 # less k than 0 at +3.4 and -5.0 points of attainment, and 0.75 +0.21 and -0.86 k at +1.9 and -0.9 points.
 ARRIVAL_QUANTILE = 0.0
 POISSON_EXACT_UP_TO = 100.0  # a larger mean uses the normal approximation (exp(-mean) would underflow)
-
-
-FRACTION_RANGE = "(0, 1]"  # what check_fraction accepts, as its error and the benchmark's help name it
-QUANTILE_RANGE = "[0, 1)"  # what check_quantile accepts
-
-
-def check_fraction(flag: str, value: float) -> None:
-    """Refuse a ``value`` of ``flag`` (a margin on the objectives, a share of the engine) outside (0, 1]."""
-    if not 0 < value <= 1:
-        raise TierConfigError(f"{flag} must be in {FRACTION_RANGE}, got {value!r}")
-
-
-def check_quantile(flag: str, value: float) -> None:
-    """Refuse a ``value`` of ``flag`` (a quantile whose 0 means the mean) outside [0, 1)."""
-    if not 0 <= value < 1:
-        raise TierConfigError(f"{flag} must be in {QUANTILE_RANGE}, got {value!r}")
 
 
 def poisson_quantile(mean: float, q: float) -> float:

@@ -28,8 +28,8 @@ from phds_serve.server import metrics
 from phds_serve.server.brownout import BrownoutController, ControllerSettings, Window, pressure
 from phds_serve.server.dispatch import Dispatcher, EngineReport, Ticket
 from phds_serve.server.feedforward import (ARRIVAL_QUANTILE, HEADROOM, MAX_UTILISATION, OUTPUT_TOKENS_PRIOR,
-                                           PROMPT_TOKENS_PRIOR, Demand, EngineState, check_fraction, check_quantile,
-                                           choose, work_s)
+                                           PROMPT_TOKENS_PRIOR, Demand, EngineState, choose, work_s)
+from phds_serve.server.flag_ranges import check_fraction, check_quantile
 from phds_serve.server.load_feed import FEED, LoadFeed
 from phds_serve.server.request_k import LayerConfig
 from phds_serve.server.service_model import ServiceModel

@@ -34,11 +34,13 @@ def test_a_groups_cpu_includes_its_grandchildren_and_an_idle_group_gets_none():
             proc.wait()
     # One core's loop, on a machine that may be busy with other tests: well over a third of a core.
     assert use.result["groups"]["busy"] > 0.35
+    assert use.result["leaders"]["busy"] < 0.05  # the shell itself only waits
     assert use.result["groups"]["idle"] < 0.05
     assert use.result["busy"] >= use.result["groups"]["busy"] - 0.1
     assert use.result["other"] == round(use.result["busy"] - sum(use.result["groups"].values()), 2)
     line = cpu_use.cpu_line(use.result)
-    assert f"busy {use.result['groups']['busy']:.2f}" in line and f"steal {use.result['steal']:.2f}" in line
+    assert f"busy {use.result['groups']['busy']:.2f} [{use.result['leaders']['busy']:.2f} itself]" in line
+    assert f"steal {use.result['steal']:.2f}" in line
 
 
 def times(**fields: float) -> SimpleNamespace:
