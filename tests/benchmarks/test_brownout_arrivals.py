@@ -100,7 +100,17 @@ def test_locust_sends_the_trace_and_the_same_requests_for_the_same_seed(tmp_path
     assert np.abs(sent - np.array(trace)).max() < 0.1  # each request leaves at its time in the trace
     arrived = np.array([g["at"] for g in got_a])
     assert np.abs(np.diff(arrived) - np.diff(trace)).max() < 0.1
-    assert [g["prompt"] for g in got_a] == [g["prompt"] for g in got_b]  # the same requests in every arm
+    # The same requests in every arm, in the trace's order; two sent within 20 ms of each other (seed 11 has
+    # a 5 ms gap) may reach the stand-in in either order, so each such group is compared as a set.
+    groups, start = [], 0
+    for i, gap in enumerate(np.diff(trace), start=1):
+        if gap >= 0.02:
+            groups.append((start, i))
+            start = i
+    groups.append((start, len(trace)))
+    assert len(groups) >= len(trace) - 4
+    for lo, hi in groups:
+        assert sorted(g["prompt"] for g in got_a[lo:hi]) == sorted(g["prompt"] for g in got_b[lo:hi])
     assert len({g["prompt"] for g in got_a}) > 1
 
 
