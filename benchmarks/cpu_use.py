@@ -76,11 +76,12 @@ class CpuUse:
     def __exit__(self, *exc: object) -> None:
         wall = time.monotonic() - self._start
         machine = machine_cores(self._machine, psutil.cpu_times(), psutil.cpu_count() or 1)
+        per_s = 1.0 / wall if wall > 0 else 0.0
         leaders, groups = {}, {}
         for name, pid in self.groups.items():
             (leader0, rest0), (leader1, rest1) = self._groups[name], group_seconds(pid)
-            leaders[name] = (leader1 - leader0) / wall if wall > 0 else 0.0
-            groups[name] = leaders[name] + ((rest1 - rest0) / wall if wall > 0 else 0.0)
+            leaders[name] = (leader1 - leader0) * per_s
+            groups[name] = leaders[name] + (rest1 - rest0) * per_s
         self.result = {"wall_s": round(wall, 1), **{k: round(v, 2) for k, v in machine.items()},
                        "groups": {k: round(v, 2) for k, v in groups.items()},
                        "leaders": {k: round(v, 2) for k, v in leaders.items()},
