@@ -20,7 +20,7 @@ its objectives, holds, ramps back, with two bursts. The same load, in the same r
 A second plan (``--plans two-tier``, part of the full run) sends 30 % of the requests to a fixed
 ``fast`` tier (k 2, vLLM priority -10, --scheduling-policy priority) and 70 % to an elastic
 ``balanced`` tier (8..2), against the predictive and the reactive server (and each variant one:
---headrooms, --arrival-quantiles).
+--headrooms, --arrival-quantiles, --onset-budgets).
 
 Every server and load generator runs in its own process group and is ended when the benchmark
 exits: normally, on an exception, on Ctrl-C (SIGINT) or SIGTERM (see ``Children``).
@@ -66,8 +66,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 from cpu_use import CpuUse, cpu_line  # noqa: E402
 from loadtest import server as srv  # noqa: E402
-from phds_serve.server.feedforward import ARRIVAL_QUANTILE, HEADROOM  # noqa: E402 (pure: no vLLM)
-from phds_serve.server.flag_ranges import FRACTION_RANGE, QUANTILE_RANGE, check_fraction, check_quantile  # noqa: E402
+from phds_serve.server.feedforward import ARRIVAL_QUANTILE, HEADROOM, ONSET_BUDGET_S  # noqa: E402 (pure: no vLLM)
+from phds_serve.server.flag_ranges import (BUDGET_RANGE, FRACTION_RANGE, QUANTILE_RANGE, check_budget,  # noqa: E402
+                                           check_fraction, check_quantile)
 from phds_serve.tiers import TierConfigError  # noqa: E402
 
 SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
@@ -524,7 +525,9 @@ class Variant(NamedTuple):
 
 VARIANTS = (Variant("--headrooms", "--brownout-headroom", HEADROOM, "brownout-h", FRACTION_RANGE, check_fraction),
             Variant("--arrival-quantiles", "--brownout-arrival-quantile", ARRIVAL_QUANTILE, "brownout-aq",
-                    QUANTILE_RANGE, check_quantile))
+                    QUANTILE_RANGE, check_quantile),
+            Variant("--onset-budgets", "--brownout-onset-budget-ms", ONSET_BUDGET_S * 1000, "brownout-ob",
+                    BUDGET_RANGE, check_budget))
 
 
 def variant_arm(variant: Variant, value: float) -> str:
@@ -533,7 +536,8 @@ def variant_arm(variant: Variant, value: float) -> str:
 
 
 def variant_arms(results: dict) -> list[str]:
-    """The variant arms (``--headrooms``, ``--arrival-quantiles``) among ``results``, in the order they ran."""
+    """The variant arms (``--headrooms``, ``--arrival-quantiles``, ``--onset-budgets``) among ``results``, in
+    the order they ran."""
     return [arm for arm in results if any(arm.startswith(v.prefix) for v in VARIANTS)]
 
 

@@ -58,9 +58,10 @@ def test_fixed_ks_outside_the_open_range_are_refused_before_anything_starts(tmp_
 
 def test_each_plan_runs_only_its_arms_and_the_variant_arms_run_on_both():
     brownout = load()
-    headroom, quantile = brownout.VARIANTS
+    headroom, quantile, budget = brownout.VARIANTS
     assert brownout.variant_arm(headroom, 0.8) == "brownout-h0.8"
     assert brownout.variant_arm(quantile, 0.75) == "brownout-aq0.75"
+    assert brownout.variant_arm(budget, 120) == "brownout-ob120"
     assert brownout.plan_arms(["two-tier"], list(brownout.ARMS), [], ["brownout-h0.8"]) == {
         "two-tier": ["brownout", "brownout-reactive", "brownout-h0.8"]}
     variants = ["brownout-h0.8", "brownout-h0.9", "brownout-aq0.9"]
@@ -69,8 +70,9 @@ def test_each_plan_runs_only_its_arms_and_the_variant_arms_run_on_both():
         "two-tier": ["brownout", *variants]}
     assert brownout.plan_arms(["single-tier"], ["vllm-overload", "brownout-reactive"], [], []) == {
         "single-tier": ["vllm-overload", "brownout-reactive"]}
-    results = dict.fromkeys(["fixed-lowest", "brownout", "brownout-h0.8", "brownout-aq0.9", "brownout-reactive"])
-    assert brownout.variant_arms(results) == ["brownout-h0.8", "brownout-aq0.9"]
+    results = dict.fromkeys(["fixed-lowest", "brownout", "brownout-h0.8", "brownout-aq0.9", "brownout-ob60",
+                             "brownout-reactive"])
+    assert brownout.variant_arms(results) == ["brownout-h0.8", "brownout-aq0.9", "brownout-ob60"]
 
 
 def test_variant_values_outside_the_range_or_equal_to_the_default_are_refused_before_anything_starts(tmp_path):
@@ -78,7 +80,8 @@ def test_variant_values_outside_the_range_or_equal_to_the_default_are_refused_be
             ("--headrooms", "0.8,1.5", "must be in (0, 1], got 1.5"), ("--headrooms", "0", "got 0.0"),
             ("--headrooms", "x", "not a comma-separated"), ("--headrooms", "0.8,1.0", "the server's default"),
             ("--arrival-quantiles", "0.9,1", "must be in [0, 1), got 1.0"), ("--arrival-quantiles", "-0.5", "got -0.5"),
-            ("--arrival-quantiles", "0.75,0", "the server's default")):
+            ("--arrival-quantiles", "0.75,0", "the server's default"),
+            ("--onset-budgets", "60,-1", "must be in [0, inf], got -1.0"), ("--onset-budgets", "60,inf", "default")):
         out = run_refused(tmp_path, option, bad)
         assert out.returncode == 2, (option, bad)
         assert said in out.stderr, out.stderr
