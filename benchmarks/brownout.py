@@ -66,7 +66,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 from cpu_use import CpuUse, cpu_line  # noqa: E402
 from loadtest import server as srv  # noqa: E402
-from phds_serve.server.feedforward import ARRIVAL_QUANTILE, HEADROOM, ONSET_BUDGET_S  # noqa: E402 (pure: no vLLM)
+from phds_serve.server.feedforward import ARRIVAL_QUANTILE, HEADROOM, ONSET_BUDGET_K  # noqa: E402 (pure: no vLLM)
 from phds_serve.server.flag_ranges import (BUDGET_RANGE, FRACTION_RANGE, QUANTILE_RANGE, check_budget,  # noqa: E402
                                            check_fraction, check_quantile)
 from phds_serve.tiers import TierConfigError  # noqa: E402
@@ -526,7 +526,7 @@ class Variant(NamedTuple):
 VARIANTS = (Variant("--headrooms", "--brownout-headroom", HEADROOM, "brownout-h", FRACTION_RANGE, check_fraction),
             Variant("--arrival-quantiles", "--brownout-arrival-quantile", ARRIVAL_QUANTILE, "brownout-aq",
                     QUANTILE_RANGE, check_quantile),
-            Variant("--onset-budgets", "--brownout-onset-budget-ms", ONSET_BUDGET_S * 1000, "brownout-ob",
+            Variant("--onset-budgets", "--brownout-onset-budget-k", ONSET_BUDGET_K, "brownout-ob",
                     BUDGET_RANGE, check_budget))
 
 

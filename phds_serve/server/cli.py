@@ -58,7 +58,7 @@ def ensure_rpc_dir() -> str | None:
 
 
 def add_phds_args(parser: argparse.ArgumentParser) -> None:
-    from phds_serve.server.feedforward import ARRIVAL_QUANTILE, HEADROOM, MAX_UTILISATION, ONSET_BUDGET_S
+    from phds_serve.server.feedforward import ARRIVAL_QUANTILE, HEADROOM, MAX_UTILISATION, ONSET_BUDGET_K
 
     group = parser.add_argument_group(
         "phds-serve (declared k)",
@@ -123,11 +123,11 @@ def add_phds_args(parser: argparse.ArgumentParser) -> None:
                           "prefill of the requests arriving during a request's life at this quantile of their "
                           "Poisson count at the measured rate, not at the rate itself "
                           f"(default {ARRIVAL_QUANTILE:g}: the rate).")
-    brownout.add_argument("--brownout-onset-budget-ms", dest="phds_brownout_onset_budget_ms", type=float,
-                          default=ONSET_BUDGET_S * 1000, help="Predictive: a k above the tier's lowest is chosen "
-                          "only while the engine time that the requests in the engine and this one take above "
-                          "their work at the lowest k stays within this many ms: what a burst that no estimate "
-                          "has seen yet finds to clear (default inf: no budget).")
+    brownout.add_argument("--brownout-onset-budget-k", dest="phds_brownout_onset_budget_k", type=float,
+                          default=ONSET_BUDGET_K, help="Predictive: a k above the tier's lowest is chosen only "
+                          "while the steps of k above the lowest of the requests in the engine and this one sum to "
+                          "at most this (6: one k 8 request above k 2): the work a burst that no estimate has seen "
+                          "yet finds to clear (default inf: no budget).")
     brownout.add_argument("--brownout-late-defer-ms", dest="phds_brownout_late_defer_ms", type=float,
                           default=2000.0, help="Predictive, with a TTFT objective: a request still queued past "
                           "its TTFT objective yields its place to requests that can still meet theirs, for at most "

@@ -50,11 +50,14 @@ The first k that meets all three (each latency at ``headroom`` x its objective, 
 spread around a mean prediction) is chosen, so k can move any number of levels at once; when none
 does, the lowest. Pure: no clock, no I/O.
 
-An optional **onset budget** (``onset_budget_s``, off by default) is a fourth condition that no
+An optional **onset budget** (``onset_budget_k``, off by default) is a fourth condition that no
 prediction can replace: a burst's first arrivals are bound before any rate estimate has seen them, and
 at a burst's rate the engine at the lowest k runs near its capacity, so the work in the engine above
-what it would be at the lowest k becomes a backlog the burst does not clear. The budget caps that work
-(the requests in the engine and this one, each at its k less at the lowest k) whatever comes next.
+what it would be at the lowest k becomes a backlog the burst does not clear. The budget caps that work,
+counted in steps of k above the lowest (the requests in the engine and this one), whatever comes next.
+Steps of k, not seconds: a request's work above the lowest k is linear in them, and its slope is the
+service model's least certain coefficient (servers calibrated side by side on one machine put one k 8
+request's work above k 2 at 13 to 54 ms).
 """
 
 from __future__ import annotations
@@ -82,9 +85,9 @@ MAX_UTILISATION = 0.9
 # side-by-side runs of 2026-12-06 (docs/BROWNOUT.md, "The arrival quantile") 0.9 served 0.45 and 0.75
 # less k than 0 at +3.4 and -5.0 points of attainment, and 0.75 +0.21 and -0.86 k at +1.9 and -0.9 points.
 ARRIVAL_QUANTILE = 0.0
-# Engine seconds the requests in the engine and the one being bound may take above their work at the
-# lowest k (--brownout-onset-budget-ms; inf: no budget).
-ONSET_BUDGET_S = INF
+# Steps of k above the lowest that the requests in the engine and the one being bound may sum to
+# (--brownout-onset-budget-k; inf: no budget).
+ONSET_BUDGET_K = INF
 POISSON_EXACT_UP_TO = 100.0  # a larger mean uses the normal approximation (exp(-mean) would underflow)
 
 
@@ -153,7 +156,7 @@ class Prediction:
     meets: bool
     engine_itl_s: float = 0.0  # the service model's own inter-token prediction (what its ITL correction learns from)
     steady_rows: float = 0.0  # requests in the engine where the arrival rate settles at k (stream-latency fit)
-    above_floor_s: float = 0.0  # engine seconds the engine's requests and this one take above the lowest k
+    above_floor_k: int = 0  # steps of k above the lowest of the engine's requests and this one
 
 
 @dataclass(frozen=True)
@@ -182,12 +185,10 @@ def work_s(model: ServiceModel, k: float, demand: Demand) -> float:
     return demand.prompt_tokens * model.token_s(k) + demand.output_tokens * model.row_s(k)
 
 
-def above_floor_s(model: ServiceModel, ks: Sequence[int], lowest_k: int, demand: Demand) -> float:
-    """Engine seconds that requests at ``ks`` take above what they would at ``lowest_k`` (each a mean
-    request: its prompt tokens and decode rows), what a burst starting now would find in the engine
-    beyond the lowest k's work."""
-    floor = work_s(model, lowest_k, demand)
-    return sum(max(0.0, work_s(model, k, demand) - floor) for k in ks)
+def above_floor_k(ks: Sequence[int], lowest_k: int) -> int:
+    """Steps of k above ``lowest_k`` of requests at ``ks``: what a burst starting now would find in the
+    engine beyond the lowest k's work, in the unit that work is linear in."""
+    return sum(max(0, k - lowest_k) for k in ks)
 
 
 def steady_step_s(model: ServiceModel, utilisation: float, state: EngineState | None = None) -> float:
@@ -287,25 +288,25 @@ def choose(
     max_utilisation: float = MAX_UTILISATION,
     latency: StreamLatency | None = None,
     arrival_quantile: float = ARRIVAL_QUANTILE,
-    onset_budget_s: float = ONSET_BUDGET_S,
+    onset_budget_k: float = ONSET_BUDGET_K,
 ) -> Choice:
-    """The highest k in ``candidates`` whose predictions meet the objectives and whose work above the
-    lowest k, with the engine's, fits the onset budget (else the lowest)."""
+    """The highest k in ``candidates`` whose predictions meet the objectives and whose steps above the
+    lowest k, with the engine's, fit the onset budget (else the lowest)."""
     ks = sorted(set(candidates), reverse=True)
     if not ks:
         raise ValueError("no candidate k")
     ttft_limit = INF if objectives.ttft_s is None else objectives.ttft_s * headroom
     itl_limit = INF if objectives.itl_s is None else objectives.itl_s * headroom
     considered = []
-    in_engine = above_floor_s(model, state.in_engine_k, ks[-1], demand)
+    in_engine = above_floor_k(state.in_engine_k, ks[-1])
     for k in ks:
         p = predict(k, model, state, demand, waited_s, lowest_k=ks[-1], ttft_limit_s=ttft_limit, latency=latency,
                     itl_limit_s=itl_limit, arrival_quantile=arrival_quantile)
-        above = in_engine + above_floor_s(model, [k], ks[-1], demand)
+        above = in_engine + k - ks[-1]
         ok = (p.ttft_s <= ttft_limit and p.worst_queued_ttft_s <= ttft_limit and p.itl_s <= itl_limit
               and p.utilisation <= max_utilisation and p.steady_rows <= max_utilisation * state.slots
-              and (k == ks[-1] or above <= onset_budget_s))
-        p = replace(p, meets=ok, above_floor_s=above)
+              and (k == ks[-1] or above <= onset_budget_k))
+        p = replace(p, meets=ok, above_floor_k=above)
         considered.append(p)
         if ok:
             return Choice(k, p, tuple(considered))

@@ -27,6 +27,6 @@ def check_quantile(flag: str, value: float) -> None:
 
 
 def check_budget(flag: str, value: float) -> None:
-    """Refuse a ``value`` of ``flag`` (an amount of engine time, inf for none) outside [0, inf] (NaN included)."""
+    """Refuse a ``value`` of ``flag`` (an amount of work, inf for no limit) outside [0, inf] (NaN included)."""
     if not 0 <= value <= float("inf"):
         raise TierConfigError(f"{flag} must be in {BUDGET_RANGE}, got {value!r}")

@@ -27,7 +27,7 @@ from typing import Any, Callable
 from phds_serve.server import metrics
 from phds_serve.server.brownout import BrownoutController, ControllerSettings, Window, pressure
 from phds_serve.server.dispatch import Dispatcher, EngineReport, Ticket
-from phds_serve.server.feedforward import (ARRIVAL_QUANTILE, HEADROOM, MAX_UTILISATION, ONSET_BUDGET_S,
+from phds_serve.server.feedforward import (ARRIVAL_QUANTILE, HEADROOM, MAX_UTILISATION, ONSET_BUDGET_K,
                                            OUTPUT_TOKENS_PRIOR, PROMPT_TOKENS_PRIOR, Demand, EngineState, choose,
                                            work_s)
 from phds_serve.server.flag_ranges import check_budget, check_fraction, check_quantile
@@ -53,7 +53,7 @@ class PredictiveSettings:
     headroom: float = HEADROOM  # predicted latency must stay within headroom x objective
     max_utilisation: float = MAX_UTILISATION
     arrival_quantile: float = ARRIVAL_QUANTILE  # of the arrivals over a request's life (0: their mean)
-    onset_budget_s: float = ONSET_BUDGET_S  # engine time the engine's requests may take above the lowest k
+    onset_budget_k: float = ONSET_BUDGET_K  # steps of k above the lowest the engine's requests may sum to
     calibrate: bool = True
     late_defer_s: float = 2.0  # a request queued past its TTFT deadline yields to those still in time, this long
 
@@ -63,7 +63,7 @@ class PredictiveSettings:
         check_fraction("--brownout-headroom", self.headroom)
         check_fraction("--brownout-max-utilisation", self.max_utilisation)
         check_quantile("--brownout-arrival-quantile", self.arrival_quantile)
-        check_budget("--brownout-onset-budget-ms", self.onset_budget_s * 1000)
+        check_budget("--brownout-onset-budget-k", self.onset_budget_k)
         if not 0 <= self.late_defer_s < float("inf"):
             raise TierConfigError(f"--brownout-late-defer-ms must be >= 0, got {self.late_defer_s * 1000!r}")
 
@@ -99,7 +99,7 @@ def settings_from(args: Namespace) -> PredictiveSettings:
         headroom=getattr(args, "phds_brownout_headroom", HEADROOM),
         max_utilisation=getattr(args, "phds_brownout_max_utilisation", MAX_UTILISATION),
         arrival_quantile=getattr(args, "phds_brownout_arrival_quantile", ARRIVAL_QUANTILE),
-        onset_budget_s=getattr(args, "phds_brownout_onset_budget_ms", ONSET_BUDGET_S * 1000) / 1000.0,
+        onset_budget_k=getattr(args, "phds_brownout_onset_budget_k", ONSET_BUDGET_K),
         calibrate=getattr(args, "phds_brownout_calibrate", True),
         late_defer_s=getattr(args, "phds_brownout_late_defer_ms", 2000.0) / 1000.0,
     )
@@ -296,7 +296,7 @@ class PredictiveBrownout(Ticking):
         waited = [now - t.arrived for t in queued]
         choice = choose(candidates, self.model, self.config.objectives, state, self.demand(head, now), waited,
                         self.settings.headroom, self.settings.max_utilisation, self.latency,
-                        self.settings.arrival_quantile, self.settings.onset_budget_s)
+                        self.settings.arrival_quantile, self.settings.onset_budget_k)
         head.info["predicted_ttft_s"] = choice.prediction.ttft_s
         head.info["waited_s"] = waited[0]
         head.info["predicted_itl_s"] = choice.prediction.itl_s

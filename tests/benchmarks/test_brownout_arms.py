@@ -61,7 +61,7 @@ def test_each_plan_runs_only_its_arms_and_the_variant_arms_run_on_both():
     headroom, quantile, budget = brownout.VARIANTS
     assert brownout.variant_arm(headroom, 0.8) == "brownout-h0.8"
     assert brownout.variant_arm(quantile, 0.75) == "brownout-aq0.75"
-    assert brownout.variant_arm(budget, 120) == "brownout-ob120"
+    assert brownout.variant_arm(budget, 12) == "brownout-ob12"
     assert brownout.plan_arms(["two-tier"], list(brownout.ARMS), [], ["brownout-h0.8"]) == {
         "two-tier": ["brownout", "brownout-reactive", "brownout-h0.8"]}
     variants = ["brownout-h0.8", "brownout-h0.9", "brownout-aq0.9"]

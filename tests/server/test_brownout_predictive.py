@@ -10,8 +10,7 @@ import pytest
 from phds_serve.declared_k import KContract, KPolicy
 from phds_serve.server.brownout import Objectives
 from phds_serve.server.dispatch import Dispatcher, EngineReport
-from phds_serve.server.feedforward import (Demand, EngineState, choose, life_rate, poisson_quantile, predict,
-                                           work_s)
+from phds_serve.server.feedforward import Demand, EngineState, choose, life_rate, poisson_quantile, predict
 from phds_serve.server.load_feed import LoadFeed
 from phds_serve.server.predictive import PredictiveBrownout, PredictiveSettings
 from phds_serve.server.request_k import LayerConfig
@@ -94,41 +93,34 @@ def test_when_nothing_meets_the_objectives_the_lowest_k_is_chosen():
     assert c.k == 2 and not c.prediction.meets
 
 
-def test_the_onset_budget_caps_the_engine_time_above_the_lowest_k_of_the_engine_and_the_request():
+def test_the_onset_budget_caps_the_steps_of_k_above_the_lowest_of_the_engine_and_the_request():
     """Three requests at k 8 in an engine that would run k 8 for a fourth: with a budget of four k 8 requests'
-    work above k 2 it still does; with a budget short of that, the highest k whose own extra work fits beside
-    theirs; an engine already past the budget leaves only the lowest k, which still meets the objectives."""
+    steps above k 2 (24) it still does; with 21, the highest k whose own steps fit beside their 18 (k 5);
+    an engine of k 2 requests leaves the whole budget; one already past it leaves only the lowest k, which
+    still meets the objectives."""
     m, demand = model(), Demand(1.0, 128, 32)
-    above = {k: work_s(m, k, demand) - work_s(m, 2, demand) for k in KS}  # one request's work above k 2
     state = EngineState([8, 8, 8], 32)
     assert choose(KS, m, OBJ, state, demand, [0.0]).k == 8  # no budget (the default)
-    assert choose(KS, m, OBJ, state, demand, [0.0], onset_budget_s=4 * above[8] * 1.001).k == 8
-    budget = 3 * above[8] + (above[5] + above[6]) / 2  # room beside them for a k 5 request, not a k 6 one
-    c = choose(KS, m, OBJ, state, demand, [0.0], onset_budget_s=budget)
-    assert c.k == 5 and c.prediction.meets
-    assert c.prediction.above_floor_s == pytest.approx(3 * above[8] + above[5])
+    assert choose(KS, m, OBJ, state, demand, [0.0], onset_budget_k=24).k == 8
+    c = choose(KS, m, OBJ, state, demand, [0.0], onset_budget_k=21)
+    assert c.k == 5 and c.prediction.meets and c.prediction.above_floor_k == 21
     assert [p.k for p in c.considered if not p.meets] == [8, 7, 6]
-    # The same budget with the engine at k 2: the engine's requests take nothing above the lowest k.
-    assert choose(KS, m, OBJ, EngineState([2, 2, 2], 32), demand, [0.0], onset_budget_s=budget).k == 8
-    past = choose(KS, m, OBJ, EngineState([8] * 5, 32), demand, [0.0], onset_budget_s=budget)
+    assert choose(KS, m, OBJ, EngineState([2, 2, 2], 32), demand, [0.0], onset_budget_k=6).k == 8
+    past = choose(KS, m, OBJ, EngineState([8] * 5, 32), demand, [0.0], onset_budget_k=21)
     assert past.k == 2 and past.prediction.meets
 
 
 def test_the_controller_counts_the_requests_it_dispatched_against_the_onset_budget():
-    """Through the dispatch queue, no arrival rate: requests entering an idle engine one after another bind k 8
-    until the work above k 2 of those in it would pass the budget, then lower; one finishing gives k 8 back."""
+    """Through the dispatch queue, no arrival rate, a budget of 15 steps of k: requests entering an idle
+    engine one after another bind k 8, 8 (12 steps), then k 5 (the 3 left), then k 2; when the two at k 8
+    finish, k 8 again."""
     clock = Clock()
-    m = model()
-    pb = PredictiveBrownout(CONFIG, PredictiveSettings(onset_budget_s=0.0), 32, LoadFeed(), clock, m)
-    demand = pb.demand(pb.dispatcher.enter(0, 5.0, "balanced"), clock.t)  # the mean request it predicts for
-    above8 = work_s(m, 8, demand) - work_s(m, 2, demand)
-    pb = PredictiveBrownout(CONFIG, PredictiveSettings(onset_budget_s=2.5 * above8), 32, LoadFeed(), clock, m)
+    pb = PredictiveBrownout(CONFIG, PredictiveSettings(onset_budget_k=15), 32, LoadFeed(), clock, model())
     tickets = [pb.dispatcher.enter(0, 5.0, "balanced") for _ in range(4)]
-    ks = [t.k for t in tickets]
-    assert ks[:2] == [8, 8] and 2 < ks[2] < 8 and ks[3] < ks[2]  # half a k 8 request's room left, then less
+    assert [t.k for t in tickets] == [8, 8, 5, 2]
     pb.dispatcher.done(tickets[0])
     pb.dispatcher.done(tickets[1])
-    assert pb.dispatcher.enter(0, 5.0, "balanced").k == 8  # the two at k 8 finished: room for one again
+    assert pb.dispatcher.enter(0, 5.0, "balanced").k == 8
 
 
 # -- the dispatch queue ---------------------------------------------------------------------
@@ -248,9 +240,9 @@ def test_settings_are_checked():
             PredictiveSettings(arrival_quantile=bad)
     assert PredictiveSettings(arrival_quantile=0.0).arrival_quantile == 0.0  # 0: the mean rate
     for bad in (-0.001, float("nan")):
-        with pytest.raises(TierConfigError, match=r"onset-budget-ms must be in \[0, inf\]"):
-            PredictiveSettings(onset_budget_s=bad)
-    assert PredictiveSettings().onset_budget_s == float("inf")  # no budget by default
+        with pytest.raises(TierConfigError, match=r"onset-budget-k must be in \[0, inf\]"):
+            PredictiveSettings(onset_budget_k=bad)
+    assert PredictiveSettings().onset_budget_k == float("inf")  # no budget by default
 
 
 def test_the_arrivals_over_a_life_are_counted_at_a_quantile_of_their_poisson_draw():

@@ -112,8 +112,8 @@ def test_predictive_flags_reach_the_controllers_settings(model_dir):
     settings = settings_from(parse_args([model_dir, *flags, "--brownout-arrival-quantile", "0.75",
                                          "--brownout-headroom", "0.8", "--brownout-max-utilisation", "0.7"]))
     assert (settings.arrival_quantile, settings.headroom, settings.max_utilisation) == (0.75, 0.8, 0.7)
-    assert settings_from(parse_args([model_dir, *flags])).onset_budget_s == float("inf")
-    assert settings_from(parse_args([model_dir, *flags, "--brownout-onset-budget-ms", "120"])).onset_budget_s == 0.12
+    assert settings_from(parse_args([model_dir, *flags])).onset_budget_k == float("inf")
+    assert settings_from(parse_args([model_dir, *flags, "--brownout-onset-budget-k", "12"])).onset_budget_k == 12
 
 
 def test_any_model_on_cpu_gets_the_cpu_safe_defaults_and_user_flags_win(model_dir, monkeypatch):
