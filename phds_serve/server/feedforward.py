@@ -302,7 +302,7 @@ def choose(
     for k in ks:
         p = predict(k, model, state, demand, waited_s, lowest_k=ks[-1], ttft_limit_s=ttft_limit, latency=latency,
                     itl_limit_s=itl_limit, arrival_quantile=arrival_quantile)
-        above = in_engine + k - ks[-1]
+        above = in_engine + above_floor_k([k], ks[-1])
         ok = (p.ttft_s <= ttft_limit and p.worst_queued_ttft_s <= ttft_limit and p.itl_s <= itl_limit
               and p.utilisation <= max_utilisation and p.steady_rows <= max_utilisation * state.slots
               and (k == ks[-1] or above <= onset_budget_k))
