@@ -14,11 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from brownout import MEAN_K_TARGET, OVERALL_SLACK  # noqa: E402 (the targets the benchmark checks)
+
+
+def pass_checks(report: dict) -> Iterator[dict]:
+    """The targets the benchmark checked for a single pass (scope ``pass N``), not over both passes."""
+    return (check for check in report.get("targets", []) if check["scope"].startswith("pass "))
 
 
 def passes(report: dict, arm: str = "brownout") -> list[dict]:
@@ -28,9 +33,8 @@ def passes(report: dict, arm: str = "brownout") -> list[dict]:
     if arm not in results or "fixed-lowest" not in results:
         return []
     scopes = {}
-    for check in report.get("targets", []):
-        if check["scope"].startswith("pass "):
-            scopes.setdefault(check["scope"], []).append(check["met"])
+    for check in pass_checks(report):
+        scopes.setdefault(check["scope"], []).append(check["met"])
     out = []
     for i, (mine, lowest) in enumerate(zip(results[arm]["by_pass"], results["fixed-lowest"]["by_pass"])):
         met = scopes.get(f"pass {i + 1}")
@@ -44,11 +48,10 @@ def target_counts(reports: Iterable[dict]) -> dict[str, list[int]]:
     """Per target (its text), [passes that met it, passes checked], over every pass of every report."""
     counts: dict[str, list[int]] = {}
     for report in reports:
-        for check in report.get("targets", []):
-            if check["scope"].startswith("pass "):
-                entry = counts.setdefault(check["target"], [0, 0])
-                entry[0] += bool(check["met"])
-                entry[1] += 1
+        for check in pass_checks(report):
+            entry = counts.setdefault(check["target"], [0, 0])
+            entry[0] += bool(check["met"])
+            entry[1] += 1
     return counts
 
 
